@@ -1,0 +1,29 @@
+"""Test setup: eight fake CPU devices and caches kept out of $HOME.
+
+Environment variables must be set before JAX (or TF) is first imported.
+"""
+import os
+import tempfile
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_cache = os.environ.get("BERT_JAX_TEST_CACHE") or os.path.join(tempfile.gettempdir(), "bert_jax_test_cache")
+for var, sub in (("TFDS_DATA_DIR", "tfds"), ("KERAS_HOME", "keras"), ("HF_HOME", "hf"), ("XDG_CACHE_HOME", "xdg")):
+    os.environ.setdefault(var, os.path.join(_cache, sub))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """Path to ../shared/data; tests that need it skip with a reason when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
