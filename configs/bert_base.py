@@ -1,0 +1,16 @@
+"""BERT-base (12 layers, hidden 768) pretraining, BERT's recipe; `:phase2` gives the seq-512 phase.
+
+    python -m bert_jax.pretrain --config configs/bert_base.py --workdir workdirs/bert_base \
+        --config.data.source=prepared --config.data.train_path=DATA_DIR
+"""
+from bert_jax import config_utils
+
+
+def get_config(arg: str = ""):
+    c = config_utils.pretrain_config("base")
+    c.model.dtype = "bfloat16"
+    c.train.global_batch_size = 256
+    c.train.steps = 1_000_000
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 10_000
+    return config_utils.finish(c, arg)

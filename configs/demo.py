@@ -1,0 +1,26 @@
+"""The demo: BERT-tiny on the embedded demo corpus, a SentencePiece vocabulary trained
+on it, offline, in a couple of minutes on 2 CPU cores.
+
+    python -m bert_jax.pretrain --config configs/demo.py --workdir workdirs/demo
+"""
+from bert_jax import config_utils
+
+
+def get_config(arg: str = ""):
+    c = config_utils.pretrain_config("tiny")
+    c.model.max_position_embeddings = 128
+    c.data.source = "demo"
+    c.data.tokenizer_vocab_size = 8000
+    c.data.max_seq_length = 64
+    c.data.max_predictions_per_seq = 10
+    c.data.eval_fraction = 0.02
+    c.train.global_batch_size = 32
+    c.train.steps = 600
+    c.train.log_every = 50
+    c.train.eval_every = 200
+    c.train.eval_steps = 10
+    c.train.checkpoint_every = 200
+    c.train.keep = 2
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.warmup_steps = 60
+    return config_utils.finish(c, arg)
