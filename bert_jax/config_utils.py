@@ -20,7 +20,7 @@ from ml_collections import config_dict
 PRESETS = ("tiny", "mini", "small", "medium", "base", "large")
 DATA_SOURCES = ("demo", "text", "prepared", "tfrecord")
 OPTIMIZERS = ("adamw", "lamb")
-SCHEDULES = ("linear", "polynomial", "cosine", "constant")
+DECAYS = ("linear", "polynomial", "constant")
 # Keys of `model` that are passed to BertConfig.preset as overrides when set.
 MODEL_OVERRIDES = ("vocab_size", "max_position_embeddings", "hidden_dropout_prob",
                    "attention_probs_dropout_prob", "dtype", "param_dtype",
@@ -81,7 +81,7 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     c.optimizer.name = "adamw"              # adamw | lamb
     c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_steps = 10_000
-    c.optimizer.schedule = "linear"         # decay after warmup
+    c.optimizer.decay = "linear"            # after warmup: linear | polynomial | constant
     c.optimizer.power = 1.0                 # for 'polynomial'
     c.optimizer.end_learning_rate = 0.0
     c.optimizer.weight_decay = 0.01         # not on LayerNorm and biases
@@ -135,7 +135,7 @@ def validate(c: config_dict.ConfigDict) -> None:
     check(c.data.source == "demo" or c.data.train_path, "data.train_path",
           f"required for data.source={c.data.source!r}")
     check(c.optimizer.name in OPTIMIZERS, "optimizer.name", f"must be one of {OPTIMIZERS}")
-    check(c.optimizer.schedule in SCHEDULES, "optimizer.schedule", f"must be one of {SCHEDULES}")
+    check(c.optimizer.decay in DECAYS, "optimizer.decay", f"must be one of {DECAYS}")
     for key in ("train.global_batch_size", "train.micro_batches", "train.steps",
                 "train.log_every", "train.checkpoint_every", "train.keep",
                 "data.max_seq_length", "data.max_predictions_per_seq"):
@@ -172,6 +172,11 @@ def load_config_file(spec: str) -> config_dict.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def optimizer_config(c: config_dict.ConfigDict) -> dict:
+    """The dict bert_jax.optim.make_optimizer takes; the schedule ends at train.steps."""
+    return {**c.optimizer.to_dict(), "total_steps": c.train.steps}
 
 
 def to_json(c: config_dict.ConfigDict) -> str:
