@@ -1,0 +1,564 @@
+"""BERT in Flax NNX: encoder, pooler, masked-LM (tied) and NSP heads, task heads.
+
+Numerically identical to reference BERT (Google's TF code, Hugging Face's
+``BertForPreTraining``) given the same weights: post-LayerNorm residual blocks,
+exact (erf) GELU, LayerNorm eps 1e-12, MLM decoder tied to the word embeddings
+plus an output bias.
+
+Design notes
+* Modules hold only ``nnx.Param`` state. Dropout keys come per call
+  (``rngs=nnx.Rngs(dropout=key)`` or a raw key), so the train step is a pure
+  function of ``nnx.split`` state.
+* Every parameter carries logical axis names (``vocab, embed, heads, kv, mlp,
+  position, type_vocab, classes``, and ``layers`` for scanned stacks); the main
+  activations are constrained through :mod:`bert_jax.partitioning`. The model
+  knows nothing about meshes.
+* The MLM head projects only ``masked_lm_positions`` onto the vocabulary
+  (Google's data format provides them); ``masked_lm_positions=None`` projects
+  every position, for inspection.
+* Params are float32 (``param_dtype``); matmuls run in ``dtype`` (bfloat16 on
+  accelerators). Softmax, LayerNorm statistics and logits used by losses are
+  float32.
+* ``remat_policy`` and ``scan_layers`` trade memory and compile time; the
+  canonical (exported) param layout is always unstacked: see
+  :func:`unstack_layers` / :func:`stack_layers`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bert_jax.partitioning import constrain
+
+# Sizes Google published with the BERT release (L/H/A); intermediate = 4H.
+PRESETS = {
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
+HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    scan_layers: bool = False
+    attention_impl: str = "auto"  # auto | xla | cudnn | explicit
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"BertConfig: hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"BertConfig: remat_policy={self.remat_policy!r}, expected one of {REMAT_POLICIES}")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ValueError(f"BertConfig: hidden_act={self.hidden_act!r}, expected one of {HIDDEN_ACTS}")
+        if self.attention_impl not in ("auto", "xla", "cudnn", "explicit"):
+            raise ValueError(f"BertConfig: attention_impl={self.attention_impl!r}")
+        for name in ("dtype", "param_dtype"):
+            try:
+                jnp.dtype(getattr(self, name))
+            except TypeError as e:
+                raise ValueError(f"BertConfig: {name}={getattr(self, name)!r} is not a dtype") from e
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "BertConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown BERT preset {name!r}; known: {sorted(PRESETS)}")
+        layers, hidden, heads = PRESETS[name]
+        base = dict(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                    intermediate_size=4 * hidden)
+        base.update(overrides)
+        return cls.from_dict(base)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BertConfig":
+        """Our own config dict: an unknown key is an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"BertConfig: unknown key(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **kw) -> "BertConfig":
+        return dataclasses.replace(self, **kw)
+
+    # Hugging Face config.json interop: HF keys are a superset of the model keys;
+    # keys that change the architecture in ways we do not implement are errors.
+    @classmethod
+    def from_hf_dict(cls, d: dict, **overrides) -> "BertConfig":
+        pet = d.get("position_embedding_type", "absolute")
+        if pet != "absolute":
+            raise ValueError(f"config.json: position_embedding_type={pet!r} is not supported (only 'absolute')")
+        if d.get("is_decoder") or d.get("add_cross_attention"):
+            raise ValueError("config.json: decoder/cross-attention BERT variants are not supported")
+        model_type = d.get("model_type", "bert")
+        if model_type != "bert":
+            raise ValueError(f"config.json: model_type={model_type!r}, expected 'bert'")
+        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat_policy",
+                                                              "scan_layers", "attention_impl"}
+        kw = {k: d[k] for k in names if k in d}
+        missing = sorted({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"} - set(kw))
+        if missing:
+            raise ValueError(f"config.json: missing key(s) {missing}")
+        kw.update(overrides)
+        return cls(**kw)
+
+    def to_hf_dict(self) -> dict:
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl")}
+        d.update(model_type="bert", architectures=["BertForPreTraining"],
+                 position_embedding_type="absolute", pad_token_id=0, torch_dtype="float32")
+        return d
+
+    @classmethod
+    def from_json_file(cls, path, **overrides) -> "BertConfig":
+        with open(path) as f:
+            d = json.load(f)
+        if "model_type" in d or "architectures" in d or "dtype" not in d:
+            return cls.from_hf_dict(d, **overrides)
+        d.update(overrides)
+        return cls.from_dict(d)
+
+    def to_json_file(self, path, hf: bool = True) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_hf_dict() if hf else self.to_dict(), f, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------
+# Building blocks
+
+def _init(cfg: BertConfig):
+    return nnx.initializers.truncated_normal(stddev=cfg.initializer_range)
+
+
+def _axes(init, *names):
+    # eager_sharding=False: names are logical; the trainer maps them to a mesh.
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+def dense(cfg: BertConfig, d_in: int, d_out: int, axes: tuple, rngs: nnx.Rngs, dtype=None) -> nnx.Linear:
+    return nnx.Linear(
+        d_in, d_out,
+        kernel_init=_axes(_init(cfg), *axes),
+        bias_init=_axes(nnx.initializers.zeros_init(), axes[1]),
+        dtype=dtype or cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+
+
+def layer_norm(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # LayerNorm statistics in float32 whatever the compute dtype.
+    return nnx.LayerNorm(
+        cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype,
+        scale_init=_axes(nnx.initializers.ones_init(), "embed"),
+        bias_init=_axes(nnx.initializers.zeros_init(), "embed"), rngs=rngs)
+
+
+def activation(name: str):
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "relu":
+        return jax.nn.relu
+    return lambda x: jax.nn.gelu(x, approximate=True)
+
+
+def _key(rngs) -> jax.Array | None:
+    if rngs is None:
+        return None
+    if isinstance(rngs, nnx.Rngs):
+        return rngs.dropout()
+    return rngs
+
+
+def _dropout(x, rate: float, deterministic: bool, key):
+    if deterministic or rate == 0.0:
+        return x
+    if key is None:
+        raise ValueError("dropout needs a key: pass rngs=nnx.Rngs(dropout=key) with deterministic=False")
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def attention_mask(input_mask: jax.Array, packed_segment_ids: jax.Array | None = None) -> jax.Array:
+    """Boolean [B, 1, T, S] mask: keys that are real tokens (and, for packed
+    sequences, in the same packed segment as the query)."""
+    valid = input_mask.astype(bool)
+    if packed_segment_ids is None:
+        return valid[:, None, None, :]
+    same = packed_segment_ids[:, :, None] == packed_segment_ids[:, None, :]
+    return (same & valid[:, None, :])[:, None, :, :]
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        init = _init(cfg)
+        self.word_embeddings = nnx.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_axes(init, "vocab", "embed"),
+                                         param_dtype=cfg.param_dtype, rngs=rngs)
+        self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, cfg.hidden_size,
+                                             embedding_init=_axes(init, "position", "embed"),
+                                             param_dtype=cfg.param_dtype, rngs=rngs)
+        self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, cfg.hidden_size,
+                                               embedding_init=_axes(init, "type_vocab", "embed"),
+                                               param_dtype=cfg.param_dtype, rngs=rngs)
+        self.layer_norm = layer_norm(cfg, rngs)
+
+    def __call__(self, input_ids, segment_ids, position_ids, deterministic, key):
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+             + self.token_type_embeddings(segment_ids))
+        x = self.layer_norm(x)
+        x = _dropout(x, self.cfg.hidden_dropout_prob, deterministic, key)
+        return constrain(x.astype(self.cfg.dtype), ("batch", "length", "embed"))
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        h = cfg.hidden_size
+        self.query = dense(cfg, h, h, ("embed", "heads"), rngs)
+        self.key = dense(cfg, h, h, ("embed", "heads"), rngs)
+        self.value = dense(cfg, h, h, ("embed", "heads"), rngs)
+        self.output = dense(cfg, h, h, ("heads", "embed"), rngs)
+
+    def __call__(self, x, mask, deterministic, key):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        names = ("batch", "length", "heads", "kv")
+
+        def split_heads(y):
+            return constrain(y.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), names)
+
+        q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
+        rate = cfg.attention_probs_dropout_prob
+        if cfg.attention_impl == "explicit" or (not deterministic and rate > 0.0):
+            # jax.nn.dot_product_attention has no dropout on the probabilities.
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            logits = logits / math.sqrt(cfg.head_dim)
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(logits, axis=-1)
+            probs = _dropout(probs, rate, deterministic, key).astype(v.dtype)
+            ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        else:
+            impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
+            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        ctx = constrain(ctx, names).reshape(b, t, cfg.hidden_size)
+        return self.output(ctx)
+
+
+class Layer(nnx.Module):
+    """One post-LayerNorm transformer block."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attention = SelfAttention(cfg, rngs)
+        self.attention_layer_norm = layer_norm(cfg, rngs)
+        self.intermediate = dense(cfg, cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), rngs)
+        self.output = dense(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs)
+        self.output_layer_norm = layer_norm(cfg, rngs)
+
+    def __call__(self, x, mask, deterministic, key):
+        cfg = self.cfg
+        keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+        a = self.attention(x, mask, deterministic, keys[0])
+        a = _dropout(a, cfg.hidden_dropout_prob, deterministic, keys[1])
+        x = self.attention_layer_norm(x + a).astype(cfg.dtype)
+        x = constrain(x, ("batch", "length", "embed"))
+        h = activation(cfg.hidden_act)(self.intermediate(x))
+        h = constrain(h, ("batch", "length", "mlp"))
+        h = _dropout(self.output(h), cfg.hidden_dropout_prob, deterministic, keys[2])
+        x = self.output_layer_norm(x + h).astype(cfg.dtype)
+        return constrain(x, ("batch", "length", "embed"))
+
+
+def _remat_policy(name: str):
+    return {
+        "full": None,  # save nothing
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    }[name]
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        if cfg.scan_layers:
+            @nnx.split_rngs(splits=cfg.num_hidden_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def make(r):
+                return Layer(cfg, r)
+
+            self.layers = make(rngs)
+        else:
+            self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+
+    def __call__(self, x, mask, deterministic, key):
+        cfg = self.cfg
+
+        def apply(layer_state, graphdef, h, layer_key):
+            return nnx.merge(graphdef, layer_state)(h, mask, deterministic, layer_key)
+
+        if cfg.remat_policy != "none":
+            apply = jax.checkpoint(apply, policy=_remat_policy(cfg.remat_policy), static_argnums=(1,))
+
+        def layer_key(i):
+            return None if key is None else jax.random.fold_in(key, i)
+
+        if cfg.scan_layers:
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(h, xs):
+                state, i = xs
+                return apply(state, graphdef, h, layer_key(i)), None
+
+            x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(cfg.num_hidden_layers)))
+            return x
+        for i, layer in enumerate(self.layers):
+            graphdef, state = nnx.split(layer)
+            x = apply(state, graphdef, x, layer_key(i))
+        return x
+
+
+class BertModel(nnx.Module):
+    """Embeddings + encoder + pooler. Returns sequence_output and pooled_output."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg, rngs)
+        self.encoder = Encoder(cfg, rngs)
+        self.pooler = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs)
+
+    def __call__(self, input_ids, input_mask=None, segment_ids=None, *, deterministic=True, rngs=None,
+                 position_ids=None, packed_segment_ids=None):
+        cfg = self.cfg
+        b, t = input_ids.shape
+        if t > cfg.max_position_embeddings:
+            raise ValueError(f"sequence length {t} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+        if input_mask is None:
+            input_mask = jnp.ones_like(input_ids)
+        if segment_ids is None:
+            segment_ids = jnp.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(t), (b, t))
+        key = _key(rngs)
+        keys = [None, None] if key is None else list(jax.random.split(key, 2))
+        x = self.embeddings(input_ids, segment_ids, position_ids, deterministic, keys[0])
+        mask = attention_mask(input_mask, packed_segment_ids)
+        x = self.encoder(x, mask, deterministic, keys[1])
+        pooled = jnp.tanh(self.pooler(x[:, 0]))
+        return {"sequence_output": x, "pooled_output": pooled}
+
+
+class MaskedLMHead(nnx.Module):
+    """dense + GELU + LayerNorm, then the decoder tied to the word embeddings + bias."""
+
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.transform = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs)
+        self.transform_layer_norm = layer_norm(cfg, rngs)
+        self.bias = nnx.Param(_axes(nnx.initializers.zeros_init(), "vocab")(rngs.params(), (cfg.vocab_size,),
+                                                                           cfg.param_dtype))
+
+    def __call__(self, x, word_embeddings):
+        cfg = self.cfg
+        h = activation(cfg.hidden_act)(self.transform(x))
+        h = self.transform_layer_norm(h).astype(cfg.dtype)
+        logits = jnp.einsum("bpe,ve->bpv", h, word_embeddings.astype(cfg.dtype),
+                            preferred_element_type=jnp.float32)
+        logits = logits + self.bias.get_value().astype(jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
+
+
+def gather_positions(sequence_output: jax.Array, positions: jax.Array) -> jax.Array:
+    """[B, T, E] at [B, P] positions -> [B, P, E]."""
+    return jnp.take_along_axis(sequence_output, positions[..., None].astype(jnp.int32), axis=1)
+
+
+class BertForPreTraining(nnx.Module):
+    """BERT with the masked-LM and next-sentence heads."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.bert = BertModel(cfg, rngs=rngs)
+        self.mlm = MaskedLMHead(cfg, rngs)
+        self.nsp = dense(cfg, cfg.hidden_size, 2, ("embed", "classes"), rngs, dtype=jnp.float32)
+
+    def __call__(self, input_ids, input_mask=None, segment_ids=None, masked_lm_positions=None, *,
+                 deterministic=True, rngs=None, **kw):
+        out = self.bert(input_ids, input_mask, segment_ids, deterministic=deterministic, rngs=rngs, **kw)
+        seq = out["sequence_output"]
+        if masked_lm_positions is not None:
+            seq = gather_positions(seq, masked_lm_positions)
+        word = self.bert.embeddings.word_embeddings.embedding.get_value()
+        out["mlm_logits"] = self.mlm(seq, word)
+        out["nsp_logits"] = self.nsp(out["pooled_output"].astype(jnp.float32))
+        return out
+
+
+class BertForSequenceClassification(nnx.Module):
+    """BERT + dropout + linear head on the pooled output. num_labels=1: regression."""
+
+    def __init__(self, cfg: BertConfig, num_labels: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.num_labels = num_labels
+        self.bert = BertModel(cfg, rngs=rngs)
+        self.classifier = dense(cfg, cfg.hidden_size, num_labels, ("embed", "classes"), rngs, dtype=jnp.float32)
+
+    def __call__(self, input_ids, input_mask=None, segment_ids=None, *, deterministic=True, rngs=None, **kw):
+        key = _key(rngs)
+        keys = [None, None] if key is None else list(jax.random.split(key, 2))
+        out = self.bert(input_ids, input_mask, segment_ids, deterministic=deterministic, rngs=keys[0], **kw)
+        pooled = _dropout(out["pooled_output"], self.cfg.hidden_dropout_prob, deterministic, keys[1])
+        out["logits"] = self.classifier(pooled.astype(jnp.float32))
+        return out
+
+
+# ----------------------------------------------------------------------------
+# Param trees: plain nested dicts of arrays, paths are the checkpoint/export names.
+
+def params_to_dict(state) -> dict:
+    """nnx.State (or nested dict) of Params -> nested dict of arrays (str keys)."""
+    pure = state.to_pure_dict() if hasattr(state, "to_pure_dict") else state
+
+    def fix(d):
+        if isinstance(d, dict):
+            return {str(k): fix(v) for k, v in d.items()}
+        return d
+
+    return fix(pure)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        path = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    tree: dict = {}
+    for path, v in flat.items():
+        node = tree
+        parts = path.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = v
+    return tree
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+    """Scanned layout (encoder/layers/<leaf> with a leading layer axis) -> canonical
+    layout (encoder/layers/<i>/<leaf>). Canonical input is returned unchanged."""
+    flat = flatten(params)
+    out = {}
+    for path, v in flat.items():
+        head, sep, tail = path.partition("encoder/layers/")
+        if sep and not tail.split("/")[0].isdigit():
+            for i in range(num_layers):
+                out[f"{head}encoder/layers/{i}/{tail}"] = v[i]
+        else:
+            out[path] = v
+    return unflatten(out)
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+    """Canonical layout -> scanned layout (inverse of :func:`unstack_layers`)."""
+    flat = flatten(params)
+    out, stacks = {}, {}
+    for path, v in flat.items():
+        head, sep, tail = path.partition("encoder/layers/")
+        idx, _, leaf = tail.partition("/")
+        if sep and idx.isdigit():
+            stacks.setdefault(f"{head}encoder/layers/{leaf}", {})[int(idx)] = v
+        else:
+            out[path] = v
+    for path, by_idx in stacks.items():
+        if sorted(by_idx) != list(range(num_layers)):
+            raise ValueError(f"stack_layers: {path} has layers {sorted(by_idx)}, expected 0..{num_layers - 1}")
+        xp = jnp if isinstance(by_idx[0], jax.Array) else np
+        out[path] = xp.stack([by_idx[i] for i in range(num_layers)])
+    return unflatten(out)
+
+
+def init_params(cfg: BertConfig, seed: int = 0, head: str = "pretraining", num_labels: int = 2) -> dict:
+    """Fresh canonical params as a nested dict of numpy arrays."""
+    model = build(cfg, head=head, num_labels=num_labels, seed=seed)
+    params = jax.tree.map(np.asarray, params_to_dict(nnx.state(model, nnx.Param)))
+    return unstack_layers(params, cfg.num_hidden_layers) if cfg.scan_layers else params
+
+
+def build(cfg: BertConfig, head: str = "pretraining", num_labels: int = 2, seed: int = 0) -> nnx.Module:
+    if head == "pretraining":
+        return BertForPreTraining(cfg, rngs=nnx.Rngs(seed))
+    if head == "classification":
+        return BertForSequenceClassification(cfg, num_labels, rngs=nnx.Rngs(seed))
+    if head == "encoder":
+        return BertModel(cfg, rngs=nnx.Rngs(seed))
+    raise ValueError(f"unknown head {head!r}; expected pretraining, classification or encoder")
+
+
+def load_params(model: nnx.Module, params: dict, *, strict: bool = True) -> list[str]:
+    """Copies a canonical nested dict of arrays into ``model`` (in place).
+
+    Shapes must match exactly (errors name the parameter). With ``strict=False``
+    parameters absent from ``params`` keep their fresh initialisation, and their
+    paths are returned (e.g. a new task head).
+    """
+    cfg = model.cfg
+    if cfg.scan_layers:
+        params = stack_layers(params, cfg.num_hidden_layers)
+    state = nnx.state(model, nnx.Param)
+    target = flatten(params_to_dict(state))
+    given = flatten(params)
+    unexpected = sorted(set(given) - set(target))
+    if unexpected:
+        raise ValueError(f"parameters not in the model: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+    missing = sorted(set(target) - set(given))
+    if missing and strict:
+        raise ValueError(f"parameters missing from the checkpoint: {missing[:10]}"
+                         f"{' ...' if len(missing) > 10 else ''}")
+    for path, value in given.items():
+        if tuple(np.shape(value)) != tuple(target[path].shape):
+            raise ValueError(f"parameter {path}: checkpoint shape {tuple(np.shape(value))} != "
+                             f"model shape {tuple(target[path].shape)}")
+    new = dict(target)
+    new.update({p: jnp.asarray(v, dtype=target[p].dtype) for p, v in given.items()})
+    nnx.replace_by_pure_dict(state, unflatten(new))
+    nnx.update(model, state)
+    return missing
