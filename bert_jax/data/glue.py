@@ -1,0 +1,454 @@
+"""GLUE tasks: registry, readers (GLUE's TSV layout and TFDS), featurisation, batching.
+
+Readers return a `GlueSplit`: parallel lists of texts, integer label ids (float scores
+for STS-B) or None for test files, and the `index` column used in submission files.
+TSV files are parsed exactly as GLUE distributes them: tab-separated with literal quote
+characters (no CSV quoting), an optional UTF-8 byte-order mark (MRPC), CoLA's train and
+dev files without a header, and test files with an `index` column and no labels.
+
+Label ids follow TFDS's `glue/*` label order, so both sources give the same ids.
+Batches use Google's names (`input_ids`, `input_mask`, `segment_ids`, `label_ids`,
+`is_real_example`) and are padded to the smallest of a few bucket lengths that fits
+(dynamic padding with a bounded number of compiled shapes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+from typing import Iterator, Sequence
+
+import numpy as np
+
+_BINARY = ("0", "1")
+_NLI3 = ("entailment", "neutral", "contradiction")
+_NLI2 = ("entailment", "not_entailment")
+
+
+@dataclasses.dataclass(frozen=True)
+class GlueTask:
+    """How one task's files look and how it is scored."""
+    name: str                      # config key: 'mrpc'
+    dir_name: str                  # GLUE directory: 'MRPC'
+    labels: tuple[str, ...] | None  # label spellings in id order (None: regression)
+    text_columns: tuple[str, ...]  # TSV header names of the one or two text columns
+    label_column: str              # TSV header name of the label ('' for CoLA's headerless files)
+    tfds_name: str                 # 'glue/mrpc'
+    tfds_text: tuple[str, ...]     # TFDS feature names of the texts
+    metric: str                    # 'mcc' | 'accuracy' | 'f1_accuracy' | 'correlation'
+    dev_files: dict[str, str]      # evaluation name -> TSV file stem / TFDS split
+    test_files: dict[str, str]     # submission file stem -> TSV file stem ('AX': AX's own file)
+    tfds_dev: dict[str, str] = dataclasses.field(default_factory=dict)
+    tfds_test: dict[str, str] = dataclasses.field(default_factory=dict)
+    index_column: str = "index"
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.labels is None else len(self.labels)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+    @property
+    def primary_metric(self) -> str:
+        """The dev metric used to choose among learning rates and seeds."""
+        first_dev = next(iter(self.dev_files))
+        return f"{first_dev}/" + {"mcc": "mcc", "accuracy": "accuracy",
+                                  "f1_accuracy": "f1_accuracy", "correlation": "correlation"}[self.metric]
+
+
+def _task(name, dir_name, labels, text_columns, label_column, tfds_text, metric,
+          dev=None, test=None, tfds_dev=None, tfds_test=None, **kw) -> GlueTask:
+    return GlueTask(name=name, dir_name=dir_name, labels=labels, text_columns=text_columns,
+                    label_column=label_column, tfds_name=f"glue/{name}", tfds_text=tfds_text,
+                    metric=metric, dev_files=dev or {"dev": "dev"},
+                    test_files=test or {dir_name: "test"},
+                    tfds_dev=tfds_dev or {"dev": "validation"},
+                    tfds_test=tfds_test or {dir_name: "test"}, **kw)
+
+
+TASKS: dict[str, GlueTask] = {t.name: t for t in [
+    _task("cola", "CoLA", _BINARY, ("sentence",), "", ("sentence",), "mcc"),
+    _task("sst2", "SST-2", _BINARY, ("sentence",), "label", ("sentence",), "accuracy"),
+    _task("mrpc", "MRPC", _BINARY, ("#1 String", "#2 String"), "Quality",
+          ("sentence1", "sentence2"), "f1_accuracy"),
+    _task("qqp", "QQP", _BINARY, ("question1", "question2"), "is_duplicate",
+          ("question1", "question2"), "f1_accuracy", index_column="id"),
+    _task("stsb", "STS-B", None, ("sentence1", "sentence2"), "score",
+          ("sentence1", "sentence2"), "correlation"),
+    _task("mnli", "MNLI", _NLI3, ("sentence1", "sentence2"), "gold_label",
+          ("premise", "hypothesis"), "accuracy",
+          dev={"dev_matched": "dev_matched", "dev_mismatched": "dev_mismatched"},
+          test={"MNLI-m": "test_matched", "MNLI-mm": "test_mismatched", "AX": "AX"},
+          tfds_dev={"dev_matched": "validation_matched", "dev_mismatched": "validation_mismatched"},
+          tfds_test={"MNLI-m": "test_matched", "MNLI-mm": "test_mismatched", "AX": "glue/ax:test"}),
+    _task("qnli", "QNLI", _NLI2, ("question", "sentence"), "label",
+          ("question", "sentence"), "accuracy"),
+    _task("rte", "RTE", _NLI2, ("sentence1", "sentence2"), "label",
+          ("sentence1", "sentence2"), "accuracy"),
+    _task("wnli", "WNLI", _BINARY, ("sentence1", "sentence2"), "label",
+          ("sentence1", "sentence2"), "accuracy"),
+    # Not GLUE: "is sentence2 the sentence that follows sentence1?", made from any corpus by
+    # `write_continuation_task` in GLUE's RTE-like file format.
+    _task("continuation", "continuation", _BINARY, ("sentence1", "sentence2"), "label",
+          ("sentence1", "sentence2"), "f1_accuracy", test={"continuation": "test"}),
+]}
+GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
+_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "ax": "mnli", "mnli-m": "mnli", "mnli-mm": "mnli"}
+
+
+def get_task(name: str) -> GlueTask:
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in TASKS:
+        raise ValueError(f"unknown GLUE task {name!r}; known tasks: {', '.join(TASKS)} "
+                         "(or 'all' for the nine GLUE tasks)")
+    return TASKS[key]
+
+
+def resolve_tasks(spec: str) -> list[GlueTask]:
+    """'mrpc', 'rte,mrpc' or 'all' -> tasks."""
+    names = GLUE_TASKS if spec.strip().lower() == "all" else [s for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ValueError("config.task is empty; give a task name such as 'mrpc' or 'all'")
+    return [get_task(n) for n in names]
+
+
+@dataclasses.dataclass
+class GlueSplit:
+    """One split of one task; `labels` is None for unlabelled (test) files."""
+    text_a: list[str]
+    text_b: list[str] | None
+    labels: np.ndarray | None      # int32 label ids, or float32 scores for regression
+    index: list[str]               # the file's `index` column (row number when absent)
+    source: str = ""               # file or dataset the split came from, for messages
+
+    def __len__(self) -> int:
+        return len(self.text_a)
+
+
+# ---------------------------------------------------------------------------- TSV
+
+
+def _tsv_path(glue_dir: str, task: GlueTask, stem: str) -> str:
+    if task.name == "mnli" and stem == "AX":
+        candidates = [os.path.join(glue_dir, "AX", "test.tsv"),
+                      os.path.join(glue_dir, "diagnostic", "diagnostic.tsv")]
+    else:
+        candidates = [os.path.join(glue_dir, task.dir_name, f"{stem}.tsv"),
+                      os.path.join(glue_dir, f"{stem}.tsv")]  # glue_dir may be the task's own dir
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"GLUE {task.dir_name} split {stem!r} not found: looked for "
+                            + " and ".join(candidates))
+
+
+def _parse_label(task: GlueTask, raw: str, where: str):
+    if task.is_regression:
+        try:
+            score = float(raw)
+        except ValueError:
+            score = math.nan
+        if not 0.0 <= score <= 5.0:
+            raise ValueError(f"{where}: {task.dir_name} score {raw!r} is not a number in [0, 5]")
+        return score
+    if raw not in task.labels:
+        raise ValueError(f"{where}: {task.dir_name} label {raw!r} is not one of {list(task.labels)}")
+    return task.labels.index(raw)
+
+
+def read_tsv(path: str, task: GlueTask, *, labelled: bool, skip_bad_rows: bool = False) -> GlueSplit:
+    """Reads one GLUE TSV file as distributed (see module docstring)."""
+    headerless = task.name == "cola" and labelled
+    # utf-8-sig drops MRPC's byte-order mark; newline='' keeps a stray '\r' inside a field.
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        lines = [line.rstrip("\n").removesuffix("\r") for line in f]
+    if headerless:
+        header = ["source", "label", "original_label", "sentence"]
+        text_idx, label_idx, index_idx, first = [3], 1, None, 0
+    else:
+        if not lines:
+            raise ValueError(f"{path}: empty file, expected a header line")
+        header = lines[0].split("\t")
+        wanted = list(task.text_columns) + ([task.label_column] if labelled else [])
+        missing = [c for c in wanted if c not in header]
+        if missing:
+            raise ValueError(f"{path}:1: header {header} lacks column(s) {missing} "
+                             f"expected for {task.dir_name} ({'labelled' if labelled else 'test'} file)")
+        text_idx = [header.index(c) for c in task.text_columns]
+        label_idx = header.index(task.label_column) if labelled else None
+        # MNLI dev files carry label1..label5 before gold_label; the header names the right one.
+        index_idx = header.index(task.index_column) if task.index_column in header else None
+        first = 1
+    texts: list[list[str]] = [[] for _ in text_idx]
+    labels, index, skipped = [], [], 0
+    for line_no, line in enumerate(lines[first:], first + 1):
+        if not line:
+            continue  # a trailing empty line
+        fields = line.split("\t")
+        where = f"{path}:{line_no}"
+        if len(fields) != len(header):
+            if skip_bad_rows:
+                skipped += 1
+                continue
+            raise ValueError(f"{where}: expected {len(header)} tab-separated columns {header}, found "
+                             f"{len(fields)} (set config.skip_bad_rows=True to drop such rows)")
+        for column, i in zip(texts, text_idx):
+            column.append(fields[i])
+        if label_idx is not None:
+            labels.append(_parse_label(task, fields[label_idx], where))
+        index.append(fields[index_idx] if index_idx is not None else str(len(index)))
+    if skipped:
+        logging.warning("%s: dropped %d row(s) with the wrong number of columns", path, skipped)
+    label_array = None
+    if labelled:
+        label_array = np.asarray(labels, np.float32 if task.is_regression else np.int32)
+    return GlueSplit(texts[0], texts[1] if len(texts) > 1 else None, label_array, index, path)
+
+
+def load_tsv_split(glue_dir: str, task: GlueTask, stem: str, *, labelled: bool,
+                   skip_bad_rows: bool = False) -> GlueSplit:
+    # AX (`index sentence1 sentence2`) is read with MNLI's text columns, like a test file.
+    path = _tsv_path(glue_dir, task, stem)
+    return read_tsv(path, task, labelled=labelled, skip_bad_rows=skip_bad_rows)
+
+
+# ---------------------------------------------------------------------------- TFDS
+
+
+def load_tfds_split(data_dir: str | None, task: GlueTask, split: str, *, labelled: bool) -> GlueSplit:
+    """Reads `glue/<task>` prepared under `data_dir` (never downloads)."""
+    import tensorflow_datasets as tfds  # heavy; only when asked for
+
+    name, split_name = task.tfds_name, split
+    if ":" in split:  # 'glue/ax:test'
+        name, split_name = split.split(":")
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        dataset = builder.as_dataset(split=split_name, shuffle_files=False)
+    except Exception as error:  # tfds raises several types for "not prepared"
+        raise FileNotFoundError(f"TFDS dataset {name} split {split_name!r} is not available under "
+                                f"data_dir={data_dir!r} (prepare it with `tfds build {name} "
+                                f"--data_dir=...`): {error}") from error
+    texts = [[] for _ in task.tfds_text]
+    labels, index = [], []
+    for example in tfds.as_numpy(dataset):
+        for column, feature in zip(texts, task.tfds_text):
+            column.append(example[feature].decode("utf-8"))
+        labels.append(example["label"])
+        index.append(str(int(example["idx"])))
+    # TFDS shards may come back out of order; GLUE submissions are listed by index.
+    order = np.argsort(np.asarray(index, np.int64), kind="stable")
+    texts = [[column[i] for i in order] for column in texts]
+    index = [index[i] for i in order]
+    label_array = None
+    if labelled:
+        label_array = np.asarray(labels)[order].astype(np.float32 if task.is_regression else np.int32)
+        if not task.is_regression and ((label_array < 0) | (label_array >= task.num_labels)).any():
+            raise ValueError(f"TFDS {name}:{split_name} has labels outside 0..{task.num_labels - 1}")
+    source = f"tfds:{name}:{split_name}"
+    return GlueSplit(texts[0], texts[1] if len(texts) > 1 else None, label_array, index, source)
+
+
+def load_task(task: GlueTask, *, glue_dir: str | None = None, tfds_data_dir: str | None = None,
+              use_tfds: bool = False, skip_bad_rows: bool = False, with_test: bool = True
+              ) -> dict[str, dict[str, GlueSplit]]:
+    """{'train': {'train': ...}, 'dev': {name: ...}, 'test': {submission stem: ...}}.
+
+    A missing AX file only logs a warning (it is not part of the MNLI download).
+    """
+    if glue_dir and not use_tfds:
+        def load(kind, stem, labelled):
+            return load_tsv_split(glue_dir, task, stem, labelled=labelled, skip_bad_rows=skip_bad_rows)
+        dev_files, test_files = task.dev_files, task.test_files
+    else:
+        def load(kind, split, labelled):
+            return load_tfds_split(tfds_data_dir, task, split, labelled=labelled)
+        dev_files, test_files = task.tfds_dev, task.tfds_test
+    out = {"train": {"train": load("train", "train", True)},
+           "dev": {name: load("dev", stem, True) for name, stem in dev_files.items()},
+           "test": {}}
+    if with_test:
+        for name, stem in test_files.items():
+            try:
+                out["test"][name] = load("test", stem, False)
+            except FileNotFoundError as error:
+                if name != "AX":
+                    raise
+                logging.warning("skipping AX predictions: %s", error)
+    return out
+
+
+# ---------------------------------------------------------------------------- features
+
+
+def _truncate_pair(a: list[int], b: list[int], max_tokens: int) -> None:
+    """Google's run_classifier rule: drop one token at a time from the longer sequence."""
+    while len(a) + len(b) > max_tokens:
+        (a if len(a) > len(b) else b).pop()
+
+
+def _encode_all(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    if encode_batch is not None:
+        return [list(ids) for ids in encode_batch(list(texts))]
+    return [list(tokenizer.encode(text)) for text in texts]
+
+
+@dataclasses.dataclass
+class Features:
+    """Unpadded token ids of one split: `[CLS] a [SEP] (b [SEP])`."""
+    token_ids: list[np.ndarray]
+    first_segment_lengths: np.ndarray  # tokens in segment 0, including [CLS] and the first [SEP]
+    labels: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.fromiter((len(t) for t in self.token_ids), np.int32, len(self.token_ids))
+
+
+def featurize(split: GlueSplit, tokenizer, max_seq_length: int) -> Features:
+    if max_seq_length < 4:
+        raise ValueError(f"max_seq_length={max_seq_length} leaves no room for text")
+    a_ids = _encode_all(tokenizer, split.text_a)
+    b_ids = _encode_all(tokenizer, split.text_b) if split.text_b is not None else None
+    token_ids, first_lengths = [], np.zeros(len(split), np.int32)
+    cls, sep = tokenizer.cls_id, tokenizer.sep_id
+    for i, a in enumerate(a_ids):
+        if b_ids is None:
+            a = a[: max_seq_length - 2]
+            ids = [cls, *a, sep]
+            first_lengths[i] = len(ids)
+        else:
+            b = b_ids[i]
+            _truncate_pair(a, b, max_seq_length - 3)
+            ids = [cls, *a, sep, *b, sep]
+            first_lengths[i] = len(a) + 2
+        token_ids.append(np.asarray(ids, np.int32))
+    return Features(token_ids, first_lengths, split.labels)
+
+
+def bucket_lengths(max_seq_length: int, smallest: int = 16) -> tuple[int, ...]:
+    """Powers of two from `smallest` up to max_seq_length: few shapes, little padding."""
+    sizes, size = [], smallest
+    while size < max_seq_length:
+        sizes.append(size)
+        size *= 2
+    return tuple(sizes) + (max_seq_length,)
+
+
+def pad_batch(features: Features, indices: Sequence[int], batch_size: int,
+              buckets: Sequence[int], pad_id: int, regression: bool) -> dict[str, np.ndarray]:
+    """Pads examples `indices` to [batch_size, bucket]; fill rows have is_real_example=0."""
+    longest = max((len(features.token_ids[i]) for i in indices), default=1)
+    length = next((b for b in buckets if b >= longest), None)
+    if length is None:
+        raise ValueError(f"example of {longest} tokens exceeds the largest bucket {buckets[-1]}")
+    input_ids = np.full((batch_size, length), pad_id, np.int32)
+    input_mask = np.zeros((batch_size, length), np.int32)
+    segment_ids = np.zeros((batch_size, length), np.int32)
+    label_ids = np.zeros((batch_size,), np.float32 if regression else np.int32)
+    is_real = np.zeros((batch_size,), np.float32)
+    for row, i in enumerate(indices):
+        ids = features.token_ids[i]
+        input_ids[row, : len(ids)] = ids
+        input_mask[row, : len(ids)] = 1
+        segment_ids[row, features.first_segment_lengths[i]: len(ids)] = 1
+        if features.labels is not None:
+            label_ids[row] = features.labels[i]
+        is_real[row] = 1.0
+    return {"input_ids": input_ids, "input_mask": input_mask, "segment_ids": segment_ids,
+            "label_ids": label_ids, "is_real_example": is_real}
+
+
+def train_batches(features: Features, batch_size: int, buckets: Sequence[int], pad_id: int, *,
+                  regression: bool, seed: int, epoch: int, group_batches: int = 50
+                  ) -> list[dict[str, np.ndarray]]:
+    """One epoch of shuffled batches; examples of similar length share a batch.
+
+    Shuffles, sorts by length within windows of `group_batches` batches, then shuffles the
+    batches: random order, little padding. The last partial batch is filled with rows that
+    have is_real_example=0 (no example is dropped, the shape stays fixed).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(features))
+    lengths = features.lengths
+    window = batch_size * group_batches
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start: start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [pad_batch(features, b, batch_size, buckets, pad_id, regression) for b in batches]
+
+
+def eval_batches(features: Features, batch_size: int, buckets: Sequence[int], pad_id: int, *,
+                 regression: bool) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(example indices, batch) sorted by length, so batches pad little; reorder by the indices."""
+    order = np.argsort(features.lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        chunk = order[start: start + batch_size]
+        yield chunk, pad_batch(features, chunk, batch_size, buckets, pad_id, regression)
+
+
+# ---------------------------------------------------------------------------- continuation task
+
+
+def _clean(sentence: str) -> str:
+    # GLUE files cannot hold tabs or newlines inside a field.
+    return " ".join(sentence.split())
+
+
+def write_continuation_task(documents: Sequence[Sequence[str]], out_dir: str, seed: int = 0, *,
+                            dev_fraction: float = 0.1, test_fraction: float = 0.1,
+                            max_examples: int | None = None) -> dict[str, int]:
+    """Writes a binary GLUE-format task: is sentence2 the sentence that follows sentence1?
+
+    `documents` are lists of sentences. Each adjacent pair gives one example: label 1 with the
+    true next sentence, or (with probability 1/2) label 0 with a random sentence from another
+    document. Files `train.tsv`, `dev.tsv` (`index sentence1 sentence2 label`) and `test.tsv`
+    (no label) go to `out_dir`, read back with `--config.task=continuation
+    --config.glue_dir=out_dir`. Returns the number of rows per file.
+    """
+    docs = [[s for s in (_clean(x) for x in doc) if s] for doc in documents]
+    docs = [d for d in docs if d]
+    if len(docs) < 2:
+        raise ValueError("write_continuation_task needs at least two non-empty documents "
+                         "(negatives come from another document)")
+    rng = random.Random(seed)
+    examples = []
+    for d, doc in enumerate(docs):
+        for first, following in zip(doc, doc[1:]):
+            if rng.random() < 0.5:
+                examples.append((first, following, "1"))
+            else:
+                other = rng.randrange(len(docs) - 1)
+                other += other >= d  # any document but this one
+                examples.append((first, rng.choice(docs[other]), "0"))
+    rng.shuffle(examples)
+    if max_examples:
+        examples = examples[:max_examples]
+    n_dev = max(1, int(len(examples) * dev_fraction))
+    n_test = max(1, int(len(examples) * test_fraction))
+    if len(examples) < n_dev + n_test + 2:
+        raise ValueError(f"only {len(examples)} sentence pairs: too few for train/dev/test")
+    splits = {"dev": examples[:n_dev], "test": examples[n_dev: n_dev + n_test],
+              "train": examples[n_dev + n_test:]}
+    os.makedirs(out_dir, exist_ok=True)
+    for name, rows in splits.items():
+        labelled = name != "test"
+        tmp = os.path.join(out_dir, f".{name}.tsv.tmp")
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write("index\tsentence1\tsentence2" + ("\tlabel" if labelled else "") + "\n")
+            for i, (a, b, label) in enumerate(rows):
+                f.write(f"{i}\t{a}\t{b}" + (f"\t{label}" if labelled else "") + "\n")
+        os.replace(tmp, os.path.join(out_dir, f"{name}.tsv"))  # never leave half a file
+    return {name: len(rows) for name, rows in splits.items()}

@@ -1,0 +1,224 @@
+"""GLUE readers (TSV as distributed, TFDS), featurisation, batching, continuation task."""
+import os
+
+import numpy as np
+import pytest
+
+from bert_jax.data import glue
+
+BOM = "\ufeff"
+
+
+class CharTokenizer:
+    """One id per character (offset past the 5 special ids): lengths are easy to predict."""
+    pad_id, unk_id, cls_id, sep_id, mask_id = 0, 1, 2, 3, 4
+
+    def encode(self, text):
+        return [5 + (ord(c) % 90) for c in text]
+
+
+def write(path, lines, bom=False):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.write((BOM if bom else "") + "".join(line + "\n" for line in lines))
+
+
+def t(*fields):
+    return "\t".join(fields)
+
+
+@pytest.fixture
+def glue_dir(tmp_path):
+    """A tiny GLUE directory with the real files' layouts and quirks."""
+    d = tmp_path / "glue"
+    write(d / "CoLA/train.tsv", [t("gj04", "1", "", 'He said "hi".'), t("gj04", "0", "*", "Him went.")])
+    write(d / "CoLA/dev.tsv", [t("gj04", "1", "", "It rains.")])
+    write(d / "CoLA/test.tsv", [t("index", "sentence"), t("0", "Bill whistled.")])
+    write(d / "SST-2/train.tsv", [t("sentence", "label"), t("a fine film ", "1"), t('" bad', "0")])
+    write(d / "SST-2/dev.tsv", [t("sentence", "label"), t("ok ", "1")])
+    write(d / "SST-2/test.tsv", [t("index", "sentence"), t("0", "meh .")])
+    mrpc_header = t("Quality", "#1 ID", "#2 ID", "#1 String", "#2 String")
+    write(d / "MRPC/train.tsv", [mrpc_header, t("1", "1", "2", 'He said "yes.', "He agreed."),
+                                 t("0", "3", "4", "A cat.", "A dog.")], bom=True)
+    write(d / "MRPC/dev.tsv", [mrpc_header, t("1", "5", "6", "Up.", "Rose.")], bom=True)
+    write(d / "MRPC/test.tsv", [t("index", "#1 ID", "#2 ID", "#1 String", "#2 String"),
+                                t("0", "7", "8", "Down.", "Fell.")])
+    sts_cols = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2"]
+    write(d / "STS-B/train.tsv", [t(*sts_cols, "score"), t("0", "g", "f", "y", "0", "n", "n", "A.", "B.", "5.000")])
+    write(d / "STS-B/dev.tsv", [t(*sts_cols, "score"), t("0", "g", "f", "y", "0", "n", "n", "C.", "D.", "0.250")])
+    write(d / "STS-B/test.tsv", [t(*sts_cols), t("0", "g", "f", "y", "0", "n", "n", "E.", "F.")])
+    write(d / "QQP/train.tsv", [t("id", "qid1", "qid2", "question1", "question2", "is_duplicate"),
+                                t("201359", "1", "2", "How?", "Why?", "0")])
+    write(d / "QQP/dev.tsv", [t("id", "qid1", "qid2", "question1", "question2", "is_duplicate"),
+                              t("40", "3", "4", "Who?", "Whom?", "1")])
+    write(d / "QQP/test.tsv", [t("id", "question1", "question2"), t("0", "What?", "Which?")])
+    parses = ["(a)", "(b)", "(( a))", "(( b))"]
+    mnli_train = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse",
+                  "sentence2_binary_parse", "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]
+    write(d / "MNLI/train.tsv", [t(*mnli_train, "label1", "gold_label"),
+                                 t("0", "1", "1e", "gov", *parses, "P.", "H.", "neutral", "neutral")])
+    dev_cols = t(*mnli_train, "label1", "label2", "label3", "label4", "label5", "gold_label")
+    for name, premise in (("dev_matched", "Pm."), ("dev_mismatched", "Pmm.")):
+        # label1 disagrees with gold_label: the reader must use the gold_label column.
+        write(d / f"MNLI/{name}.tsv", [dev_cols, t("0", "1", "1e", "gov", *parses, premise, "H.",
+                                                   "neutral", "entailment", "entailment",
+                                                   "entailment", "neutral", "entailment")])
+    for name in ("test_matched", "test_mismatched"):
+        write(d / f"MNLI/{name}.tsv", [t(*mnli_train), t("0", "1", "1e", "gov", *parses, "P.", "H.")])
+    write(d / "diagnostic/diagnostic.tsv", [t("index", "sentence1", "sentence2"), t("0", "X.", "Y.")])
+    for task, labels in (("QNLI", ("entailment", "not_entailment")), ("RTE", ("not_entailment", "entailment")),
+                         ("WNLI", ("0", "1"))):
+        cols = ("index", "question", "sentence") if task == "QNLI" else ("index", "sentence1", "sentence2")
+        write(d / f"{task}/train.tsv", [t(*cols, "label"), t("0", "A?", "B.", labels[0]), t("1", "C?", "D.", labels[1])])
+        write(d / f"{task}/dev.tsv", [t(*cols, "label"), t("0", "E?", "F.", labels[1])])
+        write(d / f"{task}/test.tsv", [t(*cols), t("0", "G?", "H.")])
+    return d
+
+
+def test_every_task_reads_with_its_quirks(glue_dir):
+    data = {name: glue.load_task(glue.get_task(name), glue_dir=str(glue_dir)) for name in glue.GLUE_TASKS}
+    cola = data["cola"]["train"]["train"]
+    assert cola.text_a == ['He said "hi".', "Him went."] and cola.labels.tolist() == [1, 0]  # no header
+    mrpc = data["mrpc"]["train"]["train"]
+    assert mrpc.text_a[0] == 'He said "yes.' and mrpc.labels.tolist() == [1, 0]  # BOM + literal quote
+    assert data["sst2"]["train"]["train"].text_a == ["a fine film ", '" bad']
+    assert data["stsb"]["dev"]["dev"].labels.dtype == np.float32
+    assert data["stsb"]["dev"]["dev"].labels.tolist() == [0.25]
+    assert data["qqp"]["train"]["train"].index == ["201359"]
+    mnli = data["mnli"]
+    assert set(mnli["dev"]) == {"dev_matched", "dev_mismatched"}
+    assert mnli["dev"]["dev_mismatched"].text_a == ["Pmm."]
+    assert mnli["dev"]["dev_matched"].labels.tolist() == [0]  # gold_label 'entailment', not label1
+    assert set(mnli["test"]) == {"MNLI-m", "MNLI-mm", "AX"}
+    assert mnli["test"]["AX"].text_b == ["Y."]
+    assert data["rte"]["train"]["train"].labels.tolist() == [1, 0]  # entailment=0, not_entailment=1
+    assert data["qnli"]["train"]["train"].text_a == ["A?", "C?"]
+    for name, splits in data.items():
+        for test_name, split in splits["test"].items():
+            assert split.labels is None and split.index == ["0"], (name, test_name)
+        assert splits["train"]["train"].labels is not None
+
+
+def test_real_format_samples(shared_data):
+    root = shared_data / "glue_format_samples"
+    for task_dir in sorted(os.listdir(root)):
+        task = glue.get_task(task_dir)
+        for stem in ("train", "dev", "test"):
+            path = root / task_dir / f"{stem}.tsv"
+            if not path.exists():
+                continue
+            split = glue.read_tsv(str(path), task, labelled=stem != "test")
+            data_lines = [x for x in path.read_text(encoding="utf-8-sig").split("\n") if x]
+            header = 0 if (task.name == "cola" and stem != "test") else 1
+            assert len(split) == len(data_lines) - header, path
+            if stem == "test":
+                assert split.labels is None
+                assert split.index == [str(i) for i in range(len(split))]
+            elif task.is_regression:
+                assert ((split.labels >= 0) & (split.labels <= 5)).all()
+            else:
+                assert set(split.labels.tolist()) <= set(range(task.num_labels))
+    mrpc = glue.read_tsv(str(root / "MRPC/dev.tsv"), glue.get_task("mrpc"), labelled=True)
+    assert mrpc.labels[:2].tolist() == [1, 0]
+    assert mrpc.text_b[0].startswith('"The foodservice')  # unbalanced quote kept literally
+    cola = glue.read_tsv(str(root / "CoLA/train.tsv"), glue.get_task("cola"), labelled=True)
+    assert cola.text_a[0].startswith("Our friends won't buy")
+    sts = glue.read_tsv(str(root / "STS-B/train.tsv"), glue.get_task("stsb"), labelled=True)
+    assert sts.labels[:2].tolist() == pytest.approx([5.0, 3.8]) and sts.text_b[0] == "An air plane is taking off."
+
+
+def test_bad_input_messages(glue_dir, tmp_path):
+    with pytest.raises(ValueError, match="unknown GLUE task 'mrcp'"):
+        glue.resolve_tasks("rte,mrcp")
+    assert [x.name for x in glue.resolve_tasks("all")] == list(glue.GLUE_TASKS)
+    os.remove(glue_dir / "RTE/dev.tsv")
+    with pytest.raises(FileNotFoundError, match=r"RTE.*'dev'.*RTE/dev.tsv"):
+        glue.load_task(glue.get_task("rte"), glue_dir=str(glue_dir))
+    path = glue_dir / "RTE/train.tsv"
+    write(path, [t("index", "sentence1", "sentence2", "label"), t("0", "A", "B", "entailment"),
+                 t("1", "A", "B\tC", "entailment")])
+    with pytest.raises(ValueError, match=r"RTE/train.tsv:3: expected 4 tab-separated columns.*found 5"):
+        glue.read_tsv(str(path), glue.get_task("rte"), labelled=True)
+    assert len(glue.read_tsv(str(path), glue.get_task("rte"), labelled=True, skip_bad_rows=True)) == 1
+    write(path, [t("index", "sentence1", "sentence2", "label"), t("0", "A", "B", "contradiction")])
+    with pytest.raises(ValueError, match=r"train.tsv:2: RTE label 'contradiction' is not one of"):
+        glue.read_tsv(str(path), glue.get_task("rte"), labelled=True)
+    sts = glue_dir / "STS-B/dev.tsv"
+    write(sts, [t("index", "g", "f", "y", "o", "s1", "s2", "sentence1", "sentence2", "score"),
+                t("0", "g", "f", "y", "0", "n", "n", "C.", "D.", "5.5")])
+    with pytest.raises(ValueError, match=r"dev.tsv:2: STS-B score '5.5'"):
+        glue.read_tsv(str(sts), glue.get_task("stsb"), labelled=True)
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['label'\]"):
+        glue.read_tsv(str(glue_dir / "WNLI/test.tsv"), glue.get_task("wnli"), labelled=True)
+
+
+def test_tfds_reader_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=6):
+        mrpc = glue.get_task("mrpc")
+        split = glue.load_tfds_split(None, mrpc, "train", labelled=True)
+        assert len(split) == 6 and split.text_b is not None
+        assert split.labels.dtype == np.int32 and set(split.labels.tolist()) <= {0, 1}
+        assert [int(i) for i in split.index] == sorted(int(i) for i in split.index)
+        mnli = glue.load_task(glue.get_task("mnli"), use_tfds=True)
+        assert set(mnli["dev"]) == {"dev_matched", "dev_mismatched"}
+        assert set(mnli["test"]) == {"MNLI-m", "MNLI-mm", "AX"}
+        assert all(len(s) == 6 for s in mnli["test"].values())
+        stsb = glue.load_tfds_split(None, glue.get_task("stsb"), "validation", labelled=True)
+        assert stsb.labels.dtype == np.float32
+
+
+def test_featurize_truncates_like_google_and_marks_segments():
+    split = glue.GlueSplit(["abcdefgh", "ab"], ["xyz", "x"], np.array([1, 0], np.int32), ["0", "1"])
+    features = glue.featurize(split, CharTokenizer(), max_seq_length=9)
+    first = features.token_ids[0].tolist()
+    # 6 text tokens fit: the longer sequence loses tokens first -> a=3, b=3.
+    assert first[0] == 2 and first.count(3) == 2 and len(first) == 9
+    assert features.first_segment_lengths.tolist() == [5, 4]
+    batch = glue.pad_batch(features, [1, 0], 4, glue.bucket_lengths(64), 0, regression=False)
+    assert batch["input_ids"].shape == (4, 16)
+    assert batch["segment_ids"][0].tolist()[:7] == [0, 0, 0, 0, 1, 1, 0]
+    assert batch["input_mask"][0].sum() == 6 and batch["input_mask"][1].sum() == 9
+    assert batch["label_ids"].tolist() == [0, 1, 0, 0] and batch["is_real_example"].tolist() == [1, 1, 0, 0]
+    single = glue.featurize(glue.GlueSplit(["abcdefghijk"], None, None, ["0"]), CharTokenizer(), 8)
+    assert len(single.token_ids[0]) == 8 and single.first_segment_lengths.tolist() == [8]
+    assert glue.bucket_lengths(128) == (16, 32, 64, 128)
+    assert glue.bucket_lengths(100) == (16, 32, 64, 100)
+
+
+def test_train_batches_cover_every_example_once_with_few_shapes():
+    rng = np.random.default_rng(0)
+    texts = ["x" * int(n) for n in rng.integers(1, 120, size=203)]
+    labels = np.arange(203, dtype=np.int32)  # label = example number, to trace rows
+    features = glue.featurize(glue.GlueSplit(texts, None, labels, [str(i) for i in range(203)]),
+                              CharTokenizer(), 128)
+    buckets = glue.bucket_lengths(128)
+    batches = glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=0)
+    seen = np.concatenate([b["label_ids"][b["is_real_example"] > 0] for b in batches])
+    assert sorted(seen.tolist()) == list(range(203))
+    assert {b["input_ids"].shape[1] for b in batches} <= set(buckets)
+    padded = sum(b["input_ids"].size for b in batches)
+    assert padded < 0.75 * len(batches) * 16 * 128  # bucketing beats padding everything to 128
+    again = glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=0)
+    other_epoch = glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=1)
+    assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(batches, again))
+    assert any(a["input_ids"].shape != b["input_ids"].shape or (a["input_ids"] != b["input_ids"]).any()
+               for a, b in zip(batches, other_epoch))
+    order = np.concatenate([idx for idx, _ in glue.eval_batches(features, 16, buckets, 0, regression=False)])
+    assert sorted(order.tolist()) == list(range(203))
+
+
+def test_continuation_task_round_trips(tmp_path):
+    docs = [[f"doc {d} sentence {i}\twith a tab." for i in range(12)] for d in range(6)]
+    counts = glue.write_continuation_task(docs, str(tmp_path / "cont"), seed=1)
+    assert sum(counts.values()) == 6 * 11
+    data = glue.load_task(glue.get_task("continuation"), glue_dir=str(tmp_path / "cont"))
+    train = data["train"]["train"]
+    assert len(train) == counts["train"] and 0.3 < train.labels.mean() < 0.7
+    for a, b, label in zip(train.text_a, train.text_b, train.labels):
+        doc_a, i = a.split()[1], int(a.split()[3])
+        true_next = b.split()[1] == doc_a and int(b.split()[3]) == i + 1
+        assert true_next == bool(label), (a, b, label)
+    assert data["test"]["continuation"].labels is None
+    with pytest.raises(ValueError, match="at least two"):
+        glue.write_continuation_task([["one.", "two."]], str(tmp_path / "x"))
