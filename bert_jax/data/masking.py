@@ -17,9 +17,11 @@ order, host count or worker count. That is what makes dynamic masking reproducib
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
+_RESERVED = re.compile(r"^(\[[^\]\s]+\]|<[^>\s]+>)$")
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -59,12 +61,12 @@ class MaskingVocab:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> "MaskingVocab":
-        special = sorted({tokenizer.pad_id, tokenizer.unk_id, tokenizer.cls_id,
-                          tokenizer.sep_id, tokenizer.mask_id})
+        special = sorted(set(tokenizer.special_ids))
         all_ids = np.arange(tokenizer.vocab_size, dtype=np.int32)
-        extra = getattr(tokenizer, "reserved_ids", None)  # e.g. WordPiece's [unusedN]
-        excluded = set(special) | set(extra() if callable(extra) else (extra or ()))
-        replacement = all_ids[~np.isin(all_ids, np.fromiter(excluded, np.int64))]
+        # Random replacements come from the real vocabulary: no special or reserved tokens
+        # (WordPiece's [unused17], SentencePiece's <s>), which never occur in text.
+        reserved = np.array([bool(_RESERVED.match(t)) for t in tokenizer.ids_to_tokens(all_ids.tolist())])
+        replacement = all_ids[~reserved & ~np.isin(all_ids, special)]
         word_start = np.asarray(tokenizer.word_start_mask(all_ids), bool)
         return cls(int(tokenizer.mask_id), tuple(special), replacement, word_start)
 
