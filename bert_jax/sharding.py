@@ -1,0 +1,234 @@
+"""Device mesh, logical-axis rules and the shardings of train state and batches.
+
+Parallelism is a config change: the mesh config says how many devices go to each
+mesh axis, and one table of rules (``DEFAULT_RULES``) maps the model's logical
+axis names to those mesh axes.
+
+* ``make_mesh(mesh_cfg) -> Mesh``: axes ``('data', 'fsdp', 'tensor')``; sizes
+  come from ``mesh_cfg`` (a dict or ml_collections ConfigDict with keys
+  ``data``, ``fsdp``, ``tensor`` and optional ``slices``); one size may be -1
+  (= the rest of the devices). ``slices > 1`` builds a multi-slice TPU mesh with
+  ``mesh_utils.create_hybrid_device_mesh`` (the data axis spans slices, over
+  DCN). All axes are ``AxisType.Auto`` (jit in/out shardings, no explicit-axis
+  typing).
+* ``DEFAULT_RULES``: batch -> ('data', 'fsdp'); embed -> 'fsdp' (FSDP shards
+  every parameter along its hidden dimension); vocab/heads/mlp -> 'tensor'
+  (Megatron-style tensor parallelism); kv/length/position/type_vocab/classes/
+  layers -> replicated. Pass another table to ``state_shardings`` etc. to change
+  the layout.
+* ``param_axes(state)``: nested dict of logical-name tuples read from the
+  ``nnx.Param`` metadata of a (possibly abstract) model state.
+* ``state_shardings(abstract_state, mesh, rules, param_axes=...)``: a
+  ``NamedSharding`` tree for a whole train state: params by their logical names,
+  optimizer-state leaves that mirror a parameter (Adam's mu/nu, ...) like that
+  parameter, everything else (step, counters) replicated.
+* ``batch_sharding(mesh, rules)``: the sharding of every batch array (dim 0 over
+  the batch mesh axes, the rest replicated).
+* ``make_global_batch(per_host_batch, mesh, rules)``: numpy dict of this host's
+  rows -> dict of global ``jax.Array`` (``jax.make_array_from_process_local_data``).
+
+A mesh axis that does not divide a parameter dimension is dropped for that
+dimension (e.g. vocab 30522 over tensor=4): the array is replicated along it
+rather than failing; ``state_shardings`` logs each such fallback once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bert_jax import partitioning
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("position", None),
+    ("type_vocab", None),
+    ("classes", None),
+    ("layers", None),
+)
+
+_MESH_KEYS = set(MESH_AXES) | {"slices"}
+
+
+def _resolve_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int]:
+    unknown = [a for a, s in sizes.items() if s == -1]
+    if len(unknown) > 1:
+        raise ValueError(f"mesh config: at most one axis may be -1, got {sizes}")
+    for axis, size in sizes.items():
+        if size != -1 and (not isinstance(size, (int, np.integer)) or size < 1):
+            raise ValueError(f"mesh config: axis '{axis}' has size {size!r}; use a positive integer or -1")
+    known = math.prod(s for s in sizes.values() if s != -1)
+    if num_devices % known:
+        raise ValueError(
+            f"mesh config {sizes}: the product of the fixed axis sizes ({known}) does not divide "
+            f"the number of devices ({num_devices})")
+    if unknown:
+        sizes = {**sizes, unknown[0]: num_devices // known}
+    if math.prod(sizes.values()) != num_devices:
+        raise ValueError(
+            f"mesh config {sizes}: axis sizes multiply to {math.prod(sizes.values())} but there are "
+            f"{num_devices} devices; set one axis to -1 to take the rest")
+    return sizes
+
+
+def make_mesh(mesh_cfg: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds the ('data', 'fsdp', 'tensor') mesh; see the module docstring."""
+    cfg = dict(mesh_cfg or {"data": -1})
+    if hasattr(mesh_cfg, "to_dict"):
+        cfg = mesh_cfg.to_dict()
+    extra = set(cfg) - _MESH_KEYS
+    if extra:
+        raise ValueError(f"mesh config: unknown key(s) {sorted(extra)}; expected {sorted(_MESH_KEYS)}")
+    devices = list(jax.devices() if devices is None else devices)
+    slices = int(cfg.pop("slices", 1) or 1)
+    sizes = _resolve_sizes({a: int(cfg.get(a, 1)) for a in MESH_AXES}, len(devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if slices == 1:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    if sizes["data"] % slices:
+        raise ValueError(f"mesh config: data={sizes['data']} must be a multiple of slices={slices} "
+                         "(the data axis spans the slices)")
+    ici_shape = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+    dcn_shape = (slices, 1, 1)
+    device_array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices)
+    return Mesh(device_array, MESH_AXES, axis_types=axis_types)
+
+
+def param_axes(state) -> dict:
+    """Nested dict (like the params) of logical-name tuples from ``nnx.Param`` metadata."""
+    from flax import nnx
+
+    axes = partitioning.param_logical_axes(state)
+    if isinstance(axes, nnx.State):
+        axes = axes.to_pure_dict()
+
+    def str_keys(d):  # nnx.List keys are ints; param trees use str keys
+        return {str(k): str_keys(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+    return str_keys(axes)
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+
+
+def spec_for(shape: Sequence[int], logical_names, mesh: Mesh, rules, *, where: str = "") -> PartitionSpec:
+    """PartitionSpec for one array; mesh axes that do not divide their dimension are dropped."""
+    spec = partitioning.logical_to_mesh_spec(logical_names, rules, mesh)
+    fixed = []
+    for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        n = math.prod(mesh.shape[a] for a in names)
+        if n > 1 and size % n:
+            logging.info("sharding: %s dim %d (size %d, %s) is not divisible by mesh axes %s (%d); replicated",
+                         where, dim, size, logical_names, names, n)
+            axes = None
+        fixed.append(axes)
+    while fixed and fixed[-1] is None:
+        fixed.pop()
+    return PartitionSpec(*fixed)
+
+
+def _key_name(k) -> str | None:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return None
+
+
+def param_shardings(abstract_params, axes, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedSharding tree for ``abstract_params`` (arrays/ShapeDtypeStructs) given ``axes``."""
+    flat_axes = {tuple(_key_name(k) for k in path): names
+                 for path, names in jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_axes)[0]}
+
+    def one(path, leaf):
+        names = flat_axes.get(tuple(_key_name(k) for k in path))
+        if names is None:
+            raise ValueError(f"sharding: no logical axes for parameter {jax.tree_util.keystr(path)}")
+        if len(names) != len(leaf.shape):
+            raise ValueError(f"sharding: parameter {jax.tree_util.keystr(path)} has shape {leaf.shape} "
+                             f"but logical axes {names}")
+        return NamedSharding(mesh, spec_for(leaf.shape, names, mesh, rules, where=jax.tree_util.keystr(path)))
+
+    return jax.tree_util.tree_map_with_path(one, abstract_params)
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES, *, param_axes):
+    """NamedSharding tree for a train state (any pytree with a ``params`` attribute or key).
+
+    ``param_axes``: nested dict of logical names like ``abstract_state.params``
+    (from ``sharding.param_axes(model_state)``). Optimizer-state leaves whose path
+    ends with a parameter's path and whose shape equals it take that parameter's
+    sharding; all other leaves are replicated.
+    """
+    params = abstract_state["params"] if isinstance(abstract_state, Mapping) else abstract_state.params
+    p_shardings = param_shardings(params, param_axes, mesh, rules)
+    by_path = {}
+    for path, s in jax.tree_util.tree_flatten_with_path(p_shardings)[0]:
+        by_path[tuple(_key_name(k) for k in path)] = s
+    depths = sorted({len(p) for p in by_path}, reverse=True)
+    param_shapes = {tuple(_key_name(k) for k in path): leaf.shape
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def one(path, leaf):
+        names = tuple(_key_name(k) for k in path)
+        for depth in depths:
+            suffix = names[-depth:]
+            if len(names) >= depth and suffix in by_path and param_shapes[suffix] == tuple(leaf.shape):
+                return by_path[suffix]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def batch_axes(mesh: Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+    """Mesh axes the batch dimension is split over (size-1 axes dropped)."""
+    spec = partitioning.logical_to_mesh_spec(("batch",), rules, mesh)
+    axes = spec[0] if len(spec) else None
+    return () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+
+
+def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding of every batch array: dimension 0 over the batch axes."""
+    axes = batch_axes(mesh, rules)
+    return NamedSharding(mesh, PartitionSpec(axes if axes else None))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh, rules=DEFAULT_RULES) -> None:
+    axes = batch_axes(mesh, rules)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if global_batch_size % n:
+        raise ValueError(f"global batch size {global_batch_size} is not divisible by the batch mesh axes "
+                         f"{dict((a, mesh.shape[a]) for a in axes)} (product {n})")
+
+
+def make_global_batch(per_host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """This host's rows (dict of numpy) -> dict of global jax.Arrays sharded over the batch axes.
+
+    Every host passes the same number of rows; the global batch is the hosts'
+    rows concatenated in process order.
+    """
+    if not per_host_batch:
+        raise ValueError("make_global_batch: empty batch")
+    rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in per_host_batch.items()}
+    if None in rows.values() or len(set(rows.values())) != 1:
+        raise ValueError(f"make_global_batch: every array needs the same leading batch size, got {rows}")
+    local = next(iter(rows.values()))
+    check_batch_size(local * jax.process_count(), mesh, rules)
+    sharding = batch_sharding(mesh, rules)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in per_host_batch.items()}

@@ -1,0 +1,307 @@
+"""Losses, metrics and the pure, jitted train and eval steps.
+
+The model is split once (``graphdef`` + a nested dict of float32 params); the
+steps are plain functions of (state, batch, key) under ``jax.jit`` with explicit
+in/out shardings and the state donated, so one compiled program serves every
+step and the same function can be lowered ahead of time for another topology.
+
+Public API
+* ``TrainState(step, params, opt_state, skipped_steps)``: a pytree. ``params``
+  is a nested dict (str keys, the model's layout); ``skipped_steps`` counts
+  updates skipped for non-finite gradients.
+* ``pretraining_loss(params, graphdef, batch, dropout_key, normalizers=None, *,
+  deterministic=False) -> (loss, sums)``: MLM cross-entropy at
+  ``masked_lm_positions`` weighted by ``masked_lm_weights`` (sum / (sum of
+  weights + 1e-5), as Google's BERT) plus mean NSP cross-entropy, in float32.
+  ``sums`` holds additive statistics; ``pretraining_metrics(sums)`` turns them
+  into loss, mlm_loss, nsp_loss, mlm_accuracy, nsp_accuracy.
+* ``PRETRAINING = LossFns(normalizers, loss, metrics)``: what the steps call.
+  Fine-tuning passes its own ``LossFns`` (same signatures).
+* ``abstract_train_state(model_cfg, opt, mesh, rules)`` -> (graphdef, abstract
+  state with shardings, state shardings): no memory touched (AOT planning).
+* ``create_train_state(model_cfg, opt, mesh, rules, seed, *, params=None)`` ->
+  (graphdef, state, state_shardings): the init is jitted with out_shardings, so
+  every parameter and optimizer moment is created directly on its shard. Pass
+  ``params`` (nested dict, e.g. pretrained weights) to start from them.
+* ``make_train_step(graphdef, opt, mesh, rules, state_shardings, *,
+  micro_batches=1, schedule=None, skip_nonfinite=True)`` -> ``jax.jit`` object
+  (unlowered: call it, or ``.lower(state, batch, key).compile()`` for AOT).
+  ``step(state, batch, base_key) -> (state, metrics)``; dropout key =
+  fold_in(base_key, step). With ``micro_batches=k`` the batch is split into k
+  micro-batches whose gradients are summed in a ``lax.scan``: the result equals
+  one step on the whole batch (the normalisers are computed on the whole batch).
+  A non-finite gradient norm or loss leaves params and optimizer state untouched,
+  still advances ``step`` and increments ``skipped_steps`` (metric
+  ``update_skipped``); the training loop decides when to stop.
+* ``make_eval_step(graphdef, mesh, rules, state_shardings)`` -> jitted
+  ``eval(params, batch) -> sums``; combine batches with ``eval_metrics(list)``.
+* ``abstract_batch(batch_size, seq_len, max_predictions, mesh, rules)``:
+  ShapeDtypeStructs (with shardings) of a pretraining batch, for ``.lower``.
+
+Metrics of a train step (replicated scalars): loss, mlm_loss, nsp_loss,
+mlm_accuracy, nsp_accuracy, grad_norm (before clipping), learning_rate (when
+``schedule`` is given), sequences, tokens (non-padding), masked_tokens,
+update_skipped, skipped_steps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bert_jax import partitioning, sharding
+from bert_jax.model import BertForPreTraining, params_to_dict
+
+PRETRAINING_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
+                    "masked_lm_weights", "next_sentence_labels")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    skipped_steps: jax.Array
+
+
+class LossFns(NamedTuple):
+    normalizers: Callable[[dict], dict]          # batch -> scalars computed on the whole batch
+    loss: Callable[..., tuple[jax.Array, dict]]  # (params, graphdef, batch, key, normalizers, deterministic=)
+    metrics: Callable[[dict], dict]              # additive sums -> metrics
+
+
+# ----------------------------------------------------------------------------
+# Pretraining loss
+
+def _check_keys(batch, keys):
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
+
+
+def pretraining_normalizers(batch) -> dict:
+    return {"mlm": jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)) + 1e-5,
+            "nsp": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)}
+
+
+def pretraining_loss(params, graphdef, batch, dropout_key, normalizers=None, *, deterministic=False):
+    _check_keys(batch, PRETRAINING_KEYS)
+    if normalizers is None:
+        normalizers = pretraining_normalizers(batch)
+    model = nnx.merge(graphdef, params)
+    out = model(batch["input_ids"], batch["input_mask"], batch["segment_ids"], batch["masked_lm_positions"],
+                deterministic=deterministic, rngs=None if deterministic else dropout_key)
+    mlm_logits = out["mlm_logits"].astype(jnp.float32)
+    mlm_ids = batch["masked_lm_ids"]
+    weights = batch["masked_lm_weights"].astype(jnp.float32)
+    mlm_nll = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, mlm_ids)
+    nsp_logits = out["nsp_logits"].astype(jnp.float32)
+    nsp_labels = batch["next_sentence_labels"].reshape(-1)
+    nsp_nll = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, nsp_labels)
+    sums = {
+        "mlm_loss_sum": jnp.sum(mlm_nll * weights),
+        "mlm_correct": jnp.sum((jnp.argmax(mlm_logits, -1) == mlm_ids) * weights),
+        "masked_tokens": jnp.sum(weights),
+        "nsp_loss_sum": jnp.sum(nsp_nll),
+        "nsp_correct": jnp.sum(jnp.argmax(nsp_logits, -1) == nsp_labels).astype(jnp.float32),
+        "sequences": jnp.asarray(nsp_labels.shape[0], jnp.float32),
+        "tokens": jnp.sum(batch["input_mask"]).astype(jnp.float32),
+    }
+    loss = sums["mlm_loss_sum"] / normalizers["mlm"] + sums["nsp_loss_sum"] / normalizers["nsp"]
+    return loss, sums
+
+
+def pretraining_metrics(sums) -> dict:
+    mlm_loss = sums["mlm_loss_sum"] / (sums["masked_tokens"] + 1e-5)
+    nsp_loss = sums["nsp_loss_sum"] / sums["sequences"]
+    return {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
+            "mlm_accuracy": sums["mlm_correct"] / (sums["masked_tokens"] + 1e-5),
+            "nsp_accuracy": sums["nsp_correct"] / sums["sequences"],
+            "sequences": sums["sequences"], "tokens": sums["tokens"], "masked_tokens": sums["masked_tokens"]}
+
+
+PRETRAINING = LossFns(pretraining_normalizers, pretraining_loss, pretraining_metrics)
+
+
+# ----------------------------------------------------------------------------
+# State
+
+def _default_model_fn(model_cfg):
+    return lambda rngs: BertForPreTraining(model_cfg, rngs=rngs)
+
+
+def _init_fn(model_fn, opt):
+    def init(key, params=None):
+        if params is None:
+            params = params_to_dict(nnx.state(model_fn(nnx.Rngs(key)), nnx.Param))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
+                          skipped_steps=jnp.zeros((), jnp.int32))
+    return init
+
+
+def abstract_train_state(model_cfg, opt: optax.GradientTransformation, mesh: Mesh, rules=None, *,
+                         model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None):
+    """(graphdef, ShapeDtypeStruct state carrying shardings, state shardings); allocates nothing."""
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    model_fn = model_fn or _default_model_fn(model_cfg)
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
+    axes = sharding.param_axes(abstract_params)
+    abstract = jax.eval_shape(_init_fn(model_fn, opt), jax.random.key(0))
+    shardings = sharding.state_shardings(abstract, mesh, rules, param_axes=axes)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return graphdef, abstract, shardings
+
+
+def create_train_state(model_cfg, opt: optax.GradientTransformation, mesh: Mesh, rules=None, seed: int = 0, *,
+                       params=None, model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None):
+    """(graphdef, TrainState, state shardings), every array created on its shard.
+
+    ``params``: optional nested dict of arrays in the model's layout to start
+    from (shapes are checked against the model); ``model_fn(rngs) -> module``
+    builds another model (default ``BertForPreTraining(model_cfg)``).
+    """
+    model_fn = model_fn or _default_model_fn(model_cfg)
+    graphdef, abstract, shardings = abstract_train_state(model_cfg, opt, mesh, rules, model_fn=model_fn)
+    init = _init_fn(model_fn, opt)
+    key = jax.random.key(seed)
+    if params is None:
+        return graphdef, jax.jit(init, out_shardings=shardings)(key), shardings
+    expected = jax.tree.map(lambda a: a.shape, abstract.params)
+    given = jax.tree.map(lambda a: tuple(jnp.shape(a)), params)
+    if jax.tree.structure(expected) != jax.tree.structure(given) or expected != given:
+        exp_flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(expected)[0]}
+        got_flat = {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(given)[0]}
+        diff = sorted(k for k in set(exp_flat) | set(got_flat) if exp_flat.get(k) != got_flat.get(k))
+        raise ValueError(f"create_train_state: params do not match the model at {diff[:8]} "
+                         f"(model {[exp_flat.get(k) for k in diff[:8]]}, given {[got_flat.get(k) for k in diff[:8]]})")
+    params = jax.tree.map(lambda p, a: jnp.asarray(p, a.dtype), params, abstract.params)
+    state = jax.jit(init, in_shardings=(None, shardings.params), out_shardings=shardings)(key, params)
+    return graphdef, state, shardings
+
+
+# ----------------------------------------------------------------------------
+# Steps
+
+def _split_micro_batches(batch, k: int, mesh: Mesh, rules):
+    """[B, ...] -> [k, B/k, ...] taking every k-th row, so each device keeps its rows (no resharding)."""
+    sizes = {x.shape[0] for x in batch.values()}
+    (size,) = sizes
+    shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules))
+    if size % (k * shards):
+        raise ValueError(f"batch size {size} is not divisible by micro_batches={k} x batch shards {shards}")
+    axes = sharding.batch_axes(mesh, rules) or None
+    spec = NamedSharding(mesh, PartitionSpec(None, axes))
+
+    def split(x):
+        x = x.reshape(size // k, k, *x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, spec)
+
+    return jax.tree.map(split, batch)
+
+
+def _tree_add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def make_train_step(graphdef, opt: optax.GradientTransformation, mesh: Mesh, rules, state_shardings, *,
+                    micro_batches: int = 1, schedule: Callable | None = None, accumulate_steps: int = 1,
+                    loss_fns: LossFns = PRETRAINING, skip_nonfinite: bool = True, donate: bool = True):
+    """The jitted train step (unlowered ``jax.jit`` object); see the module docstring.
+
+    ``accumulate_steps``: the optimizer's ``accumulate_steps`` (optax.MultiSteps),
+    only used to report the learning rate of the right update.
+    """
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches={micro_batches} must be >= 1")
+    grad_fn = jax.value_and_grad(loss_fns.loss, has_aux=True)
+
+    def step_fn(state: TrainState, batch, base_key):
+        with partitioning.axis_rules(mesh, rules):
+            key = jax.random.fold_in(base_key, state.step)
+            normalizers = loss_fns.normalizers(batch)
+            if micro_batches == 1:
+                (loss, sums), grads = grad_fn(state.params, graphdef, batch, key, normalizers)
+            else:
+                micro = _split_micro_batches(batch, micro_batches, mesh, rules)
+                zeros = jax.tree.map(jnp.zeros_like, state.params)
+                zeros = jax.lax.with_sharding_constraint(zeros, state_shardings.params)
+
+                def body(carry, xs):
+                    mb, i = xs
+                    (l, s), g = grad_fn(state.params, graphdef, mb, jax.random.fold_in(key, i), normalizers)
+                    return _tree_add(carry, (l, s, g)), None
+
+                first_sums = jax.eval_shape(lambda: grad_fn(state.params, graphdef,
+                                                            jax.tree.map(lambda x: x[0], micro), key,
+                                                            normalizers)[0][1])
+                init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), first_sums),
+                        zeros)
+                (loss, sums, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(micro_batches)))
+
+            grad_norm = optax.global_norm(grads)
+            updates, opt_state = opt.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+            if skip_nonfinite:
+                keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+                params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            skipped = jnp.logical_not(finite).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32)
+            new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                                   skipped_steps=state.skipped_steps + skipped)
+            metrics = dict(loss_fns.metrics(sums))
+            metrics.update(loss=loss, grad_norm=grad_norm, update_skipped=skipped,
+                           skipped_steps=new_state.skipped_steps)
+            if schedule is not None:
+                applied = (state.step - state.skipped_steps) // accumulate_steps
+                metrics["learning_rate"] = jnp.asarray(schedule(applied), jnp.float32)
+            return new_state, metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(step_fn,
+                   in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules), replicated),
+                   out_shardings=(state_shardings, replicated),
+                   donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(graphdef, mesh: Mesh, rules, state_shardings, *, loss_fns: LossFns = PRETRAINING):
+    """jitted ``eval(params, batch) -> sums`` (deterministic); see ``eval_metrics``."""
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+
+    def eval_fn(params, batch):
+        with partitioning.axis_rules(mesh, rules):
+            _, sums = loss_fns.loss(params, graphdef, batch, None, loss_fns.normalizers(batch), deterministic=True)
+            return sums
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return jax.jit(eval_fn, in_shardings=(state_shardings.params, sharding.batch_sharding(mesh, rules)),
+                   out_shardings=replicated)
+
+
+def eval_metrics(sums_list, loss_fns: LossFns = PRETRAINING) -> dict:
+    """Sums from several eval batches -> metrics as Python floats."""
+    if not sums_list:
+        raise ValueError("eval_metrics: no batches")
+    total = jax.tree.map(lambda *xs: sum(float(x) for x in xs), *sums_list)
+    return {k: float(v) for k, v in loss_fns.metrics(total).items()}
+
+
+def abstract_batch(batch_size: int, seq_len: int, max_predictions: int, mesh: Mesh, rules=None) -> dict:
+    """ShapeDtypeStructs (sharded like real batches) of a pretraining batch, for ``.lower``."""
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    sharding.check_batch_size(batch_size, mesh, rules)
+    s = sharding.batch_sharding(mesh, rules)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=s)  # noqa: E731
+    return {"input_ids": spec((batch_size, seq_len), jnp.int32),
+            "input_mask": spec((batch_size, seq_len), jnp.int32),
+            "segment_ids": spec((batch_size, seq_len), jnp.int32),
+            "masked_lm_positions": spec((batch_size, max_predictions), jnp.int32),
+            "masked_lm_ids": spec((batch_size, max_predictions), jnp.int32),
+            "masked_lm_weights": spec((batch_size, max_predictions), jnp.float32),
+            "next_sentence_labels": spec((batch_size,), jnp.int32)}
