@@ -33,6 +33,9 @@ import numpy as np
 
 from bert_jax.data.masking import example_keys
 
+METADATA_FILE = "metadata.json"        # files of a `bert_jax.data.prepare` output directory
+VOCAB_TABLES_FILE = "vocab_tables.npz"
+
 
 @dataclasses.dataclass
 class TokenizedCorpus:
@@ -67,8 +70,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
-def instance_dtype(max_seq_length: int, vocab_size: int) -> np.dtype:
-    """One instance row (a numpy structured dtype, so one shard is one memory-mapped .npy)."""
+def instance_dtype(max_seq_length: int, vocab_size: int, max_predictions_per_seq: int | None = None) -> np.dtype:
+    """One instance row (a numpy structured dtype, so one shard is one memory-mapped .npy).
+
+    With max_predictions_per_seq (static masking) the row also holds its masks and
+    `input_ids` are the masked ones.
+    """
+    masks = [] if max_predictions_per_seq is None else _mask_fields(max_predictions_per_seq)
     return np.dtype([
         ("input_ids", token_dtype(vocab_size), (max_seq_length,)),  # [CLS] A [SEP] B [SEP], 0-padded
         ("num_tokens", np.int16),              # real tokens including [CLS] and both [SEP]
@@ -76,7 +84,13 @@ def instance_dtype(max_seq_length: int, vocab_size: int) -> np.dtype:
         ("next_sentence_label", np.int8),      # 0: B continues A, 1: B is random
         ("document", np.int32),                # A's document (index in the corpus)
         ("b_document", np.int32),              # B's document (== document when label is 0)
-    ])
+    ] + masks)
+
+
+def _mask_fields(max_predictions_per_seq: int) -> list:
+    return [("masked_lm_positions", np.int16, (max_predictions_per_seq,)),
+            ("masked_lm_ids", np.int32, (max_predictions_per_seq,)),
+            ("num_predictions", np.int16)]
 
 
 INSTANCE_FIELDS = instance_dtype(8, 100).names
@@ -190,3 +204,23 @@ def unmasked_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
         "segment_ids": segment_ids.astype(np.int32),
         "next_sentence_labels": rows["next_sentence_label"].astype(np.int32),
     }
+
+
+def with_stored_masks(rows: np.ndarray, masked: dict[str, np.ndarray]) -> np.ndarray:
+    """Unmasked rows + `mask_batch` output -> rows of the static-masking dtype."""
+    out = np.zeros(len(rows), np.dtype(rows.dtype.descr + _mask_fields(masked["masked_lm_weights"].shape[1])))
+    for name in rows.dtype.names:
+        out[name] = rows[name]
+    out["input_ids"] = masked["input_ids"]
+    out["masked_lm_positions"] = masked["masked_lm_positions"]
+    out["masked_lm_ids"] = masked["masked_lm_ids"]
+    out["num_predictions"] = masked["masked_lm_weights"].sum(axis=1)
+    return out
+
+
+def stored_masks(rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Static-masking rows -> `masked_lm_positions/ids/weights` (weights 1.0 exactly at real predictions)."""
+    positions = rows["masked_lm_positions"].astype(np.int32)
+    weights = np.arange(positions.shape[1])[None, :] < rows["num_predictions"][:, None]
+    return {"masked_lm_positions": positions, "masked_lm_ids": rows["masked_lm_ids"].astype(np.int32),
+            "masked_lm_weights": weights.astype(np.float32)}

@@ -1,0 +1,335 @@
+"""Offline preparation: corpus -> tokenized sentence-pair instances in memory-mapped shards.
+
+    python -m bert_jax.data.prepare --input 'corpus/*.txt' --tokenizer vocab.txt \
+        --output data/wiki128 --max_seq_length 128 --eval_fraction 0.01 --workers 8
+    python -m bert_jax.data.prepare --input demo ...              # embedded demo corpus
+    python -m bert_jax.data.prepare --input tfds:wikipedia/20230601.en --tfds_data_dir ...
+    ... --static_masking --dupe_factor 5 --max_predictions_per_seq 20   # Google-style static masks
+
+Output directory (read by `bert_jax.data.loader.make_pretraining_loader`):
+    metadata.json            settings, vocabulary ids, per-split shards and counts, summary
+    vocab_tables.npz         word_start (bool[V]) and replacement_ids: masking needs no tokenizer
+    tokenizer/               the tokenizer, saved with `Tokenizer.save`
+    {train,eval}-NNNNN.npy   instance rows (`instances.instance_dtype`), memory-mapped by the loader
+
+Why .npy rows and not ArrayRecord: rows have a fixed size, so a batch is one fancy-indexing
+gather from the page cache with no per-record decoding; Grain reads them through a
+RandomAccess-style `InstanceShards`. Evaluation documents are held out whole (--eval_fraction).
+
+Work is spread over processes twice: sentence splitting + tokenization by chunks of documents,
+then instance creation (+ static masks) by shards. Each document's randomness comes from
+(seed, dupe, document), so the output does not depend on --workers. Everything is written to
+a temporary directory that replaces --output only at the end: a failed run damages nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import multiprocessing
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import tqdm
+
+from bert_jax import tokenizer as tokenizer_lib
+from bert_jax.data import instances as instances_lib
+from bert_jax.data import masking
+from bert_jax.data import sources
+
+log = logging.getLogger(__name__)
+_STATIC_MASK_PURPOSE = 0x737461  # keeps static-mask keys apart from the loader's dynamic ones
+_DOCUMENTS_PER_TASK = 256
+_CHARACTERS_PER_TASK = 50_000  # pysbd splits ~50 kB/s: small tasks keep every worker busy
+
+_worker = {}  # per-process: tokenizer, corpus arrays (loaded once per worker)
+
+
+def _init_worker(tokenizer_dir):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _worker["tokenizer"] = tokenizer_lib.load_tokenizer(tokenizer_dir)
+    _worker["vocab"] = masking.MaskingVocab.from_tokenizer(_worker["tokenizer"])
+
+
+def _corpus(corpus_dir):
+    """The tokenized corpus, memory-mapped once per worker (written by the parent after step 1)."""
+    if _worker.get("corpus_dir") != corpus_dir:
+        _worker["corpus"] = instances_lib.TokenizedCorpus(
+            *(np.load(os.path.join(corpus_dir, f"{name}.npy"), mmap_mode="r")
+              for name in ("tokens", "sentence_offsets", "document_offsets")))
+        _worker["corpus_dir"] = corpus_dir
+    return _worker["corpus"]
+
+
+def _tokenize_documents(task):
+    """(documents, split?) -> flat tokens, sentence lengths, sentences per document, counts."""
+    documents, split_paragraphs = task
+    tok = _worker["tokenizer"]
+    counts = collections.Counter()
+    lengths, per_document, tokens = [], [], []
+    for document in documents:
+        if split_paragraphs:
+            document = [s for paragraph in document for s in sources.split_sentences(paragraph)]
+        encoded = [ids for ids in tok.encode_batch(document) if ids] if document else []
+        counts["empty sentences (no tokens) skipped"] += len(document) - len(encoded)
+        if not encoded:
+            counts["empty documents skipped"] += 1
+            continue
+        counts["one-sentence documents"] += len(encoded) == 1
+        tokens.extend(encoded)
+        lengths.extend(len(ids) for ids in encoded)
+        per_document.append(len(encoded))
+    flat = np.fromiter((i for ids in tokens for i in ids), np.int32) if tokens else np.zeros(0, np.int32)
+    return flat, np.asarray(lengths, np.int64), np.asarray(per_document, np.int64), counts, len(documents)
+
+
+def _make_shard(task):
+    """Instances of one range of documents of a split, for one dupe; written as one .npy."""
+    (path, corpus_dir, split, first, last, dupe, settings) = task
+    corpus = _corpus(corpus_dir)
+    split_documents = np.load(os.path.join(corpus_dir, f"{split}_documents.npy"))
+    rows = instances_lib.create_instances(
+        corpus, split_documents, split_documents[first:last], max_seq_length=settings["max_seq_length"],
+        short_seq_prob=settings["short_seq_prob"], seed=settings["seed"], dupe=dupe,
+        cls_id=settings["cls_id"], sep_id=settings["sep_id"], vocab_size=settings["vocab_size"])
+    if settings["static_masking"]:
+        batch = instances_lib.unmasked_batch(rows)
+        keys = masking.example_keys(settings["seed"], _STATIC_MASK_PURPOSE, dupe, rows["document"],
+                                    np.arange(len(rows)) - np.searchsorted(rows["document"], rows["document"]))
+        masked = masking.mask_batch(batch["input_ids"], batch["input_mask"], keys, _worker["vocab"],
+                                    max_predictions_per_seq=settings["max_predictions_per_seq"],
+                                    masked_lm_prob=settings["masked_lm_prob"],
+                                    whole_word_masking=settings["whole_word_masking"])
+        rows = instances_lib.with_stored_masks(rows, masked)
+    np.save(path, rows)
+    return {"file": os.path.basename(path), "instances": len(rows),
+            "random_next": int(rows["next_sentence_label"].sum())}
+
+
+def _read_tasks(source, *, input_format, tfds_data_dir, stats):
+    """Chunks of documents for the tokenizer workers, with whether they still need sentence splitting."""
+    if source == "demo" or source.startswith("tfds:"):
+        stream = ((d, False) for d in sources.documents(source, data_dir=tfds_data_dir, stats=stats))
+    else:
+        stream = _text_file_stream(source, input_format, stats)
+    chunk, chunk_needs_split, characters = [], False, 0
+    for document, needs_split in stream:
+        if chunk and (needs_split != chunk_needs_split or len(chunk) >= _DOCUMENTS_PER_TASK
+                      or characters >= _CHARACTERS_PER_TASK):
+            yield chunk, chunk_needs_split
+            chunk, characters = [], 0
+        chunk.append(document)
+        chunk_needs_split = needs_split
+        characters += sum(map(len, document))
+    if chunk:
+        yield chunk, chunk_needs_split
+
+
+def _text_file_stream(source, input_format, stats):
+    for path in sources.expand_paths([p for p in source.split(",") if p]):
+        file_format = input_format
+        if input_format == "auto":
+            with open(path, "rb") as f:
+                head = [line.decode("utf-8", "replace") for _, line in zip(range(1000), f)]
+            file_format = sources.sniff_format(head)
+        for document in sources.text_file_documents([path], file_format, stats=stats, split=False):
+            yield document, file_format == "paragraphs"
+
+
+def prepare(source: str, tokenizer_path, output_dir, *, max_seq_length=128, short_seq_prob=0.1,
+            eval_fraction=0.0, seed=12345, static_masking=False, dupe_factor=None, max_predictions_per_seq=20,
+            masked_lm_prob=0.15, whole_word_masking=False, workers=None, input_format="auto",
+            tfds_data_dir=None, shard_tokens=20_000_000, overwrite=False, progress=True) -> dict:
+    """Runs the whole preparation; returns the metadata written to output_dir/metadata.json."""
+    output_dir = pathlib.Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{output_dir} exists and is not empty (pass --overwrite to replace it)")
+    if max_seq_length < 5:
+        raise ValueError(f"max_seq_length must be at least 5, got {max_seq_length}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    dupe_factor = dupe_factor or (5 if static_masking else 1)
+    workers = workers or os.cpu_count() or 1
+    tok = tokenizer_lib.load_tokenizer(tokenizer_path)
+    started = time.perf_counter()
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    pool = None
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        tok.save(staging / "tokenizer")
+        vocab = masking.MaskingVocab.from_tokenizer(tok)
+        np.savez(staging / instances_lib.VOCAB_TABLES_FILE, word_start=vocab.word_start,
+                 replacement_ids=vocab.replacement_ids)
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding TF/JAX/Rust threads
+
+        # 1. Sentence splitting and tokenization, by chunks of documents.
+        stats = sources.SourceStats()
+        counts = collections.Counter()
+        tokens, lengths, per_document = [], [], []
+        pool = context.Pool(workers, _init_worker, (str(staging / "tokenizer"),))
+        with tqdm.tqdm(desc="tokenize", unit=" docs", disable=not progress) as bar:
+            tasks = _read_tasks(source, input_format=input_format, tfds_data_dir=tfds_data_dir, stats=stats)
+            for flat, sentence_lengths, sentences_per_document, chunk_counts, read in pool.imap(
+                    _tokenize_documents, tasks):
+                tokens.append(flat)
+                lengths.append(sentence_lengths)
+                per_document.append(sentences_per_document)
+                counts.update(chunk_counts)
+                bar.update(read)
+        corpus = instances_lib.TokenizedCorpus(
+            np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
+            np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64),
+            np.concatenate([[0], np.cumsum(np.concatenate(per_document))]).astype(np.int64))
+        sentence_lengths = np.diff(corpus.sentence_offsets)
+        if corpus.num_documents < 2:
+            raise ValueError(f"{source}: {corpus.num_documents} usable document(s); next-sentence pairs need"
+                             f" at least 2 ({stats.summary()})")
+        counts[f"sentences longer than {max_seq_length - 3} tokens (truncated)"] = int(
+            (sentence_lengths > max_seq_length - 3).sum())
+        corpus_dir = staging / "corpus"
+        corpus_dir.mkdir()
+        for name in ("tokens", "sentence_offsets", "document_offsets"):
+            np.save(corpus_dir / f"{name}.npy", getattr(corpus, name))
+
+        # 2. Hold out evaluation documents.
+        order = np.random.default_rng(seed).permutation(corpus.num_documents)
+        num_eval = 0 if eval_fraction == 0 else max(2, round(eval_fraction * corpus.num_documents))
+        if num_eval and corpus.num_documents - num_eval < 2:
+            raise ValueError(f"eval_fraction {eval_fraction} leaves fewer than 2 training documents"
+                             f" of {corpus.num_documents}")
+        splits = {"train": np.sort(order[num_eval:])}
+        if num_eval:
+            splits["eval"] = np.sort(order[:num_eval])
+
+        # 3. Instances (and static masks), one shard per (split, dupe, range of documents).
+        settings = {"max_seq_length": max_seq_length, "short_seq_prob": short_seq_prob, "seed": seed,
+                    "cls_id": tok.cls_id, "sep_id": tok.sep_id, "vocab_size": tok.vocab_size,
+                    "static_masking": static_masking, "max_predictions_per_seq": max_predictions_per_seq,
+                    "masked_lm_prob": masked_lm_prob, "whole_word_masking": whole_word_masking}
+        shard_tasks = []
+        for split, documents in splits.items():
+            np.save(corpus_dir / f"{split}_documents.npy", documents)
+            document_tokens = np.cumsum(corpus.sentence_offsets[corpus.document_offsets[documents + 1]]
+                                        - corpus.sentence_offsets[corpus.document_offsets[documents]])
+            bounds = np.unique(np.searchsorted(document_tokens, np.arange(shard_tokens, document_tokens[-1],
+                                                                            shard_tokens)))
+            ranges = list(zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(documents)]])))
+            for dupe in range(dupe_factor):
+                for first, last in ranges:
+                    if last > first:
+                        shard_tasks.append((str(staging / f"{split}-{len(shard_tasks):05d}.npy"),
+                                            str(corpus_dir), split, int(first), int(last), dupe, settings))
+        metadata_splits = {split: {"documents": int(len(documents)), "shards": [], "instances": 0,
+                                   "random_next": 0} for split, documents in splits.items()}
+        results = pool.imap(_make_shard, shard_tasks)
+        for task, shard in tqdm.tqdm(zip(shard_tasks, results), total=len(shard_tasks),
+                                     desc="instances", unit=" shards", disable=not progress):
+            entry = metadata_splits[task[2]]
+            entry["shards"].append({"file": shard["file"], "instances": shard["instances"]})
+            entry["instances"] += shard["instances"]
+            entry["random_next"] += shard["random_next"]
+        pool.close()
+        shutil.rmtree(corpus_dir)
+
+        metadata = {
+            "format": "bert_jax.pretraining_instances/1",
+            "source": source, "tokenizer": "tokenizer", "tokenizer_kind": tok.kind,
+            "vocab_size": tok.vocab_size, "special_ids": list(tok.special_ids), "mask_id": tok.mask_id,
+            "cls_id": tok.cls_id, "sep_id": tok.sep_id, "pad_id": tok.pad_id,
+            "max_seq_length": max_seq_length, "short_seq_prob": short_seq_prob, "seed": seed,
+            "static_masking": static_masking, "dupe_factor": dupe_factor,
+            "max_predictions_per_seq": max_predictions_per_seq if static_masking else None,
+            "masked_lm_prob": masked_lm_prob, "whole_word_masking": whole_word_masking if static_masking else None,
+            "eval_fraction": eval_fraction, "splits": metadata_splits,
+            "summary": {"documents_read": stats.documents,
+                        "documents": corpus.num_documents, "sentences": int(len(sentence_lengths)),
+                        "tokens": int(len(corpus.tokens)), "workers": workers,
+                        "seconds": round(time.perf_counter() - started, 2),
+                        "skipped_lines": dict(stats.skipped), "skipped_examples": stats.examples,
+                        **{k: int(v) for k, v in counts.items()}},
+        }
+        (staging / instances_lib.METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        _replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    return metadata
+
+
+def _replace(staging: pathlib.Path, output_dir: pathlib.Path) -> None:
+    """Moves the finished staging directory to output_dir (the old one is removed only then)."""
+    if output_dir.exists():
+        old = output_dir.with_name(output_dir.name + ".old")
+        output_dir.rename(old)
+        staging.rename(output_dir)
+        shutil.rmtree(old)
+    else:
+        staging.rename(output_dir)
+
+
+def summary_text(metadata: dict) -> str:
+    s = metadata["summary"]
+    lines = [f"{s['documents']} documents, {s['sentences']} sentences, {s['tokens']} tokens"
+             f" ({s['seconds']} s, {s['workers']} workers)"]
+    for split, entry in metadata["splits"].items():
+        share = entry["random_next"] / max(entry["instances"], 1)
+        lines.append(f"{split}: {entry['documents']} documents -> {entry['instances']} instances in"
+                     f" {len(entry['shards'])} shards ({share:.1%} random next)")
+    for key, value in s.items():
+        if key not in ("documents", "documents_read", "sentences", "tokens", "workers", "seconds",
+                       "skipped_lines", "skipped_examples") and value:
+            lines.append(f"{key}: {value}")
+    for reason, count in s["skipped_lines"].items():
+        lines.append(f"skipped {count} lines: {reason} (e.g. {', '.join(s['skipped_examples'][reason][:3])})")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bert_jax.data.prepare", description=__doc__.split("\n")[0])
+    parser.add_argument("--input", required=True, help="text files/globs (comma-separated), 'demo', or tfds:NAME[:SPLIT]")
+    parser.add_argument("--tokenizer", required=True, help="vocab.txt, tokenizer.json, .model, or a saved directory")
+    parser.add_argument("--output", required=True, help="output directory")
+    parser.add_argument("--format", default="auto", choices=sources.FORMATS, help="text file layout")
+    parser.add_argument("--tfds_data_dir", default=None)
+    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--short_seq_prob", type=float, default=0.1)
+    parser.add_argument("--eval_fraction", type=float, default=0.0, help="share of documents held out for eval")
+    parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--static_masking", action="store_true", help="store masks (default: loader masks anew)")
+    parser.add_argument("--dupe_factor", type=int, default=None, help="copies with different pairs/masks"
+                        " (default 5 with --static_masking, else 1)")
+    parser.add_argument("--max_predictions_per_seq", type=int, default=20)
+    parser.add_argument("--masked_lm_prob", type=float, default=0.15)
+    parser.add_argument("--whole_word_masking", action="store_true")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--shard_tokens", type=int, default=20_000_000, help="corpus tokens per shard")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        metadata = prepare(
+            args.input, args.tokenizer, args.output, max_seq_length=args.max_seq_length,
+            short_seq_prob=args.short_seq_prob, eval_fraction=args.eval_fraction, seed=args.seed,
+            static_masking=args.static_masking, dupe_factor=args.dupe_factor,
+            max_predictions_per_seq=args.max_predictions_per_seq, masked_lm_prob=args.masked_lm_prob,
+            whole_word_masking=args.whole_word_masking, workers=args.workers, input_format=args.format,
+            tfds_data_dir=args.tfds_data_dir, shard_tokens=args.shard_tokens, overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        sys.exit(f"prepare: error: {e}")
+    print(summary_text(metadata))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
