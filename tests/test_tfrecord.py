@@ -99,6 +99,12 @@ def test_random_access_source_matches_sequential_and_feeds_grain(sample, tmp_pat
             assert source[index][name].dtype == value.dtype
     with pytest.raises(IndexError):
         source[60]
+    order = np.array([59, 3, 25, 24, 3])
+    batch = source.read(order)  # the loader's batched read
+    for name in examples[0]:
+        np.testing.assert_array_equal(batch[name], np.stack([examples[i][name] for i in order]))
+    with pytest.raises(tfrecord.TFRecordFormatError, match=r"part-0.tfrecord.*\(128, 20\).*expected \(512, 20\)"):
+        tfrecord.BatchReader(str(tmp_path / "part-*.tfrecord"), max_seq_length=512, max_predictions_per_seq=20)
     source = pickle.loads(pickle.dumps(source))  # grain workers receive it pickled
     batches = list(grain.MapDataset.source(source).batch(20))
     assert len(batches) == 3 and batches[1]["input_ids"].shape == (20, 128)
@@ -118,6 +124,15 @@ def test_missing_feature_is_named(tmp_path, sample):
         list(tfrecord.read_batches(bad))
     with pytest.raises(tfrecord.TFRecordFormatError, match=r"bad.tfrecord.*masked_lm_weights"):
         tfrecord.TFRecordDataSource(bad)
+    # a bad record after good ones: the batched read names the file and the feature
+    mixed = tmp_path / "mixed.tfrecord"
+    with tf.io.TFRecordWriter(str(mixed)) as writer:
+        writer.write(tfrecord.to_tf_example(example).SerializeToString())
+        writer.write(proto.SerializeToString())
+    source = tfrecord.TFRecordDataSource(mixed)
+    assert source[0]["input_ids"].tolist() == example["input_ids"].tolist()
+    with pytest.raises(tfrecord.TFRecordFormatError, match=r"mixed.tfrecord#1.*masked_lm_weights"):
+        source.read([1])
     with pytest.raises(KeyError, match="next_sentence_labels"):
         tfrecord.to_tf_example({k: v for k, v in example.items() if k != "next_sentence_labels"})
 

@@ -140,54 +140,73 @@ def record_offsets(path: str) -> np.ndarray:
 class TFRecordDataSource:
     """Random access over Google-format TFRecord files, for `grain.MapDataset.source`.
 
-    Indexes record offsets once (a pass over the headers) and parses one record per
-    `__getitem__`. Picklable: worker processes reopen the files themselves.
+    Indexes record offsets once (a pass over the headers); `read(indices)` parses a whole
+    batch in one tf.io.parse_example call, `[i]` one example. Picklable: worker processes
+    reopen the files themselves. Expected lengths, when given, are checked against every file.
     """
 
-    def __init__(self, paths):
+    def __init__(self, paths, *, max_seq_length: int | None = None, max_predictions_per_seq: int | None = None):
         self.paths = expand_paths(paths)
         self._offsets = [record_offsets(p) for p in self.paths]
         self._starts = np.cumsum([0] + [len(o) for o in self._offsets])
         shapes = {p: inspect_file(p) for p, o in zip(self.paths, self._offsets) if len(o)}
         if not shapes:
             raise TFRecordFormatError(f"no records in {self.paths}")
-        if len(set(shapes.values())) > 1:
-            raise TFRecordFormatError(f"files disagree on (max_seq_length, max_predictions_per_seq): {shapes}")
+        expected = (max_seq_length, max_predictions_per_seq)
+        for path, shape in shapes.items():
+            if any(e is not None and e != got for e, got in zip(expected, shape)) or shape != next(iter(shapes.values())):
+                raise TFRecordFormatError(
+                    f"{path}: (max_seq_length, max_predictions_per_seq) is {shape}, expected "
+                    f"{expected if None not in expected else next(iter(shapes.values()))}")
         self.max_seq_length, self.max_predictions_per_seq = next(iter(shapes.values()))
         self._files = {}
 
     def __len__(self) -> int:
         return int(self._starts[-1])
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        tf = _tf()
-        index = int(index)
+    def _locate(self, index: int) -> tuple[int, int]:
+        """(file number, record number in that file) of a global record index."""
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} out of range [0, {len(self)})")
         file_index = int(np.searchsorted(self._starts, index, side="right")) - 1
+        return file_index, index - int(self._starts[file_index])
+
+    def _serialized(self, index: int) -> bytes:
+        file_index, record = self._locate(int(index))
         path = self.paths[file_index]
         f = self._files.get(path)
-        if f is None:
+        if f is None:  # opened lazily, per process
             f = self._files[path] = open(path, "rb")
-        f.seek(int(self._offsets[file_index][index - self._starts[file_index]]))
+        f.seek(int(self._offsets[file_index][record]))
         (length,) = struct.unpack("<Q", f.read(12)[:8])
-        example = tf.train.Example.FromString(f.read(length)).features.feature
-        parsed = {}
-        for name in FEATURES:
-            if name not in example:
-                raise TFRecordFormatError(f"{path}: record {index - self._starts[file_index]}: feature {name!r} missing")
-            values = example[name].float_list.value if name in FLOAT_FEATURES else example[name].int64_list.value
-            parsed[name] = values
-        out = _to_batch_format(parsed)
-        if out["input_ids"].shape != (self.max_seq_length,) or out["masked_lm_ids"].shape != (self.max_predictions_per_seq,):
-            raise TFRecordFormatError(f"{path}: record {index - self._starts[file_index]} has a different shape")
-        return out
+        return f.read(length)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        """One example (arrays without the batch dimension)."""
+        return {name: value[0] for name, value in self.read([index]).items()}
+
+    def read(self, indices) -> dict[str, np.ndarray]:
+        """The examples at `indices` (any order) as one batch, parsed by tf.io.parse_example."""
+        tf = _tf()
+        indices = np.asarray(indices, np.int64).reshape(-1)
+        records = [self._serialized(i) for i in indices]
+        spec = feature_spec(self.max_seq_length, self.max_predictions_per_seq)
+        try:
+            parsed = tf.io.parse_example(tf.constant(records, tf.string), spec)
+        except tf.errors.InvalidArgumentError as e:
+            where = ", ".join(f"{self.paths[f]}#{r}" for f, r in map(self._locate, indices[:4].tolist()))
+            raise TFRecordFormatError(f"records {where}...: do not match ({self.max_seq_length}, "
+                                      f"{self.max_predictions_per_seq}) ({e.message.splitlines()[0]})") from e
+        return _to_batch_format({k: v.numpy() for k, v in parsed.items()})
 
     def __getstate__(self):
         return {**self.__dict__, "_files": {}}
 
     def __repr__(self) -> str:
         return f"TFRecordDataSource({len(self)} records in {len(self.paths)} files)"
+
+
+BatchReader = TFRecordDataSource  # the name bert_jax.data.loader uses
 
 
 # ---- writing -----------------------------------------------------------------------------
