@@ -82,6 +82,7 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     c.optimizer.learning_rate = 1e-4
     c.optimizer.warmup_steps = 10_000
     c.optimizer.decay = "linear"            # after warmup: linear | polynomial | constant
+    c.optimizer.total_steps = config_dict.placeholder(int)  # schedule length; None: train.steps
     c.optimizer.power = 1.0                 # for 'polynomial'
     c.optimizer.end_learning_rate = 0.0
     c.optimizer.weight_decay = 0.01         # not on LayerNorm and biases
@@ -175,8 +176,12 @@ def load_config_file(spec: str) -> config_dict.ConfigDict:
 
 
 def optimizer_config(c: config_dict.ConfigDict) -> dict:
-    """The dict bert_jax.optim.make_optimizer takes; the schedule ends at train.steps."""
-    return {**c.optimizer.to_dict(), "total_steps": c.train.steps}
+    """The dict bert_jax.optim.make_optimizer takes; the schedule ends at
+    optimizer.total_steps, by default train.steps (set it to stop a run early, or to
+    extend one, without changing its learning rates)."""
+    opt = c.optimizer.to_dict()
+    opt["total_steps"] = opt["total_steps"] or c.train.steps
+    return opt
 
 
 def to_json(c: config_dict.ConfigDict) -> str:

@@ -1,0 +1,348 @@
+"""Pretraining entrypoint: wires config, tokenizer, data, mesh, state and checkpoints.
+
+    python -m bert_jax.pretrain --config configs/bert_base.py --workdir DIR [--config.key=value ...]
+
+Started again on the same workdir it resumes from the latest checkpoint (params,
+optimizer, step, data order). A workdir holding a checkpoint of another model is an
+error, and nothing is written before the restore succeeded. SIGTERM saves a checkpoint
+at the current step and exits 0. The loop itself is `bert_jax.trainer.train_loop`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import shutil
+import sys
+
+import jax
+import numpy as np
+import optax
+from absl import app, flags
+from absl import logging as absl_logging
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from bert_jax import checkpoint, config_utils, metrics_writer, optim, sharding, tokenizer as tokenizer_lib
+from bert_jax import train_step as train_step_lib
+from bert_jax import trainer
+from bert_jax.model import BertConfig, stack_layers
+
+log = logging.getLogger("bert_jax.pretrain")
+
+
+# ----------------------------------------------------------------------------
+# Processes
+
+def init_distributed(c) -> None:
+    """jax.distributed.initialize from config.distributed; 'auto' initializes only where
+    JAX detects a cluster (TPU pod, SLURM, ...) and otherwise runs as one process."""
+    if c.initialize == "never" or jax.distributed.is_initialized():
+        return
+    explicit = bool(c.coordinator_address or c.num_processes)
+    if explicit:
+        jax.distributed.initialize(
+            coordinator_address=c.coordinator_address or None,
+            num_processes=c.num_processes or None,
+            process_id=c.process_id if c.process_id >= 0 else None)
+    elif c.initialize == "always" or _cluster_detected():
+        jax.distributed.initialize()
+
+
+def _cluster_detected() -> bool:
+    try:
+        from jax._src.clusters import ClusterEnv
+        return any(not env.opt_in_only_method and env.is_env_present()
+                   for env in ClusterEnv._cluster_types)
+    except (ImportError, AttributeError):
+        return False
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------
+# Tokenizer: the workdir keeps its own copy, written once
+
+def prepare_tokenizer(config, workdir: pathlib.Path, saved_meta: dict | None):
+    """-> Tokenizer loaded from workdir/tokenizer (created on a fresh run from
+    data.tokenizer, from train.init_from's workdir, or trained on the corpus)."""
+    tokenizer_dir = workdir / checkpoint.TOKENIZER_DIR
+    if saved_meta is not None:  # resuming: exactly the tokenizer the checkpoint was trained with
+        if not tokenizer_dir.is_dir():
+            raise FileNotFoundError(f"{tokenizer_dir}: missing; the checkpoints in {workdir} need it")
+        expected = saved_meta["tokenizer"]["sha256"]
+        if checkpoint.tokenizer_fingerprint(tokenizer_dir) != expected:
+            raise checkpoint.CheckpointMismatchError(
+                f"{tokenizer_dir} changed since the checkpoint was written (sha256 differs from "
+                f"{expected[:12]}...); restore the original tokenizer files")
+        return tokenizer_lib.load_tokenizer(tokenizer_dir)
+    if jax.process_index() == 0:
+        source = config.data.tokenizer or _init_from_tokenizer(config)
+        if source:
+            tok = tokenizer_lib.load_tokenizer(source)
+        else:
+            tok = train_tokenizer_on_corpus(config, workdir)
+        staging = workdir / (checkpoint.TOKENIZER_DIR + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        tok.save(staging)
+        shutil.rmtree(tokenizer_dir, ignore_errors=True)  # no checkpoint uses it yet
+        os.replace(staging, tokenizer_dir)
+    _sync("tokenizer_written")
+    return tokenizer_lib.load_tokenizer(tokenizer_dir)
+
+
+def _init_from_tokenizer(config) -> str:
+    if not config.train.init_from:
+        return ""
+    _, _, tokenizer_dir = _read_init_from_meta(config.train.init_from)
+    if tokenizer_dir is None:
+        raise FileNotFoundError(f"train.init_from={config.train.init_from}: no tokenizer/ beside the "
+                                "checkpoint; set data.tokenizer")
+    return tokenizer_dir
+
+
+def train_tokenizer_on_corpus(config, workdir: pathlib.Path):
+    from bert_jax.data import sources
+    if config.data.source not in ("demo", "text"):
+        raise ValueError(f"data.tokenizer is required for data.source={config.data.source!r} "
+                         "(only text sources can train a SentencePiece vocabulary)")
+    spec = "demo" if config.data.source == "demo" else config.data.train_path
+    sentences = (s for document in sources.documents(spec) for s in document)
+    print(f"training a SentencePiece {config.data.tokenizer_model_type} vocabulary of "
+          f"{config.data.tokenizer_vocab_size} on {spec}", flush=True)
+    return tokenizer_lib.train_sentencepiece(
+        sentences=sentences, output_dir=workdir / "tokenizer.train",
+        vocab_size=config.data.tokenizer_vocab_size, model_type=config.data.tokenizer_model_type,
+        lowercase=config.data.lowercase, seed=config.train.seed)
+
+
+# ----------------------------------------------------------------------------
+# Data
+
+def make_data(config, tok, workdir: pathlib.Path):
+    """-> (train iterator with get_state/set_state, fresh-eval-iterator factory or None).
+
+    Text and demo sources are prepared once into workdir/data (instances, shards) by
+    `bert_jax.data.prepare`; TFRecords are Google's statically masked instances.
+    """
+    from bert_jax.data import loader
+    d = config.data
+    common = dict(global_batch_size=config.train.global_batch_size, max_seq_length=d.max_seq_length,
+                  max_predictions_per_seq=d.max_predictions_per_seq, seed=config.train.seed,
+                  whole_word_masking=d.whole_word_masking, process_index=jax.process_index(),
+                  process_count=jax.process_count(), worker_count=d.worker_count)
+    if d.source == "tfrecord":
+        train = loader.make_pretraining_loader(d.train_path, dynamic_masking=False, **common)
+        if not d.eval_path:
+            return train, None
+        return train, _replayable(loader.make_pretraining_loader(d.eval_path, dynamic_masking=False, **common))
+    data_dir = d.train_path if d.source == "prepared" else prepare_text_data(config, workdir)
+    train = loader.make_pretraining_loader(data_dir, split="train", dynamic_masking=d.dynamic_masking,
+                                           tokenizer=tok, **common)
+    if "eval" not in loader.read_metadata(data_dir)["splits"]:
+        return train, None
+    return train, _replayable(loader.make_pretraining_loader(
+        data_dir, split="eval", dynamic_masking=d.dynamic_masking, tokenizer=tok, **common))
+
+
+def _replayable(eval_loader):
+    """Each evaluation reads the same held-out batches from the start."""
+    start = eval_loader.get_state()
+
+    def fresh():
+        eval_loader.set_state(start)
+        return eval_loader
+    return fresh
+
+
+def prepare_text_data(config, workdir: pathlib.Path) -> pathlib.Path:
+    """Tokenize a text/demo corpus into workdir/data once (process 0; the others wait).
+    `prepare` writes to a temporary directory and renames it at the end."""
+    from bert_jax.data import prepare
+    data_dir = workdir / "data"
+    if jax.process_index() == 0 and not (data_dir / "metadata.json").is_file():
+        d = config.data
+        prepare.prepare(
+            "demo" if d.source == "demo" else d.train_path, workdir / checkpoint.TOKENIZER_DIR, data_dir,
+            max_seq_length=d.max_seq_length, max_predictions_per_seq=d.max_predictions_per_seq,
+            masked_lm_prob=d.masked_lm_prob, short_seq_prob=d.short_seq_prob,
+            eval_fraction=d.eval_fraction, static_masking=not d.dynamic_masking,
+            whole_word_masking=d.whole_word_masking, seed=config.train.seed, overwrite=True,
+            progress=config.train.progress_bar)
+    _sync("data_prepared")
+    return data_dir
+
+
+# ----------------------------------------------------------------------------
+# State: resume, phase-2 init, or fresh
+
+def _read_init_from_meta(path):
+    step_dir = checkpoint.resolve_step_dir(path)
+    meta = checkpoint.read_json_item(step_dir, checkpoint.META)
+    tokenizer_dir = step_dir.parent.parent / meta.get("tokenizer", {}).get("dir", checkpoint.TOKENIZER_DIR)
+    return step_dir, meta, (str(tokenizer_dir) if tokenizer_dir.is_dir() else None)
+
+
+def initial_state(config, model_config, opt, mesh, rules, ckpt, latest):
+    """-> (graphdef, state, shardings, start_step, data_state or None)."""
+    if latest is not None:
+        graphdef, abstract, shardings = train_step_lib.abstract_train_state(model_config, opt, mesh, rules)
+        state, data_state = ckpt.restore(latest, abstract)
+        return graphdef, state, shardings, latest, data_state
+    params = None
+    if config.train.init_from:
+        init_model_config, params, _ = checkpoint.restore_params(config.train.init_from)
+        checkpoint.check_same_model(init_model_config.to_dict(), model_config.to_dict(),
+                                    f"train.init_from={config.train.init_from}")
+        if model_config.scan_layers:
+            params = stack_layers(params, model_config.num_hidden_layers)
+    graphdef, state, shardings = train_step_lib.create_train_state(
+        model_config, opt, mesh, rules, seed=config.train.seed, params=params)
+    if config.train.init_from and config.train.init_optimizer:
+        state = state.replace(opt_state=_init_from_opt_state(config.train.init_from, state, shardings))
+    return graphdef, state, shardings, 0, None
+
+
+def _init_from_opt_state(path, state, shardings):
+    """Phase 2 with init_optimizer: phase 1's moments, step counters reset to 0 so the
+    new warmup and decay start from the beginning."""
+    step_dir = checkpoint.resolve_step_dir(path)
+    source = checkpoint.Checkpointer(step_dir.parent.parent, read_only=True)
+    abstract = checkpoint.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
+    restored, _ = source.restore(int(step_dir.name), abstract)
+    source.close()
+    return optax.tree_utils.tree_set(restored.opt_state, count=np.zeros((), np.int32)) \
+        if _has_count(restored.opt_state) else restored.opt_state
+
+
+def _has_count(tree) -> bool:
+    try:
+        optax.tree_utils.tree_get(tree, "count")
+        return True
+    except (KeyError, ValueError):
+        return False
+
+
+# ----------------------------------------------------------------------------
+# The run
+
+def run(config, workdir) -> dict:
+    """Pretrain as configured in `workdir` (resuming if it holds a checkpoint). -> summary."""
+    config_utils.validate(config)
+    init_distributed(config.distributed)
+    workdir = pathlib.Path(workdir).absolute()
+    main_process = jax.process_index() == 0
+    if main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+    _sync("workdir_created")
+
+    ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep, keep_best=config.train.keep_best,
+                                   async_save=config.train.async_checkpoints)
+    latest = ckpt.latest_step()
+    saved_meta = ckpt.read_json(latest, checkpoint.META) if latest is not None else None
+    tok = prepare_tokenizer(config, workdir, saved_meta)
+    model_config = BertConfig.preset(config.model.preset, **config_utils.model_overrides(config, tok.vocab_size))
+    if saved_meta is not None:
+        checkpoint.check_same_model(saved_meta["model_config"], model_config.to_dict(), workdir)
+    if model_config.vocab_size < tok.vocab_size:
+        raise ValueError(f"config.model.vocab_size={model_config.vocab_size} is smaller than the "
+                         f"tokenizer's {tok.vocab_size} ({workdir / checkpoint.TOKENIZER_DIR})")
+
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.DEFAULT_RULES
+    sharding.check_batch_size(config.train.global_batch_size, mesh, rules)
+    opt, schedule = optim.make_optimizer(config_utils.optimizer_config(config))
+    graphdef, state, shardings, start_step, data_state = initial_state(
+        config, model_config, opt, mesh, rules, ckpt, latest)
+
+    train_batches, eval_batches = make_data(config, tok, workdir)
+    if data_state is not None:
+        train_batches.set_state(data_state)
+
+    step_fn = train_step_lib.make_train_step(graphdef, opt, mesh, rules, shardings,
+                                             micro_batches=config.train.micro_batches, schedule=schedule)
+    eval_fn = train_step_lib.make_eval_step(graphdef, mesh, rules, shardings)
+    base_key = jax.random.key(config.train.seed)
+    meta = {"model_config": model_config.to_dict(),
+            "tokenizer": {"dir": checkpoint.TOKENIZER_DIR,
+                          "sha256": checkpoint.tokenizer_fingerprint(workdir / checkpoint.TOKENIZER_DIR),
+                          "kind": tok.kind, "vocab_size": tok.vocab_size},
+            "mesh": dict(mesh.shape), "process_count": jax.process_count(),
+            "jax_version": jax.__version__}
+    config_dict = config.to_dict()
+
+    def save(step, state, metrics=None, final=False):
+        ckpt.save(step, state, data_state=train_batches.get_state(), config=config_dict,
+                  meta={**meta, "step": step}, metrics=metrics)
+        if final:
+            ckpt.wait()
+
+    peak, peak_source = trainer.device_peak_flops(model_config.dtype)
+    flops_per_step = config.train.global_batch_size * trainer.pretraining_flops_per_sequence(
+        model_config, config.data.max_seq_length, config.data.max_predictions_per_seq)
+    # A CPU device is a share of one host: the measured matmul peak is the host's.
+    peak_total = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
+    settings = trainer.LoopSettings(
+        total_steps=config.train.steps, log_every=config.train.log_every,
+        eval_every=config.train.eval_every, eval_steps=config.train.eval_steps,
+        checkpoint_every=config.train.checkpoint_every,
+        max_nonfinite_steps=config.train.max_nonfinite_steps,
+        global_batch_size=config.train.global_batch_size,
+        flops_per_step=flops_per_step, peak_flops_total=peak_total)
+
+    writer = metrics_writer.MetricsWriter(workdir, enabled=main_process, total_steps=config.train.steps,
+                                          initial_step=start_step, progress_bar=config.train.progress_bar)
+    if main_process and start_step == 0:
+        (workdir / "config.json").write_text(config_utils.to_json(config))
+    writer.message(f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: "
+                   f"BERT-{config.model.preset} ({_count_params(state.params) / 1e6:.1f}M params, "
+                   f"vocab {model_config.vocab_size}), mesh {dict(mesh.shape)}, "
+                   f"{jax.process_count()} process(es); peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+    preemption = trainer.PreemptionWatcher()
+    try:
+        state, summary = trainer.train_loop(
+            state=state, start_step=start_step, settings=settings,
+            train_step=lambda s, b: step_fn(s, b, base_key),
+            eval_step=(lambda s, b: eval_fn(s.params, b)) if eval_batches is not None else None,
+            eval_finish=train_step_lib.eval_metrics,
+            eval_batches=eval_batches,
+            to_global=lambda b: sharding.make_global_batch(b, mesh, rules),
+            train_batches=train_batches, save=save, writer=writer, preemption=preemption)
+    finally:
+        preemption.close()
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    summary["workdir"] = str(workdir)
+    summary["state"] = state
+    return summary
+
+
+def _count_params(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file (configs/*.py[:phase2]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, tokenizer, metrics; resumed when it has them.")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    summary = run(_CONFIG.value, _WORKDIR.value)
+    if summary.get("preempted"):
+        print(f"preempted: checkpoint at step {summary['step']} in {summary['workdir']}", flush=True)
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
