@@ -16,10 +16,11 @@ The pair is truncated from the longer side, a token at a time at a random end.
 
 Three deliberate differences from Google's script, all fixes: the random document is drawn
 among the others (Google retries 10 times and may still pick A's own document); a chunk of
-one sentence gets its following sentence as a true B half the time (Google always makes it
-random, which skews Wikipedia's labels to ~53% random: long sentences and short targets make
-many one-sentence chunks); and each document's random stream is derived from
-(seed, dupe, document), so instances do not depend on how documents are split over workers.
+one sentence gets a true B half the time, like any chunk: its following sentence, or for a
+document's last sentence the sentence's own second half (Google always makes it random,
+which skews the labels to 53-55% random on Wikipedia: long sentences, short targets and
+document tails make many one-sentence chunks); and each document's random stream is derived
+from (seed, dupe, document), so instances do not depend on how documents are split over workers.
 
 Instances are fixed-size rows `[CLS] A [SEP] B [SEP] [PAD]...` (see `INSTANCE_FIELDS`), turned
 into a batch by `unmasked_batch`.
@@ -132,10 +133,13 @@ def _document_spans(corpus, document, split_documents, position, max_num_tokens,
             a_end = 1 if len(chunk) < 2 else rng.randint(1, len(chunk) - 1)
             a0, a1 = offsets[chunk[0]], offsets[chunk[a_end - 1] + 1]
             random_next = rng.random() < 0.5
-            if len(chunk) == 1 and not random_next:
-                if i + 1 < last:  # B is the next sentence (Google forces a random B here)
+            split_sentence = False
+            if len(chunk) == 1 and not random_next:  # Google forces a random B here
+                if i + 1 < last:  # B is the next sentence
                     i += 1
                     chunk.append(i)
+                elif a1 - a0 >= 2:  # the document's last sentence: B is its own second part
+                    split_sentence = True
                 else:
                     random_next = True
             if random_next:
@@ -151,6 +155,10 @@ def _document_spans(corpus, document, split_documents, position, max_num_tokens,
                     if b1 - b0 >= target_b_length:
                         break
                 i -= len(chunk) - a_end  # put the unused sentences back
+            elif split_sentence:
+                label, b_document = 0, document
+                a1 = b0 = a0 + rng.randint(1, a1 - a0 - 1)
+                b1 = offsets[chunk[0] + 1]
             else:
                 label, b_document = 0, document
                 b0, b1 = offsets[chunk[a_end]], offsets[chunk[-1] + 1]
