@@ -77,7 +77,7 @@ fi
 
 # --- N processes on this host ---------------------------------------------------
 if [[ -z "$PORT" ]]; then
-  PORT=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 fi
 if [[ -n "$GPUS_PER_PROCESS" ]]; then
   source "$PROJECT_ROOT/launch/gpu_env.sh"
