@@ -452,3 +452,28 @@ def write_continuation_task(documents: Sequence[Sequence[str]], out_dir: str, se
                 f.write(f"{i}\t{a}\t{b}" + (f"\t{label}" if labelled else "") + "\n")
         os.replace(tmp, os.path.join(out_dir, f"{name}.tsv"))  # never leave half a file
     return {name: len(rows) for name, rows in splits.items()}
+
+
+# ---------------------------------------------------------------------------- submissions
+
+
+def format_predictions(task: GlueTask, predictions: np.ndarray) -> list[str]:
+    """Class ids -> the label spellings GLUE's server expects; STS-B scores clipped to [0, 5]."""
+    if task.is_regression:
+        return [f"{x:.3f}" for x in np.clip(np.asarray(predictions, np.float64), 0.0, 5.0)]
+    return [task.labels[int(i)] for i in predictions]
+
+
+def write_submission(task: GlueTask, name: str, split: GlueSplit, predictions: np.ndarray,
+                     out_dir: str) -> str:
+    """Writes `<out_dir>/<name>.tsv` (`index<TAB>prediction`, one row per test example)."""
+    if len(predictions) != len(split):
+        raise ValueError(f"{name}: {len(predictions)} predictions for {len(split)} test examples")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.tsv")
+    with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+        f.write("index\tprediction\n")
+        for index, label in zip(split.index, format_predictions(task, predictions)):
+            f.write(f"{index}\t{label}\n")
+    os.replace(path + ".tmp", path)
+    return path
