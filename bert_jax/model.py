@@ -9,8 +9,8 @@ Design notes
 * Modules hold only ``nnx.Param`` state. Dropout keys come per call
   (``rngs=nnx.Rngs(dropout=key)`` or a raw key), so the train step is a pure
   function of ``nnx.split`` state.
-* Every parameter carries logical axis names (``vocab, embed, heads, kv, mlp,
-  position, type_vocab, classes``, and ``layers`` for scanned stacks); the main
+* Every parameter carries logical axis names (``vocab, embed, embed_out, heads,
+  kv, mlp, position, type_vocab, classes``, and ``layers`` for scanned stacks); the main
   activations are constrained through :mod:`bert_jax.partitioning`. The model
   knows nothing about meshes.
 * The MLM head projects only ``masked_lm_positions`` onto the vocabulary
@@ -358,7 +358,7 @@ class BertModel(nnx.Module):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg, rngs)
         self.encoder = Encoder(cfg, rngs)
-        self.pooler = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs)
+        self.pooler = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), rngs)
 
     def __call__(self, input_ids, input_mask=None, segment_ids=None, *, deterministic=True, rngs=None,
                  position_ids=None, packed_segment_ids=None):
@@ -386,7 +386,7 @@ class MaskedLMHead(nnx.Module):
 
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.transform = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", None), rngs)
+        self.transform = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), rngs)
         self.transform_layer_norm = layer_norm(cfg, rngs)
         self.bias = nnx.Param(_axes(nnx.initializers.zeros_init(), "vocab")(rngs.params(), (cfg.vocab_size,),
                                                                            cfg.param_dtype))
@@ -450,7 +450,10 @@ class BertForSequenceClassification(nnx.Module):
 
 def params_to_dict(state) -> dict:
     """nnx.State (or nested dict) of Params -> nested dict of arrays (str keys)."""
-    pure = state.to_pure_dict() if hasattr(state, "to_pure_dict") else state
+    if isinstance(state, nnx.State):
+        pure = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
+    else:
+        pure = state
 
     def fix(d):
         if isinstance(d, dict):

@@ -1,0 +1,229 @@
+"""The Flax model against transformers' PyTorch BERT, with the same weights."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from bert_jax import convert
+from bert_jax import model as M
+
+CFG = M.BertConfig(vocab_size=211, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.1,
+                   attention_probs_dropout_prob=0.1)
+
+
+def make_batch(seed=0, batch=3, length=24, predictions=5, vocab=211):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, vocab, (batch, length)).astype(np.int32)
+    lengths = np.array([length, max(length - 7, predictions + 1), min(9, length)])[:batch]  # padding on two rows
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    segments = ((np.arange(length)[None] >= (lengths[:, None] // 2)) & mask.astype(bool)).astype(np.int32)
+    ids = ids * mask
+    positions = np.stack([np.sort(rng.choice(int(n), predictions, replace=False)) for n in lengths]).astype(np.int32)
+    return ids, mask, segments, positions
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A random-weight HF BertForPreTraining, exported, and our model importing it."""
+    torch.manual_seed(0)
+    hf_cfg = transformers.BertConfig(**{k: v for k, v in CFG.to_hf_dict().items() if k != "architectures"})
+    hf = transformers.BertForPreTraining(hf_cfg).eval()
+    with torch.no_grad():  # non-trivial LayerNorm/bias values so a mix-up cannot hide
+        for name, p in hf.named_parameters():
+            if "LayerNorm" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    d = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(d)
+    cfg, params, report = convert.load_pretrained(d, "hf")
+    assert report["initialised"] == []
+    ours = M.BertForPreTraining(cfg, rngs=nnx.Rngs(1))
+    M.load_params(ours, params)
+    return hf, ours, params, cfg
+
+
+def torch_outputs(hf, ids, mask, segments):
+    with torch.no_grad():
+        out = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+                 token_type_ids=torch.tensor(segments, dtype=torch.long), output_hidden_states=True)
+        pooled = hf.bert.pooler(out.hidden_states[-1])
+    return out, pooled
+
+
+@pytest.mark.parametrize("length", [24, 7])
+def test_matches_transformers_forward(pair, length):
+    hf, ours, _, _ = pair
+    ids, mask, segments, positions = make_batch(length=max(length, 10))
+    ids, mask, segments = ids[:, :length], mask[:, :length], segments[:, :length]
+    positions = np.minimum(positions, length - 1)
+    out, pooled = torch_outputs(hf, ids, mask, segments)
+    got = ours(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(segments), None)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(got["sequence_output"])[valid], out.hidden_states[-1].numpy()[valid],
+                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got["pooled_output"], pooled.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(got["mlm_logits"])[valid], out.prediction_logits.numpy()[valid],
+                               atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got["nsp_logits"], out.seq_relationship_logits.numpy(), atol=1e-4, rtol=0)
+    # Projecting only the masked positions gives the same logits as projecting all.
+    sub = ours(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(segments), jnp.asarray(positions))
+    expect = np.take_along_axis(out.prediction_logits.numpy(), positions[..., None], axis=1)
+    np.testing.assert_allclose(sub["mlm_logits"], expect, atol=1e-4, rtol=0)
+    assert sub["mlm_logits"].shape == (ids.shape[0], positions.shape[1], CFG.vocab_size)
+
+
+def pretraining_loss_np(mlm_logits, nsp_logits, masked_ids, weights, nsp_labels):
+    """Reference loss written independently of bert_jax.train_step."""
+    logp = jax.nn.log_softmax(mlm_logits.astype(jnp.float32))
+    nll = -jnp.take_along_axis(logp, masked_ids[..., None], axis=-1)[..., 0]
+    mlm = (nll * weights).sum() / weights.sum()
+    nsp = -jnp.take_along_axis(jax.nn.log_softmax(nsp_logits), nsp_labels[:, None], axis=-1).mean()
+    return mlm + nsp
+
+
+def test_gradients_match_transformers(pair):
+    hf, ours, params, cfg = pair
+    ids, mask, segments, positions = make_batch(seed=3)
+    rng = np.random.default_rng(4)
+    masked_ids = rng.integers(5, CFG.vocab_size, positions.shape).astype(np.int32)
+    weights = np.ones(positions.shape, np.float32)
+    weights[2, 3:] = 0.0
+    nsp_labels = np.array([0, 1, 1], np.int32)
+
+    graphdef, state = nnx.split(ours)
+
+    def loss_fn(state):
+        o = nnx.merge(graphdef, state)(ids, mask, segments, positions)
+        return pretraining_loss_np(o["mlm_logits"], o["nsp_logits"], masked_ids, weights, nsp_labels)
+
+    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state)
+    grads = M.flatten(M.params_to_dict(grads))
+
+    hf.zero_grad()
+    out = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
+             token_type_ids=torch.tensor(segments, dtype=torch.long))
+    logits = torch.gather(out.prediction_logits, 1,
+                          torch.tensor(positions, dtype=torch.long)[..., None].expand(-1, -1, CFG.vocab_size))
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, CFG.vocab_size),
+                                            torch.tensor(masked_ids, dtype=torch.long).reshape(-1), reduction="none")
+    w = torch.tensor(weights).reshape(-1)
+    t_loss = (nll * w).sum() / w.sum() + torch.nn.functional.cross_entropy(
+        out.seq_relationship_logits, torch.tensor(nsp_labels, dtype=torch.long))
+    t_loss.backward()
+    assert abs(float(loss) - float(t_loss.detach())) < 1e-5
+    hf_params = dict(hf.named_parameters())
+    checked = 0
+    for ours_path, theirs, transpose in [r for rows in convert.name_map(cfg, "hf").values() for r in rows]:
+        if ours_path.startswith("classifier"):
+            continue
+        g_t = hf_params[theirs].grad.numpy()
+        g_t = g_t.T if transpose else g_t
+        # (word embeddings: tied, both frameworks sum the decoder's gradient into them)
+        np.testing.assert_allclose(np.asarray(grads[ours_path]), g_t, atol=2e-5, rtol=1e-3, err_msg=ours_path)
+        checked += 1
+    assert checked == len(grads)
+
+
+def test_bfloat16_close_to_float32(pair):
+    _, _, params, cfg = pair
+    ids, mask, segments, positions = make_batch(seed=5)
+    outs = {}
+    for dtype in ("float32", "bfloat16"):
+        m = M.BertForPreTraining(cfg.replace(dtype=dtype), rngs=nnx.Rngs(0))
+        M.load_params(m, params)
+        g, s = nnx.split(m)
+        outs[dtype] = jax.jit(lambda s: nnx.merge(g, s)(ids, mask, segments, positions))(s)
+    for key in ("sequence_output", "mlm_logits", "nsp_logits"):
+        a = np.asarray(outs["float32"][key], np.float32)
+        b = np.asarray(outs["bfloat16"][key], np.float32)
+        assert b.dtype == np.float32 and outs["bfloat16"]["mlm_logits"].dtype == jnp.float32
+        scale = np.abs(a).max()
+        err = np.abs(a - b).max() / scale
+        assert err < 0.05, (key, err)  # bf16 has an 8-bit mantissa: ~1e-2 relative after a few layers
+        assert err > 0, "bfloat16 compute did not change anything: dtype not applied"
+
+
+@pytest.mark.parametrize("overrides", [dict(scan_layers=True), dict(remat_policy="full"),
+                                       dict(scan_layers=True, remat_policy="dots_no_batch")])
+def test_scan_and_remat_are_the_same_function(pair, overrides):
+    _, ours, params, cfg = pair
+    ids, mask, segments, positions = make_batch(seed=6)
+    variant = M.BertForPreTraining(cfg.replace(**overrides), rngs=nnx.Rngs(0))
+    M.load_params(variant, params)
+
+    def loss(model_state, graphdef, key):
+        o = nnx.merge(graphdef, model_state)(ids, mask, segments, positions, deterministic=False, rngs=key)
+        return o["mlm_logits"].sum() + o["nsp_logits"].sum()
+
+    key = jax.random.key(7)
+    ref_g, ref_s = nnx.split(ours)
+    var_g, var_s = nnx.split(variant)
+    grad_fn = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    l_ref, g_ref = grad_fn(ref_s, ref_g, key)
+    l_var, g_var = grad_fn(var_s, var_g, key)
+    np.testing.assert_allclose(l_var, l_ref, rtol=1e-5)
+    g_ref = M.flatten(M.params_to_dict(g_ref))
+    g_var = M.flatten(M.unstack_layers(M.params_to_dict(g_var), cfg.num_hidden_layers))
+    assert g_ref.keys() == g_var.keys()
+    for k in g_ref:
+        np.testing.assert_allclose(g_var[k], g_ref[k], atol=1e-5, rtol=1e-4, err_msg=k)
+
+
+def test_dropout_is_keyed_and_deterministic_mode_is_not_random(pair):
+    _, ours, _, _ = pair
+    ids, mask, segments, positions = make_batch(seed=8)
+    a = ours(ids, mask, segments, positions, deterministic=False, rngs=nnx.Rngs(dropout=1))["mlm_logits"]
+    b = ours(ids, mask, segments, positions, deterministic=False, rngs=nnx.Rngs(dropout=1))["mlm_logits"]
+    c = ours(ids, mask, segments, positions, deterministic=False, rngs=nnx.Rngs(dropout=2))["mlm_logits"]
+    d = ours(ids, mask, segments, positions)["mlm_logits"]
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+    assert np.abs(np.asarray(a) - np.asarray(d)).max() > 1e-3
+    with pytest.raises(ValueError, match="dropout needs a key"):
+        ours(ids, mask, segments, positions, deterministic=False)
+
+
+def test_packed_segments_block_attention_across_sequences(pair):
+    _, ours, _, _ = pair
+    ids, _, _, _ = make_batch(seed=9, batch=1, length=16)
+    mask = np.ones_like(ids)
+    packed = np.array([[1] * 9 + [2] * 7])
+    base = ours.bert(ids, mask, None, packed_segment_ids=packed)["sequence_output"]
+    changed = ids.copy()
+    changed[0, 12] = (changed[0, 12] + 1) % CFG.vocab_size  # edit the second sequence only
+    other = ours.bert(changed, mask, None, packed_segment_ids=packed)["sequence_output"]
+    np.testing.assert_allclose(base[0, :9], other[0, :9], atol=1e-6)  # first sequence unaffected
+    assert np.abs(np.asarray(base[0, 9:]) - np.asarray(other[0, 9:])).max() > 1e-4
+
+
+def test_every_param_has_logical_axes():
+    m = nnx.eval_shape(lambda: M.BertForPreTraining(M.BertConfig.preset("tiny", scan_layers=True), rngs=nnx.Rngs(0)))
+    from bert_jax.partitioning import param_logical_axes
+
+    axes = M.flatten(M.params_to_dict(param_logical_axes(nnx.state(m, nnx.Param))))
+    shapes = M.flatten(M.params_to_dict(nnx.state(m, nnx.Param)))
+    for path, names in axes.items():
+        assert len(names) == len(shapes[path].shape), path
+        assert any(n is not None for n in names), f"{path} has no logical axis name"
+        if "encoder/layers" in path:
+            assert names[0] == "layers", path
+
+
+def test_config_presets_and_errors():
+    assert M.BertConfig.preset("large").intermediate_size == 4096
+    assert M.BertConfig.preset("base").to_hf_dict()["num_hidden_layers"] == 12
+    with pytest.raises(ValueError, match="unknown BERT preset"):
+        M.BertConfig.preset("huge")
+    with pytest.raises(ValueError, match="unknown key"):
+        M.BertConfig.from_dict({"hidden_sise": 3})
+    with pytest.raises(ValueError, match="not divisible"):
+        M.BertConfig(hidden_size=10, num_attention_heads=3)
+    with pytest.raises(ValueError, match="position_embedding_type"):
+        M.BertConfig.from_hf_dict({**M.BertConfig().to_hf_dict(), "position_embedding_type": "relative_key"})
+    tiny = M.BertForPreTraining(M.BertConfig.preset("tiny", vocab_size=50, max_position_embeddings=8),
+                                rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        tiny(jnp.ones((1, 9), jnp.int32))
