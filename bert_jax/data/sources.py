@@ -206,7 +206,7 @@ def tfds_documents(
                                 f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
     if not builder.is_prepared():
         raise FileNotFoundError(
-            f"TFDS dataset {name!r} is not prepared in data_dir={builder.data_dir_root!r}: prepare it "
+            f"TFDS dataset {name!r} is not prepared in data_dir={str(builder.data_dir_root)!r}: prepare it "
             f"there first (tfds build {name} --data_dir=...); we never download while reading")
     text_key = text_key or _text_feature(builder, name)
     if split not in builder.info.splits:

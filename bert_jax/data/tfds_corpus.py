@@ -1,0 +1,186 @@
+"""A prepared pretraining corpus as a TFDS dataset (ArrayRecord, random access).
+
+`python -m bert_jax.data.prepare` writes instance rows as .npy shards (fastest on a local
+disk). To serve the same corpus to a pod from shared storage (GCS, NFS) in TFDS's own
+layout, convert it once; every host then reads it with `tfds.data_source`:
+
+    python -m bert_jax.data.tfds_corpus --prepared data/wiki128 --data_dir gs://bucket/tfds --name wiki128
+
+    source = TfdsInstances("wiki128", data_dir="gs://bucket/tfds", split="train")
+    len(source); rows = source.read(indices)      # the same structured rows as the .npy shards
+    source.metadata                               # prepare's metadata.json (settings, ids, summary)
+    source.vocab_tables                           # word_start, replacement_ids (for masking)
+
+    tfds.data_source("bert_pretraining_corpus/wiki128", data_dir=...)   # plain TFDS, dict per record
+
+The dataset is `bert_pretraining_corpus/<name>`, one TFDS feature per instance field
+(`bert_jax.data.instances.instance_dtype`: input_ids, num_tokens, first_segment_length,
+next_sentence_label, document, b_document, and the stored masks with --static_masking);
+splits are prepare's splits (train, eval). prepare's metadata and vocabulary tables travel
+in the dataset's metadata, so nothing else needs copying.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+
+import numpy as np
+
+DATASET = "bert_pretraining_corpus"
+_METADATA_FILE = "metadata.json"        # of a prepare output directory
+_VOCAB_TABLES_FILE = "vocab_tables.npz"
+
+
+def _tfds():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def _read_prepared(prepared_dir: pathlib.Path) -> tuple[dict, np.dtype, dict]:
+    """prepare's metadata, the rows' dtype (from the first shard), the vocabulary tables."""
+    metadata_file = prepared_dir / _METADATA_FILE
+    if not metadata_file.is_file():
+        raise FileNotFoundError(f"{metadata_file} not found: give a `python -m bert_jax.data.prepare` output directory")
+    metadata = json.loads(metadata_file.read_text())
+    shards = [prepared_dir / s["file"] for split in metadata["splits"].values() for s in split["shards"]]
+    if not shards:
+        raise ValueError(f"{prepared_dir}: no instance shards listed in {_METADATA_FILE}")
+    missing = [str(s) for s in shards if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{prepared_dir}: shard {missing[0]} listed in {_METADATA_FILE} is missing")
+    dtype = np.load(shards[0], mmap_mode="r").dtype
+    with np.load(prepared_dir / _VOCAB_TABLES_FILE) as tables:
+        vocab_tables = {name: tables[name].tolist() for name in tables.files}
+    return metadata, dtype, vocab_tables
+
+
+def _dtype_to_json(dtype: np.dtype) -> list:
+    return [[name, np.dtype(dtype[name].base).str, list(dtype[name].shape)] for name in dtype.names]
+
+
+def _dtype_from_json(fields: list) -> np.dtype:
+    return np.dtype([(name, base, tuple(shape)) for name, base, shape in fields])
+
+
+def _builder_class():
+    """Defined on first use, so importing this module does not import TensorFlow."""
+    if "_BertPretrainingCorpus" in globals():  # TFDS registers a builder class once
+        return globals()["_BertPretrainingCorpus"]
+    tfds = _tfds()
+
+    class BertPretrainingCorpus(tfds.core.GeneratorBasedBuilder):
+        """Pretraining instance rows of `bert_jax.data.prepare`, one TFDS feature per field."""
+
+        VERSION = tfds.core.Version("1.0.0")
+        RELEASE_NOTES = {"1.0.0": "Rows of bert_jax.pretraining_instances/1."}
+
+        def __init__(self, *, prepared_dir=None, **kwargs):
+            self._prepared_dir = pathlib.Path(prepared_dir) if prepared_dir else None
+            self._prepared = _read_prepared(self._prepared_dir) if self._prepared_dir else None
+            super().__init__(**kwargs)
+
+        def _info(self):
+            if self._prepared is None:
+                raise ValueError(f"{DATASET}: building needs prepared_dir (reading needs only data_dir)")
+            metadata, dtype, vocab_tables = self._prepared
+            features = tfds.features.FeaturesDict({
+                name: tfds.features.Tensor(shape=dtype[name].shape, dtype=dtype[name].base)
+                for name in dtype.names})
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description="BERT sentence-pair instances prepared by bert_jax.data.prepare.",
+                features=features,
+                disable_shuffling=True,  # record i of a split is row i of prepare's shards
+                metadata=tfds.core.MetadataDict(prepared=metadata, row_dtype=_dtype_to_json(dtype),
+                                                vocab_tables=vocab_tables))
+
+        def _split_generators(self, dl_manager):
+            metadata = self._prepared[0]
+            return {split: self._generate_examples(split) for split in metadata["splits"]}
+
+        def _generate_examples(self, split):
+            for shard in self._prepared[0]["splits"][split]["shards"]:
+                rows = np.load(self._prepared_dir / shard["file"], mmap_mode="r")
+                for index in range(len(rows)):
+                    row = rows[index]
+                    yield f"{shard['file']}#{index}", {name: np.asarray(row[name]) for name in rows.dtype.names}
+
+    globals()["_BertPretrainingCorpus"] = BertPretrainingCorpus
+    return BertPretrainingCorpus
+
+
+def build(prepared_dir, data_dir, name: str) -> str:
+    """Writes `bert_pretraining_corpus/<name>` under data_dir as ArrayRecord; returns its directory."""
+    tfds = _tfds()
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"name must be letters, digits and '_', got {name!r}")
+    builder = _builder_class()(prepared_dir=prepared_dir, data_dir=data_dir, file_format="array_record",
+                               config=tfds.core.BuilderConfig(name=name))
+    if builder.is_prepared():
+        raise FileExistsError(f"{builder.data_dir} already exists: remove it or choose another --name")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return builder.data_dir
+
+
+class TfdsInstances:
+    """Random access to a converted corpus' rows: `len()` and `read(indices)` -> structured rows,
+    the same rows (and dtype) as prepare's .npy shards, read through `tfds.data_source`."""
+
+    def __init__(self, name: str, *, data_dir, split: str = "train"):
+        self.name, self.data_dir, self.split = name, str(data_dir), split
+        self._source = None
+        builder = self._builder()
+        metadata = builder.info.metadata
+        self.metadata = dict(metadata["prepared"])
+        self.vocab_tables = {k: np.asarray(v) for k, v in metadata["vocab_tables"].items()}
+        self.dtype = _dtype_from_json(metadata["row_dtype"])
+        if split not in builder.info.splits:
+            raise ValueError(f"{DATASET}/{name} in {data_dir} has no split {split!r}: {sorted(builder.info.splits)}")
+        self._length = builder.info.splits[split].num_examples
+
+    def _builder(self):
+        tfds = _tfds()
+        full_name = f"{DATASET}/{self.name}"
+        try:
+            builder = tfds.builder_from_directory(os.path.join(self.data_dir, DATASET, self.name,
+                                                               str(_builder_class().VERSION)))
+        except Exception as e:  # no such directory / no dataset_info.json
+            raise FileNotFoundError(f"TFDS dataset {full_name!r} is not prepared in data_dir={self.data_dir!r} "
+                                    f"(convert it with python -m bert_jax.data.tfds_corpus): {str(e).splitlines()[0]}") from e
+        return builder
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, indices) -> np.ndarray:
+        if self._source is None:  # opened lazily: this object is pickled into Grain workers
+            self._source = self._builder().as_data_source(split=self.split)
+        indices = np.asarray(indices, np.int64).reshape(-1)
+        records = self._source.__getitems__(indices.tolist())
+        rows = np.empty(len(indices), self.dtype)
+        for name in self.dtype.names:
+            rows[name] = np.stack([record[name] for record in records])
+        return rows
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.read([index])[0]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_source": None}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bert_jax.data.tfds_corpus", description=__doc__.split("\n")[0])
+    parser.add_argument("--prepared", required=True, help="a `python -m bert_jax.data.prepare` output directory")
+    parser.add_argument("--data_dir", required=True, help="TFDS data_dir to write into (local or gs://)")
+    parser.add_argument("--name", required=True, help=f"config name: the dataset is {DATASET}/NAME")
+    args = parser.parse_args(argv)
+    print(f"wrote {build(args.prepared, args.data_dir, args.name)}")
+
+
+if __name__ == "__main__":
+    main()
