@@ -329,14 +329,26 @@ def save_outputs(runner: Runner, params, workdir: pathlib.Path) -> dict:
     if c.save_checkpoint:
         host_params = jax.tree.map(np.asarray, _gather(params))
         final, tmp = workdir / task.name / "checkpoint", workdir / task.name / "checkpoint.tmp"
-        if jax.process_index() == 0:
+        primary = jax.process_index() == 0
+        if primary:
             shutil.rmtree(tmp, ignore_errors=True)
-            convert.export_orbax(runner.model_config.replace(dtype="float32"), host_params, tmp,
-                                 tokenizer_dir=runner.pretrained.tokenizer_dir)
-            shutil.rmtree(final, ignore_errors=True)  # the new best replaces the old one only once written
+        _barrier("finetune_checkpoint_clean")
+        # Every process calls the Orbax save (it coordinates who writes what).
+        convert.export_orbax(runner.model_config.replace(dtype="float32"), host_params, tmp,
+                             tokenizer_dir=runner.pretrained.tokenizer_dir)
+        _barrier("finetune_checkpoint_saved")
+        if primary:  # the new best replaces the old one only once it is completely written
+            shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
+        _barrier("finetune_checkpoint_moved")
         out["checkpoint"] = str(final)
     return out
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def _gather(params):

