@@ -37,6 +37,7 @@ import pathlib
 import sys
 
 import grain
+from absl import flags
 import numpy as np
 
 from bert_jax.data import instances as instances_lib
@@ -177,6 +178,8 @@ class PretrainingLoader:
             # One reader thread: the work is numpy on whole batches; more threads fight over the GIL.
             dataset = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
             if self._worker_count > 0:
+                if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; not parsed outside absl.app
+                    flags.FLAGS.mark_as_parsed()
                 dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
             self._iterator = iter(dataset)
         batch = next(self._iterator)

