@@ -41,13 +41,16 @@ Flags:
   --env KEY=VALUE         extra environment for the trainer (repeatable)
   --skip-install          the workers already have this checkout installed
   --python-version V      Python for the workers' venv (default 3.11)
+  --no-gcsfuse            pass gs:// paths to the trainer as they are (default:
+                          mount the buckets with Cloud Storage FUSE at /tmp/gcs/
+                          on every worker and give the trainer those paths)
   --dry-run               print the commands, run nothing that costs money
   -- ARGS                 passed on to bert_jax.pretrain (config overrides)
 EOF
 }
 
 PROJECT= ZONE= NAME= ACCEL= RUNTIME= SPOT=0 PREEMPTIBLE=0 NUM_SLICES=1 QUEUED=0
-CONFIG= WORKDIR= SKIP_INSTALL=0 PYTHON_VERSION=3.11
+CONFIG= WORKDIR= SKIP_INSTALL=0 PYTHON_VERSION=3.11 GCSFUSE=1
 TRAINER_ENV=()
 PRETRAIN_ARGS=()
 while [[ $# -gt 0 ]]; do
@@ -66,6 +69,7 @@ while [[ $# -gt 0 ]]; do
     --env) need_value "$1" "${2:-}"; TRAINER_ENV+=("$2"); shift 2 ;;
     --skip-install) SKIP_INSTALL=1; shift ;;
     --python-version) need_value "$1" "${2:-}"; PYTHON_VERSION=$2; shift 2 ;;
+    --no-gcsfuse) GCSFUSE=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; PRETRAIN_ARGS=("$@"); break ;;
@@ -86,7 +90,6 @@ need_set --workdir "$WORKDIR"
 [[ "$NUM_SLICES" =~ ^[1-9][0-9]*$ ]] || die "--num-slices must be a positive integer, got '$NUM_SLICES'"
 [[ "$WORKDIR" =~ ^gs://([a-z0-9][-a-z0-9_.]{1,220}[a-z0-9])(/.*)?$ ]] \
   || die "--workdir must be on GCS (gs://BUCKET/PATH) so every worker sees it, got '$WORKDIR'"
-BUCKET=gs://${BASH_REMATCH[1]}
 need_config_file "$CONFIG"
 for kv in "${TRAINER_ENV[@]+"${TRAINER_ENV[@]}"}"; do
   [[ "$kv" =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env wants KEY=VALUE, got '$kv'"
@@ -135,8 +138,18 @@ check "project '$PROJECT' not found or not accessible" \
   gcloud projects describe "$PROJECT" '--format=value(projectId)'
 check "accelerator type '$ACCEL' is not offered in zone '$ZONE' (or the zone does not exist)" \
   gcloud compute tpus accelerator-types describe "$ACCEL" "${GCLOUD_SCOPE[@]}"
-check "bucket $BUCKET does not exist or is not readable (create it in the TPU's region first)" \
-  gcloud storage buckets describe "$BUCKET" '--format=value(name)'
+# Every bucket the trainer is given: the workdir's and any in the config overrides.
+BUCKETS=()
+for word in "$WORKDIR" ${PRETRAIN_ARGS[@]+"${PRETRAIN_ARGS[@]}"}; do
+  while [[ "$word" =~ gs://([a-z0-9][-a-z0-9_.]*[a-z0-9])(.*) ]]; do
+    [[ " ${BUCKETS[*]+"${BUCKETS[*]}"} " == *" ${BASH_REMATCH[1]} "* ]] || BUCKETS+=("${BASH_REMATCH[1]}")
+    word=${BASH_REMATCH[2]}
+  done
+done
+for b in "${BUCKETS[@]}"; do
+  check "bucket gs://$b does not exist or is not readable (create it in the TPU's region first)" \
+    gcloud storage buckets describe "gs://$b" '--format=value(name)'
+done
 
 # --- 2. reuse or create ----------------------------------------------------
 exists_rc=0
@@ -199,6 +212,21 @@ fi
 # --- 4. start the trainer on all workers of all slices -------------------------
 PRETRAIN=(.venv/bin/python -m bert_jax.pretrain --config "$CONFIG" --workdir "$WORKDIR")
 PRETRAIN+=(${PRETRAIN_ARGS[@]+"${PRETRAIN_ARGS[@]}"})
+if [[ $GCSFUSE == 1 ]]; then
+  # The trainer and its checkpoints use local paths: mount every bucket named in
+  # its arguments with Cloud Storage FUSE at the same path on every worker, and
+  # hand the trainer /tmp/gcs/BUCKET/... for gs://BUCKET/...
+  for i in "${!PRETRAIN[@]}"; do
+    for b in "${BUCKETS[@]}"; do PRETRAIN[$i]=${PRETRAIN[$i]//gs:\/\/$b/\/tmp\/gcs\/$b}; done
+  done
+  MOUNT="command -v gcsfuse >/dev/null || { echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }"
+  for b in "${BUCKETS[@]}"; do
+    MOUNT+=" && mkdir -p /tmp/gcs/$b && { mountpoint -q /tmp/gcs/$b || gcsfuse --implicit-dirs $b /tmp/gcs/$b; }"
+  done
+  for node in "${NODES[@]}"; do
+    run gcloud compute tpus tpu-vm ssh "$node" "${GCLOUD_SCOPE[@]}" --worker=all --command "$MOUNT"
+  done
+fi
 START="cd ~/$REMOTE_DIR && nohup env $(quote_words ${TRAINER_ENV[@]+"${TRAINER_ENV[@]}"} "${PRETRAIN[@]}")"
 START+=" > pretrain.log 2>&1 < /dev/null &"
 for node in "${NODES[@]}"; do

@@ -89,10 +89,12 @@ def test_tpu_dry_run_creates_installs_and_starts_on_all_workers(project):
     scp = [c for c in lines if " scp " in c]
     ssh = [c for c in lines if " ssh " in c]
     assert len(scp) == 1 and "--worker=all" in scp[0]
-    assert len(ssh) == 2 and all("--worker=all" in c for c in ssh)
+    assert len(ssh) == 3 and all("--worker=all" in c for c in ssh)
     assert "-r requirements.txt -r requirements-tpu.txt" in ssh[0]
-    assert ("python -m bert_jax.pretrain --config configs/tiny.py --workdir gs://my-bucket/runs/r1 "
-            "--config.train.global_batch_size=512") in ssh[1]
+    # gs:// paths reach the trainer through a Cloud Storage FUSE mount on every worker.
+    assert "gcsfuse --implicit-dirs my-bucket /tmp/gcs/my-bucket" in ssh[1]
+    assert ("python -m bert_jax.pretrain --config configs/tiny.py --workdir /tmp/gcs/my-bucket/runs/r1 "
+            "--config.train.global_batch_size=512") in ssh[2]
     # The dry run ran read-only queries only: nothing created, copied or started.
     executed = [" ".join(c["argv"]) for c in calls(project, "gcloud")]
     assert executed and all(" describe " in f" {c} " for c in executed), executed
@@ -121,16 +123,19 @@ def test_tpu_multislice_uses_a_queued_resource_and_starts_every_slice(project):
 
 def test_tpu_real_run_order_with_fake_gcloud(project):
     result = run_script(project, "tpu_pod.sh", *TPU_ARGS, "--accelerator-type", "v6e-16", "--env", "FOO=bar baz",
-                        fail="tpu-vm describe")
+                        "--no-gcsfuse", "--", "--config.data.train_path=gs://data-bucket/wiki", fail="tpu-vm describe")
     assert result.returncode == 0, result.stderr
     verbs = [" ".join(c["argv"][:4]) for c in calls(project, "gcloud")]
     assert verbs == ["projects describe my-proj --format=value(projectId)",
                      "compute tpus accelerator-types describe", "storage buckets describe gs://my-bucket",
+                     "storage buckets describe gs://data-bucket",
                      "compute tpus tpu-vm describe", "compute tpus tpu-vm create", "compute tpus tpu-vm scp",
                      "compute tpus tpu-vm ssh", "compute tpus tpu-vm ssh"]
     start = calls(project, "gcloud")[-1]["argv"]
     command = start[start.index("--command") + 1]
     assert "nohup env 'FOO=bar baz' .venv/bin/python -m bert_jax.pretrain" in command
+    assert command.endswith("--workdir gs://my-bucket/runs/r1 --config.data.train_path=gs://data-bucket/wiki "
+                            "> pretrain.log 2>&1 < /dev/null &")
     assert (project / "bert_jax-bert-run.tar.gz").is_file()  # the checkout that was copied
 
 
