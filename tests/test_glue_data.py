@@ -222,3 +222,22 @@ def test_continuation_task_round_trips(tmp_path):
     assert data["test"]["continuation"].labels is None
     with pytest.raises(ValueError, match="at least two"):
         glue.write_continuation_task([["one.", "two."]], str(tmp_path / "x"))
+
+
+def test_submission_files_spell_labels_as_glue_expects(tmp_path):
+    def split(n):
+        return glue.GlueSplit(["x"] * n, ["y"] * n, None, [str(10 + i) for i in range(n)])
+
+    cases = {"mnli": ("AX", [0, 1, 2], ["entailment", "neutral", "contradiction"]),
+             "rte": ("RTE", [1, 0], ["not_entailment", "entailment"]),
+             "qnli": ("QNLI", [0], ["entailment"]),
+             "cola": ("CoLA", [1, 0], ["1", "0"]),
+             "stsb": ("STS-B", [5.7, -0.2, 2.25], ["5.000", "0.000", "2.250"])}
+    for task_name, (name, predictions, expected) in cases.items():
+        path = glue.write_submission(glue.get_task(task_name), name, split(len(predictions)),
+                                     np.asarray(predictions), str(tmp_path))
+        lines = open(path).read().splitlines()
+        assert lines[0] == "index\tprediction" and os.path.basename(path) == f"{name}.tsv"
+        assert lines[1:] == [f"{10 + i}\t{label}" for i, label in enumerate(expected)]
+    with pytest.raises(ValueError, match="2 predictions for 3 test examples"):
+        glue.write_submission(glue.get_task("rte"), "RTE", split(3), np.zeros(2, int), str(tmp_path))
