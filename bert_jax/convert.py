@@ -163,10 +163,11 @@ def _assemble(cfg: M.BertConfig, tensors: dict, style: str, source: str, prefix:
     groups = name_map(cfg, style, prefix)
     flat, used = _gather(tensors, groups["encoder"], source, cfg, required=True)
     report = {"initialised": [], "ignored": []}
+    fine_tuned = any(r[1] in tensors for r in groups["classifier"])
     for part in ("mlm", "nsp", "classifier"):
         got = _gather(tensors, groups[part], source, cfg, required=False)
         if got is None:
-            if part != "classifier":
+            if part != "classifier" and not fine_tuned:
                 report["initialised"].append(part)
             continue
         flat.update(got[0])
@@ -278,7 +279,8 @@ def import_orbax(path, seed: int = 0):
     cfg, params, _ = checkpoint.restore_params(path)
     cfg = cfg.replace(scan_layers=False)
     report = {"initialised": [], "ignored": []}
-    missing = [p for p in ("mlm", "nsp") if p not in params]
+    # A fine-tuned checkpoint has a task head instead of the pretraining heads.
+    missing = [] if "classifier" in params else [p for p in ("mlm", "nsp") if p not in params]
     if missing:
         fresh = M.init_params(cfg, seed=seed)
         for p in missing:
@@ -439,6 +441,7 @@ def main(argv=None) -> int:
                                                       "(default: the one beside the source)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every read at INFO
     try:
         cfg, params, report = load_pretrained(args.src, args.src_format)
         tok_dir = pathlib.Path(args.tokenizer) if args.tokenizer else find_tokenizer_files(args.src)

@@ -200,3 +200,29 @@ def test_cli_and_bad_input(minilm, minilm_dir, tmp_path, capsys):
     os.remove(broken / "config.json")
     with pytest.raises(convert.ConversionError, match="no config.json"):
         convert.load_pretrained(broken, "hf")
+
+
+def test_fine_tuned_classifier_round_trip(tmp_path):
+    """A sequence-classification checkpoint keeps its head (and gets no fresh MLM/NSP heads)."""
+    torch.manual_seed(0)
+    cfg = M.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=48, max_position_embeddings=32)
+    hf_cfg = transformers.BertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"},
+                                     num_labels=3)
+    hf = transformers.BertForSequenceClassification(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "src")
+    cfg2, params, report = convert.load_pretrained(tmp_path / "src")
+    assert report == {"initialised": [], "ignored": []}
+    assert set(params) == {"bert", "classifier"} and params["classifier"]["kernel"].shape == (32, 3)
+    out = convert.export_hf(cfg2, params, tmp_path / "dst")
+    again, info = transformers.BertForSequenceClassification.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids = torch.randint(5, 120, (2, 9))
+    with torch.no_grad():
+        np.testing.assert_allclose(again.eval()(input_ids=ids).logits.numpy(), hf(input_ids=ids).logits.numpy(),
+                                   atol=1e-6)
+    ours = M.BertForSequenceClassification(cfg2, 3, rngs=nnx.Rngs(0))
+    M.load_params(ours, params)
+    with torch.no_grad():
+        np.testing.assert_allclose(ours(ids.numpy().astype(np.int32))["logits"], hf(input_ids=ids).logits.numpy(),
+                                   atol=1e-4)

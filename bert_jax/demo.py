@@ -1,0 +1,102 @@
+"""The main job, end to end, offline: pretrain -> fine-tune -> export.
+
+    python -m bert_jax.demo --workdir workdirs/demo [--pretrain_steps 600] [--finetune_epochs 2]
+
+1. Pretrains BERT-tiny on the embedded demo corpus (the running Python's own
+   docstrings and pydoc topics; a SentencePiece vocabulary is trained on it):
+   ``python -m bert_jax.pretrain --config configs/demo.py``.
+2. Builds a GLUE-format task from the same corpus (is sentence 2 the sentence
+   that follows sentence 1?) and fine-tunes the pretrained checkpoint on it:
+   ``python -m bert_jax.finetune --config configs/glue.py --config.task=continuation``.
+3. Exports the fine-tuned model to NumPy (``.npz``) and Hugging Face format:
+   ``python -m bert_jax.convert``.
+4. Prints a short summary.
+
+Each stage is the real entrypoint run as its own process, exactly as a user would
+run it; this file only wires them together. Run it again on the same workdir and
+pretraining resumes (or is skipped when finished).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(stage: str, args: list[str]) -> float:
+    cmd = [sys.executable, "-m", *args]
+    print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
+    t = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return time.time() - t
+
+
+def last_metrics(path: pathlib.Path, prefix: str) -> dict:
+    found = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if any(k.startswith(prefix) for k in row):
+                found = row
+    return found
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bert_jax.demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", default="workdirs/demo")
+    ap.add_argument("--pretrain_steps", type=int, default=None, help="default: configs/demo.py's")
+    ap.add_argument("--finetune_epochs", type=float, default=2.0)
+    ap.add_argument("--finetune_examples", type=int, default=4000, help="pairs in the fine-tuning task")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    work = pathlib.Path(args.workdir).absolute()
+    pre, task_dir, fine, export = work / "pretrain", work / "glue", work / "finetune", work / "export"
+    times = {}
+
+    overrides = []
+    if args.pretrain_steps:
+        overrides = [f"--config.train.steps={args.pretrain_steps}",
+                     f"--config.optimizer.warmup_steps={args.pretrain_steps // 10}"]
+    times["pretrain"] = run("pretrain", ["bert_jax.pretrain", f"--config={ROOT / 'configs/demo.py'}",
+                                         f"--workdir={pre}", *overrides])
+
+    from bert_jax.data import demo_corpus, glue
+
+    counts = glue.write_continuation_task(demo_corpus.documents(), str(task_dir / "continuation"), seed=0,
+                                          max_examples=args.finetune_examples)
+    print(f"\ncontinuation task written to {task_dir / 'continuation'}: {counts}")
+    times["finetune"] = run("fine-tune", [
+        "bert_jax.finetune", f"--config={ROOT / 'configs/glue.py'}", f"--workdir={fine}",
+        "--config.task=continuation", f"--config.glue_dir={task_dir}", f"--config.init_checkpoint={pre}",
+        "--config.max_seq_length=64", "--config.learning_rates=(1e-4,)", "--config.batch_size=32",
+        f"--config.num_epochs={args.finetune_epochs}"])
+
+    t = time.time()
+    ckpt = fine / "continuation" / "checkpoint"  # the chosen run's fine-tuned params
+    run("export npz", ["bert_jax.convert", f"--src={ckpt}", "--src_format=orbax",
+                       f"--dst={export / 'npz' / 'bert.npz'}", "--dst_format=npz"])
+    run("export hf", ["bert_jax.convert", f"--src={ckpt}", "--src_format=orbax",
+                      f"--dst={export / 'hf'}", "--dst_format=hf"])
+    times["export"] = time.time() - t
+
+    pre_eval = last_metrics(pre / "metrics.jsonl", "eval")
+    results = json.loads((fine / "results.json").read_text()) if (fine / "results.json").is_file() else {}
+    chosen = results.get("continuation", {}).get("chosen", {})
+    print("\n=== summary")
+    print(f"pretraining  ({times['pretrain']:.0f} s): workdir {pre}")
+    print("  held-out: " + ", ".join(f"{k}={v:.4g}" for k, v in pre_eval.items()
+                                     if isinstance(v, (int, float)) and k.startswith("eval")))
+    print(f"fine-tuning  ({times['finetune']:.0f} s): workdir {fine}")
+    print(f"  chosen run: {json.dumps(chosen.get('dev', chosen), default=str)[:300]}")
+    print(f"export       ({times['export']:.0f} s): {export / 'npz' / 'bert.npz'} and {export / 'hf'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
