@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from bert_jax.data import instances, loader
+from bert_jax.data import loader
 from bert_jax.data.prepare import prepare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -32,6 +32,7 @@ Dynamic masks depend only on (seed, epoch, instance index) (see masking.py).
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import pathlib
 import sys
@@ -316,7 +317,9 @@ def make_pretraining_loader(data_dir_or_files, *, global_batch_size: int, max_se
         max_predictions_per_seq=max_predictions_per_seq, dynamic_masking=dynamic_masking,
         whole_word_masking=whole_word_masking, masked_lm_prob=masked_lm_prob, masking_vocab=vocab))
 
-    fingerprint = {"files": files, "split": split, "num_instances": num_instances, "seed": seed,
+    # The data's identity as a short hash, so the state stays small with thousands of shards.
+    data_hash = hashlib.sha256(json.dumps([files, num_instances]).encode()).hexdigest()[:16]
+    fingerprint = {"data": data_hash, "split": split, "num_instances": num_instances, "seed": seed,
                    "global_batch_size": global_batch_size, "max_seq_length": max_seq_length,
                    "max_predictions_per_seq": max_predictions_per_seq, "dynamic_masking": dynamic_masking,
                    "whole_word_masking": whole_word_masking, "num_epochs": num_epochs,

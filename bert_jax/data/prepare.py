@@ -43,7 +43,6 @@ from bert_jax.data import instances as instances_lib
 from bert_jax.data import masking
 from bert_jax.data import sources
 
-log = logging.getLogger(__name__)
 _STATIC_MASK_PURPOSE = 0x737461  # keeps static-mask keys apart from the loader's dynamic ones
 _DOCUMENTS_PER_TASK = 256
 _CHARACTERS_PER_TASK = 50_000  # pysbd splits ~50 kB/s: small tasks keep every worker busy
