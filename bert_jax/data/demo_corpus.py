@@ -28,6 +28,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 
 CLEANING_VERSION = 2  # bump when the cleaning below changes: invalidates caches
 
@@ -39,7 +40,7 @@ _SKIP_MODULES = frozenset({
     "winsound", "nt", "msvcrt", "xxsubtype", "xxlimited", "xxlimited_35",
 })
 
-# Runs in a child interpreter: prints {module: [docstring, ...]} as JSON.
+# Runs in a child interpreter: writes {module: [docstring, ...]} as JSON to argv[2].
 _GATHER = r"""
 import contextlib, importlib, inspect, io, json, pkgutil, sys, warnings
 skip = set(sys.argv[1].split(","))
@@ -79,18 +80,24 @@ with warnings.catch_warnings():
             sub = load(full)
             if sub is not None:
                 result[full] = docs_of(sub)
-json.dump(result, sys.stdout)
+with open(sys.argv[2], "w", encoding="utf-8") as out:  # not stdout: C code may print there
+    json.dump(result, out)
 """
 
 def gather_raw() -> dict[str, str]:
     """{document name: raw text} for every stdlib module and pydoc topic, in a fixed order."""
     from pydoc_data.topics import topics
 
-    process = subprocess.run([sys.executable, "-c", _GATHER, ",".join(sorted(_SKIP_MODULES))],
-                             capture_output=True, text=True, check=True,
-                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    with tempfile.TemporaryDirectory() as tmp:
+        result_file = os.path.join(tmp, "docstrings.json")
+        process = subprocess.run([sys.executable, "-c", _GATHER, ",".join(sorted(_SKIP_MODULES)), result_file],
+                                 capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        if process.returncode != 0:
+            raise RuntimeError(f"gathering standard library docstrings failed:\n{process.stderr[-2000:]}")
+        with open(result_file, encoding="utf-8") as f:
+            gathered = json.load(f)
     raw = {}
-    for module, docs in json.loads(process.stdout).items():
+    for module, docs in gathered.items():
         # one module, one document: its docstrings are about one subject, and documents
         # of several sentences give next-sentence prediction true continuations
         raw[module] = "\n\n".join(inspect.cleandoc(doc) for doc in docs)
