@@ -208,8 +208,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     kind = "sentencepiece"
 
-    def __init__(self, model_file, lowercase: bool = False):
+    def __init__(self, model_file, lowercase: bool | None = None):
         import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2
 
         self.model_file = pathlib.Path(model_file)
         if not self.model_file.is_file():
@@ -217,13 +218,15 @@ class SentencePieceTokenizer(Tokenizer):
         self._model_proto = self.model_file.read_bytes()
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._model_proto)
+            proto = sentencepiece_model_pb2.ModelProto.FromString(self._model_proto)
         except Exception as e:
             raise ValueError(f"{self.model_file}: not a SentencePiece model ({e})") from e
-        self.lowercase = lowercase  # informational: case folding lives in the model's normalizer
-        sp = self._sp
+        # Case folding lives in the model's normalizer ('nmt_nfkc_cf' folds case).
+        self.lowercase = proto.normalizer_spec.name.endswith("_cf") if lowercase is None else lowercase
+        own_word = {proto.SentencePiece.UNKNOWN, proto.SentencePiece.CONTROL, proto.SentencePiece.USER_DEFINED}
         self._word_start_table = np.array(
-            [sp.id_to_piece(i).startswith("▁") or sp.is_control(i) or sp.is_unknown(i)
-             or _is_user_defined(sp, i) for i in range(sp.get_piece_size())], dtype=bool)
+            [piece.piece.startswith("▁") or piece.type in own_word for piece in proto.pieces], dtype=bool)
+        sp = self._sp
         ids = {}
         for name, aliases in _SP_ALIASES.items():
             found = [sp.piece_to_id(a) for a in aliases if sp.id_to_piece(sp.piece_to_id(a)) == a]
@@ -257,10 +260,6 @@ class SentencePieceTokenizer(Tokenizer):
         return directory
 
 
-def _is_user_defined(sp, index: int) -> bool:
-    return bool(getattr(sp, "is_user_defined", lambda i: False)(index))
-
-
 def _infer_lowercase(vocab_file: pathlib.Path) -> bool:
     """A vocabulary is cased iff some ordinary token has an upper-case letter; an HF
     tokenizer_config.json beside it (do_lower_case) wins."""
@@ -287,7 +286,7 @@ def load_tokenizer(path, lowercase: bool | None = None) -> Tokenizer:
             lowercase = bool(config["lowercase"])
         kind = config.get("kind")
         if kind == "sentencepiece" or (kind is None and (path / SENTENCEPIECE_FILE).is_file()):
-            return SentencePieceTokenizer(path / config.get("model_file", SENTENCEPIECE_FILE), bool(lowercase))
+            return SentencePieceTokenizer(path / config.get("model_file", SENTENCEPIECE_FILE), lowercase)
         if kind not in (None, "wordpiece"):
             raise ValueError(f"{config_file}: unknown tokenizer kind {kind!r} (wordpiece|sentencepiece)")
         for name in ("tokenizer.json", "vocab.txt"):
@@ -295,14 +294,14 @@ def load_tokenizer(path, lowercase: bool | None = None) -> Tokenizer:
                 return load_tokenizer(path / name, lowercase)
         models = sorted(path.glob("*.model"))
         if models:
-            return SentencePieceTokenizer(models[0], bool(lowercase))
+            return SentencePieceTokenizer(models[0], lowercase)
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE}, tokenizer.json, vocab.txt or *.model found")
     if not path.is_file():
         raise FileNotFoundError(f"tokenizer file {path} not found")
     if path.suffix == ".json":
         return WordPieceTokenizer.from_tokenizer_json(path, lowercase)
     if path.suffix == ".model":
-        return SentencePieceTokenizer(path, bool(lowercase))
+        return SentencePieceTokenizer(path, lowercase)
     return WordPieceTokenizer.from_vocab_file(path, lowercase)
 
 

@@ -106,7 +106,7 @@ def test_wordpiece_missing_special_token_is_named(tmp_path):
 
 def test_sentencepiece_train_fixed_specials_and_round_trip(sentencepiece_dir):
     tok = load_tokenizer(sentencepiece_dir)
-    assert tok.kind == "sentencepiece" and tok.vocab_size == 1000
+    assert tok.kind == "sentencepiece" and tok.vocab_size == 1000 and not tok.lowercase
     assert tok.special_ids == (0, 1, 2, 3, 4)
     assert tok.ids_to_tokens(range(5)) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     ids = tok.encode(NON_ASCII)
@@ -134,6 +134,7 @@ def test_sentencepiece_cli_bpe_lowercase(corpus_file, tmp_path):
     assert tok.lowercase and tok.vocab_size == 800 and tok.special_ids == (0, 1, 2, 3, 4)
     assert tok.encode("The CLASS statement") == tok.encode("the class statement")
     assert tok.decode(tok.encode("The CLASS statement")) == "the class statement"
+    assert load_tokenizer(tmp_path / "spiece.model").lowercase  # read from the model's normalizer
 
 
 def test_sentencepiece_bad_inputs(tmp_path):
