@@ -43,6 +43,7 @@ def test_tfds_text_source_reads_prepared_dataset(tmp_path, file_format):
     docs = list(sources.documents("tfds:tiny_text_corpus:train", data_dir=str(tmp_path), stats=stats))
     assert docs == EXPECTED
     assert (stats.documents, stats.sentences, stats.single_sentence_documents) == (3, 6, 1)
+    assert list(sources.tfds_documents("tiny_text_corpus", data_dir=str(tmp_path), split="train[1:]")) == EXPECTED[1:]
     with pytest.raises(ValueError, match="no split 'validation'"):
         list(sources.tfds_documents("tiny_text_corpus", data_dir=str(tmp_path), split="validation"))
 

@@ -209,8 +209,10 @@ def tfds_documents(
             f"TFDS dataset {name!r} is not prepared in data_dir={str(builder.data_dir_root)!r}: prepare it "
             f"there first (tfds build {name} --data_dir=...); we never download while reading")
     text_key = text_key or _text_feature(builder, name)
-    if split not in builder.info.splits:
-        raise ValueError(f"TFDS dataset {name!r} has no split {split!r}: {sorted(builder.info.splits)}")
+    try:
+        builder.info.splits[split]  # also accepts slices: 'train[:1%]'
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"TFDS dataset {name!r} has no split {split!r}: {sorted(builder.info.splits)}") from e
     where = f"tfds:{name}[{split}]"
     for index, example in enumerate(_tfds_examples(builder, split)):
         text = example[text_key]
