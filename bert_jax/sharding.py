@@ -114,7 +114,7 @@ def param_axes(state) -> dict:
 
     axes = partitioning.param_logical_axes(state)
     if isinstance(axes, nnx.State):
-        axes = axes.to_pure_dict()
+        axes = nnx.to_pure_dict(axes)
 
     def str_keys(d):  # nnx.List keys are ints; param trees use str keys
         return {str(k): str_keys(v) for k, v in d.items()} if isinstance(d, dict) else d

@@ -159,7 +159,8 @@ def abstract_train_state(model_cfg, opt: optax.GradientTransformation, mesh: Mes
 
 
 def create_train_state(model_cfg, opt: optax.GradientTransformation, mesh: Mesh, rules=None, seed: int = 0, *,
-                       params=None, model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None):
+                       params=None, model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None,
+                       compiler_options: dict | None = None):
     """(graphdef, TrainState, state shardings), every array created on its shard.
 
     ``params``: optional nested dict of arrays in the model's layout to start
@@ -171,7 +172,7 @@ def create_train_state(model_cfg, opt: optax.GradientTransformation, mesh: Mesh,
     init = _init_fn(model_fn, opt)
     key = jax.random.key(seed)
     if params is None:
-        return graphdef, jax.jit(init, out_shardings=shardings)(key), shardings
+        return graphdef, jax.jit(init, out_shardings=shardings, compiler_options=compiler_options)(key), shardings
     expected = jax.tree.map(lambda a: a.shape, abstract.params)
     given = jax.tree.map(lambda a: tuple(jnp.shape(a)), params)
     if jax.tree.structure(expected) != jax.tree.structure(given) or expected != given:
@@ -181,7 +182,8 @@ def create_train_state(model_cfg, opt: optax.GradientTransformation, mesh: Mesh,
         raise ValueError(f"create_train_state: params do not match the model at {diff[:8]} "
                          f"(model {[exp_flat.get(k) for k in diff[:8]]}, given {[got_flat.get(k) for k in diff[:8]]})")
     params = jax.tree.map(lambda p, a: jnp.asarray(p, a.dtype), params, abstract.params)
-    state = jax.jit(init, in_shardings=(None, shardings.params), out_shardings=shardings)(key, params)
+    state = jax.jit(init, in_shardings=(None, shardings.params), out_shardings=shardings,
+                    compiler_options=compiler_options)(key, params)
     return graphdef, state, shardings
 
 
@@ -211,11 +213,14 @@ def _tree_add(a, b):
 
 def make_train_step(graphdef, opt: optax.GradientTransformation, mesh: Mesh, rules, state_shardings, *,
                     micro_batches: int = 1, schedule: Callable | None = None, accumulate_steps: int = 1,
-                    loss_fns: LossFns = PRETRAINING, skip_nonfinite: bool = True, donate: bool = True):
+                    loss_fns: LossFns = PRETRAINING, skip_nonfinite: bool = True, donate: bool = True,
+                    compiler_options: dict | None = None):
     """The jitted train step (unlowered ``jax.jit`` object); see the module docstring.
 
     ``accumulate_steps``: the optimizer's ``accumulate_steps`` (optax.MultiSteps),
     only used to report the learning rate of the right update.
+    ``compiler_options``: XLA options for this program, e.g.
+    ``{"xla_backend_optimization_level": 0}`` compiles ~3x faster on CPU (tests).
     """
     rules = sharding.DEFAULT_RULES if rules is None else rules
     if micro_batches < 1:
@@ -245,7 +250,7 @@ def make_train_step(graphdef, opt: optax.GradientTransformation, mesh: Mesh, rul
                         zeros)
                 (loss, sums, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(micro_batches)))
 
-            grad_norm = optax.global_norm(grads)
+            grad_norm = optax.tree.norm(grads)
             updates, opt_state = opt.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
@@ -267,10 +272,11 @@ def make_train_step(graphdef, opt: optax.GradientTransformation, mesh: Mesh, rul
     return jax.jit(step_fn,
                    in_shardings=(state_shardings, sharding.batch_sharding(mesh, rules), replicated),
                    out_shardings=(state_shardings, replicated),
-                   donate_argnums=(0,) if donate else ())
+                   donate_argnums=(0,) if donate else (), compiler_options=compiler_options)
 
 
-def make_eval_step(graphdef, mesh: Mesh, rules, state_shardings, *, loss_fns: LossFns = PRETRAINING):
+def make_eval_step(graphdef, mesh: Mesh, rules, state_shardings, *, loss_fns: LossFns = PRETRAINING,
+                   compiler_options: dict | None = None):
     """jitted ``eval(params, batch) -> sums`` (deterministic); see ``eval_metrics``."""
     rules = sharding.DEFAULT_RULES if rules is None else rules
 
@@ -281,7 +287,7 @@ def make_eval_step(graphdef, mesh: Mesh, rules, state_shardings, *, loss_fns: Lo
 
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(eval_fn, in_shardings=(state_shardings.params, sharding.batch_sharding(mesh, rules)),
-                   out_shardings=replicated)
+                   out_shardings=replicated, compiler_options=compiler_options)
 
 
 def eval_metrics(sums_list, loss_fns: LossFns = PRETRAINING) -> dict:
