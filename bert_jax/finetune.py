@@ -243,13 +243,13 @@ class Runner:
         step, losses, start = 0, [], time.perf_counter()
         show = c.progress_bar and jax.process_index() == 0
         for epoch in range(math.ceil(c.num_epochs)):
-            batches = glue.train_batches(self.data.train, c.batch_size, self.buckets,
-                                         self.pretrained.tokenizer.pad_id, regression=task.is_regression,
-                                         seed=seed, epoch=epoch)
-            batches = batches[: self.total_steps - step]
-            bar = tqdm.tqdm(batches, desc=f"{task.name} lr={learning_rate:g} seed={seed} epoch {epoch + 1}",
+            indices = glue.train_batch_indices(self.data.train.lengths, c.batch_size, seed=seed, epoch=epoch)
+            indices = indices[: self.total_steps - step]  # a fractional last epoch
+            bar = tqdm.tqdm(indices, desc=f"{task.name} lr={learning_rate:g} seed={seed} epoch {epoch + 1}",
                             disable=not show, leave=False, dynamic_ncols=True)
-            for batch in bar:
+            for rows in bar:
+                batch = glue.pad_batch(self.data.train, rows, c.batch_size, self.buckets,
+                                       self.pretrained.tokenizer.pad_id, task.is_regression)
                 state, metrics = self.train_step(state, self._global(batch), key)
                 step += 1
                 losses.append(metrics["loss"])

@@ -65,7 +65,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_path):
-    write_polarity_task(tmp_path / "data", n_train=256, n_dev=64, n_test=24)
+    write_polarity_task(tmp_path / "data", n_train=160, n_dev=64, n_test=24)
     c = config(task="continuation", glue_dir=str(tmp_path / "data"), init_checkpoint=str(tiny_checkpoint / "orbax"),
                max_seq_length=16, batch_size=16, eval_batch_size=32, num_epochs=3.0,
                learning_rates=(1e-2, 3e-3), seeds=(0, 1), progress_bar=False, eval_before_training=True)
@@ -77,7 +77,7 @@ def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_pat
     assert len(entry["runs"]) == 4
     for run in entry["runs"]:
         # step 0 plus one evaluation per epoch, each with every dev metric
-        assert [e["step"] for e in run["evaluations"]] == [0, 16, 32, 48]
+        assert [e["step"] for e in run["evaluations"]] == [0, 10, 20, 30]
         assert {"dev/f1", "dev/accuracy", "dev/f1_accuracy"} <= set(run["final"])
     accuracies = [r["final"]["dev/accuracy"] for r in entry["runs"]]
     assert max(accuracies) >= 0.85, accuracies  # chance is ~0.5

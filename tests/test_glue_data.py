@@ -193,14 +193,14 @@ def test_train_batches_cover_every_example_once_with_few_shapes():
     features = glue.featurize(glue.GlueSplit(texts, None, labels, [str(i) for i in range(203)]),
                               CharTokenizer(), 128)
     buckets = glue.bucket_lengths(128)
-    batches = glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=0)
+    batches = list(glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=0))
     seen = np.concatenate([b["label_ids"][b["is_real_example"] > 0] for b in batches])
     assert sorted(seen.tolist()) == list(range(203))
     assert {b["input_ids"].shape[1] for b in batches} <= set(buckets)
     padded = sum(b["input_ids"].size for b in batches)
     assert padded < 0.75 * len(batches) * 16 * 128  # bucketing beats padding everything to 128
-    again = glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=0)
-    other_epoch = glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=1)
+    again = list(glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=0))
+    other_epoch = list(glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=1))
     assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(batches, again))
     assert any(a["input_ids"].shape != b["input_ids"].shape or (a["input_ids"] != b["input_ids"]).any()
                for a, b in zip(batches, other_epoch))

@@ -368,18 +368,15 @@ def pad_batch(features: Features, indices: Sequence[int], batch_size: int,
             "label_ids": label_ids, "is_real_example": is_real}
 
 
-def train_batches(features: Features, batch_size: int, buckets: Sequence[int], pad_id: int, *,
-                  regression: bool, seed: int, epoch: int, group_batches: int = 50
-                  ) -> list[dict[str, np.ndarray]]:
-    """One epoch of shuffled batches; examples of similar length share a batch.
+def train_batch_indices(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
+                        group_batches: int = 50) -> list[np.ndarray]:
+    """One epoch's batches (example indices): random order, examples of similar length together.
 
     Shuffles, sorts by length within windows of `group_batches` batches, then shuffles the
-    batches: random order, little padding. The last partial batch is filled with rows that
-    have is_real_example=0 (no example is dropped, the shape stays fixed).
+    batches: random order, little padding. Deterministic in (seed, epoch).
     """
     rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(features))
-    lengths = features.lengths
+    order = rng.permutation(len(lengths))
     window = batch_size * group_batches
     batches = []
     for start in range(0, len(order), window):
@@ -387,7 +384,18 @@ def train_batches(features: Features, batch_size: int, buckets: Sequence[int], p
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
         batches += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
-    return [pad_batch(features, b, batch_size, buckets, pad_id, regression) for b in batches]
+    return batches
+
+
+def train_batches(features: Features, batch_size: int, buckets: Sequence[int], pad_id: int, *,
+                  regression: bool, seed: int, epoch: int, group_batches: int = 50
+                  ) -> Iterator[dict[str, np.ndarray]]:
+    """Padded batches of `train_batch_indices`, made as they are consumed (big tasks stay small
+    in memory). The last partial batch is filled with rows that have is_real_example=0 (no
+    example is dropped, the shape stays fixed)."""
+    for indices in train_batch_indices(features.lengths, batch_size, seed=seed, epoch=epoch,
+                                       group_batches=group_batches):
+        yield pad_batch(features, indices, batch_size, buckets, pad_id, regression)
 
 
 def eval_batches(features: Features, batch_size: int, buckets: Sequence[int], pad_id: int, *,
