@@ -81,6 +81,11 @@ def test_written_file_reads_back_identically_with_tensorflow(sample, tmp_path):
     # and the Example protos are equal (field by field, whatever the map's byte order)
     for r_theirs, r_ours in zip(tf.data.TFRecordDataset(str(source)), tf.data.TFRecordDataset(str(out))):
         assert tf.train.Example.FromString(r_theirs.numpy()) == tf.train.Example.FromString(r_ours.numpy())
+    # writing whole batches gives the same bytes as writing examples one by one
+    batch = {name: np.stack([e[name] for e in examples]) for name in examples[0]}
+    with tfrecord.TFRecordWriter(tmp_path / "batched.tfrecord") as writer:
+        writer.write_batch(batch)
+    assert writer.count == 60 and (tmp_path / "batched.tfrecord").read_bytes() == out.read_bytes()
 
 
 def test_random_access_source_matches_sequential_and_feeds_grain(sample, tmp_path):

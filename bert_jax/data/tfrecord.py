@@ -214,19 +214,29 @@ BatchReader = TFRecordDataSource  # the name bert_jax.data.loader uses
 
 # ---- writing -----------------------------------------------------------------------------
 
+def _check_names(example: dict) -> None:
+    missing = [name for name in FEATURES if name not in example]
+    if missing:
+        raise KeyError(f"example lacks {missing[0]!r} (has {sorted(example)})")
+
+
+def _as_lists(values: np.ndarray, name: str) -> list:
+    return np.asarray(values).astype(np.float32 if name in FLOAT_FEATURES else np.int64).tolist()
+
+
+def _example_from_lists(values: dict[str, list]):
+    example = _tf().train.Example()
+    feature = example.features.feature
+    for name in FEATURES:  # extend() on the message: about 2x faster than building Feature objects
+        target = feature[name].float_list if name in FLOAT_FEATURES else feature[name].int64_list
+        target.value.extend(values[name])
+    return example
+
+
 def to_tf_example(example: dict[str, np.ndarray]):
     """One example (unbatched arrays in our format) as a tf.train.Example."""
-    tf = _tf()
-    feature = {}
-    for name in FEATURES:
-        if name not in example:
-            raise KeyError(f"example lacks {name!r} (has {sorted(example)})")
-        values = np.asarray(example[name]).reshape(-1)
-        if name in FLOAT_FEATURES:
-            feature[name] = tf.train.Feature(float_list=tf.train.FloatList(value=values.astype(np.float32).tolist()))
-        else:
-            feature[name] = tf.train.Feature(int64_list=tf.train.Int64List(value=values.astype(np.int64).tolist()))
-    return tf.train.Example(features=tf.train.Features(feature=feature))
+    _check_names(example)
+    return _example_from_lists({name: _as_lists(np.reshape(example[name], -1), name) for name in FEATURES})
 
 
 class TFRecordWriter:
@@ -244,8 +254,12 @@ class TFRecordWriter:
         self.count += 1
 
     def write_batch(self, batch: dict[str, np.ndarray]) -> None:
-        for index in range(len(batch["input_ids"])):
-            self.write({name: np.asarray(value)[index] for name, value in batch.items()})
+        _check_names(batch)
+        size = len(batch["input_ids"])
+        columns = {name: _as_lists(np.reshape(batch[name], (size, -1)), name) for name in FEATURES}
+        for index in range(size):
+            self._writer.write(_example_from_lists({name: columns[name][index] for name in FEATURES}).SerializeToString())
+            self.count += 1
 
     def close(self, commit: bool = True) -> None:
         self._writer.close()
