@@ -4,14 +4,17 @@ Public API (the trainer calls exactly this):
 
     it = make_pretraining_loader(
         data_dir_or_files,            # a `python -m bert_jax.data.prepare` output directory,
-                                      # or Google/MLPerf TFRecord file(s) / glob (static masks)
+                                      # or Google/MLPerf TFRecord file(s) / glob (static masks),
+                                      # or "tfds:bert_pretraining_corpus/NAME": such a directory
+                                      # converted by `python -m bert_jax.data.tfds_corpus`
         global_batch_size=256, max_seq_length=128, max_predictions_per_seq=20, seed=0,
         split="train",                # or "eval" (documents held out by `prepare`)
         dynamic_masking=True,         # False: masks stored by `prepare --static_masking`
         whole_word_masking=False, num_epochs=None,   # None: repeat forever
         process_index=None, process_count=None,      # default jax.process_index()/count()
         worker_count=0,               # >0: Grain worker processes (mp_prefetch)
-        tokenizer=None)               # optional: checked against the data's vocabulary
+        tokenizer=None,               # optional: checked against the data's vocabulary
+        tfds_data_dir=None)           # for "tfds:..." (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
     batch = next(it)                  # dict of numpy arrays, this host's global_batch/process_count rows
     state = it.get_state()            # small JSON-able dict: store it in the checkpoint
     it.set_state(state)               # continues with exactly the batch that came next
@@ -28,6 +31,8 @@ depend on the number of hosts or workers, hosts are disjoint and together cover 
 the state is just k (plus a fingerprint checked on restore). Every host gets the same number
 of batches (a trailing partial global batch is dropped), so no host waits on a collective alone.
 Dynamic masks depend only on (seed, epoch, instance index) (see masking.py).
+A TFDS conversion holds the directory's rows in the same order, so it gives the same batches,
+and a state saved reading one restores reading the other.
 """
 from __future__ import annotations
 
@@ -47,6 +52,7 @@ from bert_jax.data import masking
 METADATA_FILE = instances_lib.METADATA_FILE
 VOCAB_TABLES_FILE = instances_lib.VOCAB_TABLES_FILE
 _STATE_VERSION = 1
+TFDS_PREFIX = "tfds:"
 _MASK_PURPOSE = 0x6D61736B  # folded into dynamic-mask keys so they never equal shuffle seeds
 
 
@@ -213,7 +219,12 @@ class PretrainingLoader:
         self._iterator = None
 
 
-def read_metadata(data_dir) -> dict:
+def read_metadata(data_dir, *, tfds_data_dir=None) -> dict:
+    """prepare's metadata.json, of a prepared directory or of a `tfds:bert_pretraining_corpus/NAME`."""
+    if isinstance(data_dir, str) and data_dir.startswith(TFDS_PREFIX):
+        from bert_jax.data import tfds_corpus  # noqa: PLC0415
+        name = _tfds_config_name(data_dir, tfds_corpus.DATASET)
+        return tfds_corpus.TfdsInstances(name, data_dir=tfds_data_dir).metadata
     path = pathlib.Path(data_dir) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {data_dir} a `python -m bert_jax.data.prepare` output?")
@@ -223,34 +234,67 @@ def read_metadata(data_dir) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
-def _prepared_source(data_dir, split, *, max_seq_length, max_predictions_per_seq, dynamic_masking,
-                     whole_word_masking, tokenizer):
-    data_dir = pathlib.Path(data_dir)
-    metadata = read_metadata(data_dir)
+def _check_metadata(metadata: dict, where: str, split: str, *, max_seq_length, max_predictions_per_seq,
+                    dynamic_masking, whole_word_masking, tokenizer) -> None:
+    """prepare's settings (metadata.json) against what the caller asks for; `where` names the data."""
     if split not in metadata["splits"]:
-        raise ValueError(f"split {split!r} not in {data_dir} (has {sorted(metadata['splits'])})")
+        raise ValueError(f"split {split!r} not in {where} (has {sorted(metadata['splits'])})")
     if metadata["max_seq_length"] != max_seq_length:
-        raise ValueError(f"{data_dir} holds max_seq_length={metadata['max_seq_length']}, asked for {max_seq_length}")
+        raise ValueError(f"{where} holds max_seq_length={metadata['max_seq_length']}, asked for {max_seq_length}")
     if metadata["static_masking"] == dynamic_masking:
-        raise ValueError(f"{data_dir} was prepared with {'static' if metadata['static_masking'] else 'dynamic'}"
+        raise ValueError(f"{where} was prepared with {'static' if metadata['static_masking'] else 'dynamic'}"
                          f" masking; pass dynamic_masking={not metadata['static_masking']}")
     if not dynamic_masking:
         for key, value in (("max_predictions_per_seq", max_predictions_per_seq),
                            ("whole_word_masking", whole_word_masking)):
             if metadata[key] != value:
-                raise ValueError(f"{data_dir} has static masks with {key}={metadata[key]}, asked for {value}")
+                raise ValueError(f"{where} has static masks with {key}={metadata[key]}, asked for {value}")
     if tokenizer is not None and (tokenizer.vocab_size != metadata["vocab_size"]
                                   or list(tokenizer.special_ids) != metadata["special_ids"]):
         raise ValueError(f"tokenizer (vocab_size {tokenizer.vocab_size}, special ids {tokenizer.special_ids}) does"
-                         f" not match {data_dir} (vocab_size {metadata['vocab_size']},"
+                         f" not match {where} (vocab_size {metadata['vocab_size']},"
                          f" special ids {metadata['special_ids']})")
+    if not metadata["splits"][split]["shards"]:
+        raise ValueError(f"split {split!r} of {where} has no instances")
+
+
+def _masking_vocab(metadata: dict, tables) -> masking.MaskingVocab:
+    return masking.MaskingVocab(metadata["mask_id"], tuple(metadata["special_ids"]),
+                                np.asarray(tables["replacement_ids"], np.int32), np.asarray(tables["word_start"], bool))
+
+
+def _shard_names(metadata: dict, split: str) -> list[str]:
+    """What the state fingerprints: the same for a prepared directory and its TFDS conversion."""
+    return [pathlib.Path(shard["file"]).name for shard in metadata["splits"][split]["shards"]]
+
+
+def _prepared_source(data_dir, split, **settings):
+    data_dir = pathlib.Path(data_dir)
+    metadata = read_metadata(data_dir)
+    _check_metadata(metadata, str(data_dir), split, **settings)
     files = [data_dir / shard["file"] for shard in metadata["splits"][split]["shards"]]
-    if not files:
-        raise ValueError(f"split {split!r} of {data_dir} has no instances")
-    tables = np.load(data_dir / VOCAB_TABLES_FILE)
-    vocab = masking.MaskingVocab(metadata["mask_id"], tuple(metadata["special_ids"]),
-                                 tables["replacement_ids"], tables["word_start"])
-    return InstanceShards(files), vocab, metadata["masked_lm_prob"]
+    with np.load(data_dir / VOCAB_TABLES_FILE) as tables:
+        vocab = _masking_vocab(metadata, tables)
+    return InstanceShards(files), vocab, metadata["masked_lm_prob"], _shard_names(metadata, split)
+
+
+def _tfds_config_name(spec: str, dataset: str) -> str:
+    prefix, _, name = spec[len(TFDS_PREFIX):].partition("/")
+    if prefix != dataset or not name or "/" in name:
+        raise ValueError(f"{spec!r}: a TFDS source must be '{TFDS_PREFIX}{dataset}/NAME' (a corpus"
+                         f" converted with python -m bert_jax.data.tfds_corpus)")
+    return name
+
+
+def _tfds_source(spec: str, tfds_data_dir, split, **settings):
+    """`tfds:bert_pretraining_corpus/NAME`: a prepared corpus converted by `bert_jax.data.tfds_corpus`."""
+    from bert_jax.data import tfds_corpus  # noqa: PLC0415 (TensorFlow only when TFDS is read)
+    source = tfds_corpus.TfdsInstances(_tfds_config_name(spec, tfds_corpus.DATASET), data_dir=tfds_data_dir,
+                                       split=split)
+    where = f"{spec[len(TFDS_PREFIX):]} in {source.data_dir}"
+    _check_metadata(source.metadata, where, split, **settings)
+    vocab = _masking_vocab(source.metadata, source.vocab_tables)
+    return source, vocab, source.metadata["masked_lm_prob"], _shard_names(source.metadata, split)
 
 
 def _tfrecord_source(paths, split, max_seq_length, max_predictions_per_seq, dynamic_masking):
@@ -281,7 +325,7 @@ def make_pretraining_loader(data_dir_or_files, *, global_batch_size: int, max_se
                             dynamic_masking: bool = True, whole_word_masking: bool = False,
                             num_epochs: int | None = None, process_index: int | None = None,
                             process_count: int | None = None, worker_count: int = 0,
-                            tokenizer=None) -> PretrainingLoader:
+                            tokenizer=None, tfds_data_dir: str | None = None) -> PretrainingLoader:
     """This host's pretraining batches (see the module docstring)."""
     if process_index is None or process_count is None:
         import jax  # noqa: PLC0415 (only when the caller did not say which host this is)
@@ -293,12 +337,12 @@ def make_pretraining_loader(data_dir_or_files, *, global_batch_size: int, max_se
         raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
     host_batch_size = global_batch_size // process_count
 
-    tfrecords = _resolve_tfrecords(data_dir_or_files)
-    if tfrecords is None:
-        source, vocab, masked_lm_prob = _prepared_source(
-            data_dir_or_files, split, max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq,
-            dynamic_masking=dynamic_masking, whole_word_masking=whole_word_masking, tokenizer=tokenizer)
-        files = [pathlib.Path(f).name for f in source.files]
+    settings = dict(max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq,
+                    dynamic_masking=dynamic_masking, whole_word_masking=whole_word_masking, tokenizer=tokenizer)
+    if isinstance(data_dir_or_files, str) and data_dir_or_files.startswith(TFDS_PREFIX):
+        source, vocab, masked_lm_prob, files = _tfds_source(data_dir_or_files, tfds_data_dir, split, **settings)
+    elif (tfrecords := _resolve_tfrecords(data_dir_or_files)) is None:
+        source, vocab, masked_lm_prob, files = _prepared_source(data_dir_or_files, split, **settings)
     else:
         source = _tfrecord_source(tfrecords, split, max_seq_length, max_predictions_per_seq, dynamic_masking)
         vocab, masked_lm_prob, files = None, 0.15, [pathlib.Path(f).name for f in tfrecords]

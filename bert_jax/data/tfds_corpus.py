@@ -130,7 +130,9 @@ class TfdsInstances:
     """Random access to a converted corpus' rows: `len()` and `read(indices)` -> structured rows,
     the same rows (and dtype) as prepare's .npy shards, read through `tfds.data_source`."""
 
-    def __init__(self, name: str, *, data_dir, split: str = "train"):
+    def __init__(self, name: str, *, data_dir=None, split: str = "train"):
+        if data_dir is None:  # as TFDS: $TFDS_DATA_DIR, else ~/tensorflow_datasets
+            data_dir = _tfds().core.constants.get_default_data_dir()
         self.name, self.data_dir, self.split = name, str(data_dir), split
         self._source = None
         builder = self._builder()
