@@ -240,8 +240,11 @@ class Plan:
                          f"{gib(self.oom_available_bytes)} GiB")
             lines.append(f"fits       NO: does not fit in {gib(self.hbm_bytes)} GiB HBM per chip{needs}")
             lines.append(f"           compiler: {self.oom_message}")
-        compiler = (f"; compiler cost_analysis {self.compiler_flops_per_step:.3e}"
-                    if self.compiler_flops_per_step else "")
+        compiler = ""
+        if self.compiler_flops_per_step:
+            # XLA's cost analysis does not multiply a while loop's body by its trip count.
+            scanned = " (counts the scanned layer once)" if self.scan_layers else ""
+            compiler = f"; compiler cost_analysis {self.compiler_flops_per_step:.3e}{scanned}"
         lines.append(f"FLOPs      per step: analytic {self.analytic_flops_per_step:.3e} (matmuls, fwd+bwd){compiler}")
         lines.append(
             f"speed      at {100 * self.mfu:.0f}% MFU of {t.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s per chip: "
