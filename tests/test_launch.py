@@ -226,6 +226,15 @@ def test_slurm_job_per_node_passes_explicit_process_ids(project):
     assert python["env"]["SLURM_LOCALID"] is None
 
 
+def test_slurm_job_dry_run_prints_srun(project):
+    result = run_script(project, "slurm_gpu.sbatch", "--config", "configs/tiny.py", "--workdir", "/r",
+                        "--venv", str(project / "venv"), "--dry-run", extra_env={"BERT_JAX_ROOT": str(project)})
+    assert result.returncode == 0, result.stderr
+    assert printed(result) == [f"srun --kill-on-bad-exit=1 {project}/venv/bin/python -m bert_jax.pretrain "
+                               "--config configs/tiny.py --workdir /r"]
+    assert calls(project) == []
+
+
 def test_slurm_job_outside_slurm_refuses(project):
     result = run_script(project, "slurm_gpu.sbatch", "--config", "configs/tiny.py", "--workdir", "/r",
                         "--venv", str(project / "venv"))
