@@ -27,6 +27,7 @@ import pathlib
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from bert_jax import model as bert_model
@@ -179,13 +180,12 @@ def restore_params(path):
     meta = read_json_item(step_dir, META)
     config = bert_model.BertConfig.from_dict(meta["model_config"])
     state_dir = step_dir / STATE
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(state_dir).item_metadata.tree
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
     if "params" not in tree:
         raise ValueError(f"{state_dir}: no 'params' in the saved state (keys: {sorted(tree)})")
     # Only the params, as host numpy arrays: no devices, no optimizer state read.
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+    restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         item={"params": tree["params"]}, restore_args={"params": restore_args},
         partial_restore=True))
     params = bert_model.params_to_dict(restored["params"])

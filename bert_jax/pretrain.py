@@ -259,6 +259,8 @@ def run(config, workdir) -> dict:
         config, model_config, opt, mesh, rules, ckpt, latest)
 
     train_batches, eval_batches = make_data(config, tok, workdir)
+    if config.train.eval_steps == 0:
+        eval_batches = None
     if data_state is not None:
         train_batches.set_state(data_state)
 

@@ -1,0 +1,211 @@
+"""The pretraining entrypoint end to end on real text (tiny model, short sequences).
+
+One prepared slice of ../shared/data/enwiki_sample is shared by all tests; every run has
+the same shapes (batch 16, length 64) so they compile the same programs.
+"""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bert_jax import checkpoint, config_utils, metrics_writer, pretrain, tokenizer, trainer
+from bert_jax.data import prepare
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+VOCAB = 1000
+STEPS = 20
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Every run here compiles the same programs: keep them on disk across runs."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    saved = {name: getattr(jax.config, name) for name in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes")}
+    path = tmp_path_factory.mktemp("jax_cache")
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    yield path
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def prepared(shared_data, tmp_path_factory):
+    """~60 enwiki articles, a SentencePiece vocabulary trained on them, prepared instances."""
+    tmp = tmp_path_factory.mktemp("enwiki")
+    lines = (shared_data / "enwiki_sample" / "enwiki_2015_sample.txt").read_text().splitlines()
+    corpus = tmp / "enwiki_slice.txt"
+    corpus.write_text("\n".join(lines[:3000]) + "\n")
+    tok = tokenizer.train_sentencepiece([str(corpus)], tmp / "tokenizer", vocab_size=VOCAB, lowercase=True)
+    tok.save(tmp / "tokenizer")
+    prepare.prepare(str(corpus), tmp / "tokenizer", tmp / "data", max_seq_length=64, eval_fraction=0.05,
+                    seed=1, workers=1, progress=False)
+    return tmp
+
+
+def make_config(prepared, **overrides):
+    c = config_utils.load_config_file(str(ROOT / "configs" / "bert_tiny.py"))
+    c.model.dtype = "float32"
+    c.model.max_position_embeddings = 64
+    c.data.source = "prepared"
+    c.data.train_path = str(prepared / "data")
+    c.data.tokenizer = str(prepared / "tokenizer")
+    c.data.max_seq_length = 64
+    c.data.max_predictions_per_seq = 10
+    c.train.global_batch_size = 16
+    c.train.steps = STEPS
+    c.train.log_every = 1
+    c.train.eval_every = 10_000
+    c.train.eval_steps = 0  # no evaluation unless a test asks
+    c.train.checkpoint_every = 10_000
+    c.train.progress_bar = False
+    c.optimizer.learning_rate = 2e-3
+    c.optimizer.warmup_steps = 5
+    for dotted, value in overrides.items():
+        section, key = dotted.split("__")
+        c[section][key] = value
+    return c
+
+
+@pytest.fixture(scope="module")
+def reference(prepared, tmp_path_factory):
+    """An uninterrupted run of STEPS steps."""
+    workdir = tmp_path_factory.mktemp("reference")
+    pretrain.run(make_config(prepared), workdir)
+    return workdir
+
+
+def _cli_args(c) -> list[str]:
+    flat = {f"{s}.{k}": v for s, sec in c.items() for k, v in sec.items() if v is not None}
+    return [f"--config.{k}={v}" for k, v in flat.items()]
+
+
+def _params(workdir):
+    return checkpoint.restore_params(workdir)[1]
+
+
+def _train_losses(workdir):
+    return {r["step"]: r["loss"] for r in metrics_writer.read_jsonl(workdir, "train")}
+
+
+def test_mlm_loss_falls_on_real_text(prepared, tmp_path):
+    c = make_config(prepared, train__steps=200, train__log_every=20, train__eval_every=100,
+                    train__eval_steps=4, optimizer__warmup_steps=20)
+    summary = pretrain.run(c, tmp_path)
+    rows = metrics_writer.read_jsonl(tmp_path, "train")
+    first, last = rows[0]["mlm_loss"], rows[-1]["mlm_loss"]
+    assert first > np.log(VOCAB) - 0.5  # starts near uniform over the vocabulary
+    # From near-uniform (ln 1000 = 6.9) to the frequency level and below within 200 steps.
+    assert last < first - 0.8, (first, last)
+    evals = metrics_writer.read_jsonl(tmp_path, "eval")
+    assert [r["step"] for r in evals] == [100, 200]
+    assert evals[-1]["mlm_loss"] < evals[0]["mlm_loss"] < np.log(VOCAB) - 1.2
+    assert rows[-1]["sequences_per_second"] > 0 and 0 < rows[-1]["mfu"] < 1
+    assert summary["step"] == 200 and not summary["preempted"]
+    assert (tmp_path / metrics_writer.TENSORBOARD_DIR).is_dir()
+    assert checkpoint.Checkpointer(tmp_path, read_only=True).all_steps() == [200]
+
+
+def test_sigterm_checkpoint_then_exact_resume_on_another_mesh(prepared, reference, tmp_path):
+    """A run on 4 devices gets SIGTERM, saves at that step and exits 0; resumed on 8
+    devices it ends where an uninterrupted run ends: same losses, same params."""
+    config = make_config(prepared)
+    interrupted = tmp_path / "interrupted"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bert_jax.pretrain", f"--config={ROOT / 'configs' / 'bert_tiny.py'}",
+         f"--workdir={interrupted}", *_cli_args(config)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not _train_losses(interrupted) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 0, output[-3000:]
+    saved_step = checkpoint.Checkpointer(interrupted, read_only=True).latest_step()
+    assert 1 <= saved_step < STEPS, output[-3000:]
+    assert f"preempted: checkpoint at step {saved_step}" in output
+    assert max(_train_losses(interrupted)) == saved_step  # the step it had reached
+
+    summary = pretrain.run(config, interrupted)
+    assert summary["start_step"] == saved_step and summary["step"] == STEPS
+
+    resumed_losses, reference_losses = _train_losses(interrupted), _train_losses(reference)
+    assert sorted(resumed_losses) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([resumed_losses[s] for s in range(1, STEPS + 1)],
+                               [reference_losses[s] for s in range(1, STEPS + 1)], rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(_params(interrupted)), jax.tree.leaves(_params(reference)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+
+
+def test_resume_is_bitwise_on_the_same_mesh(prepared, reference, tmp_path):
+    """N steps, then N more from the checkpoint == 2N steps (schedule over 2N both times)."""
+    half = make_config(prepared, train__steps=STEPS // 2, optimizer__total_steps=STEPS)
+    pretrain.run(half, tmp_path)
+    summary = pretrain.run(make_config(prepared), tmp_path)
+    assert summary["start_step"] == STEPS // 2
+    assert _train_losses(tmp_path) == _train_losses(reference)
+    for a, b in zip(jax.tree.leaves(_params(tmp_path)), jax.tree.leaves(_params(reference)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_other_model_in_workdir_is_an_error_and_leaves_it_untouched(prepared, reference):
+    files = lambda: {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="hidden_size: checkpoint 128 vs this run 256"):
+        pretrain.run(make_config(prepared, model__preset="mini", train__steps=STEPS + 5), reference)
+    assert files() == before
+
+
+def _loop(train_metrics, *, max_nonfinite_steps=3, total_steps=10):
+    """train_loop with stand-in steps: metrics for step i are train_metrics(i)."""
+    settings = trainer.LoopSettings(total_steps=total_steps, log_every=5, eval_every=100, eval_steps=1,
+                                    checkpoint_every=100, max_nonfinite_steps=max_nonfinite_steps,
+                                    global_batch_size=1, flops_per_step=1.0, peak_flops_total=1.0)
+    saved = []
+    preemption = trainer.PreemptionWatcher()
+    try:
+        return trainer.train_loop(
+            state=0, start_step=0, settings=settings,
+            train_step=lambda state, batch: (state + 1, train_metrics(state + 1)),
+            eval_step=None, eval_finish=None, eval_batches=None, train_batches=iter(range(100)),
+            to_global=lambda b: b, save=lambda step, state, **kw: saved.append(step),
+            writer=metrics_writer.MetricsWriter(None, enabled=False), preemption=preemption), saved
+    finally:
+        preemption.close()
+
+
+def test_repeated_nonfinite_steps_stop_with_a_clear_message():
+    bad_from_step_4 = lambda step: {"loss": np.float32("nan") if step >= 4 else np.float32(1.0),  # noqa: E731
+                                    "update_skipped": np.int32(step >= 4)}
+    with pytest.raises(trainer.NonFiniteError, match="3 consecutive steps.*last at step 6"):
+        _loop(bad_from_step_4)
+    # Isolated skipped steps are counted, not fatal.
+    every_third = lambda step: {"loss": np.float32(1.0), "update_skipped": np.int32(step % 3 == 0)}  # noqa: E731
+    (state, summary), saved = _loop(every_third)
+    assert summary["step"] == 10 and saved == [10]
+
+
+def test_phase2_init_from_phase1(prepared, reference, tmp_path):
+    """Phase 2 starts from phase 1's params (and tokenizer) with a fresh step count."""
+    c = make_config(prepared, train__steps=2, optimizer__total_steps=STEPS, train__init_from=str(reference))
+    c.data.tokenizer = ""  # taken from phase 1's workdir
+    summary = pretrain.run(c, tmp_path)
+    assert summary["start_step"] == 0 and summary["step"] == 2
+    phase1, phase2 = _params(reference), _params(tmp_path)
+    # One small update (the first step's warmup learning rate is 0) from phase 1's params.
+    diffs = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(phase1), jax.tree.leaves(phase2), strict=True)]
+    assert 0 < max(diffs) < 0.01
+    assert checkpoint.tokenizer_fingerprint(reference / "tokenizer") == \
+        checkpoint.tokenizer_fingerprint(tmp_path / "tokenizer")
