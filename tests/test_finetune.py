@@ -53,7 +53,7 @@ def write_polarity_task(out_dir: pathlib.Path, n_train: int, n_dev: int, n_test:
 def tiny_checkpoint(tmp_path_factory):
     """A tiny randomly initialised 'pretrained' model with its own small WordPiece vocab."""
     d = tmp_path_factory.mktemp("tiny_ckpt")
-    vocab = SPECIALS + FILLER + ["good", "bad"]
+    vocab = SPECIALS + FILLER + ["good", "bad", "meh"]
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
     cfg = bert_model.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
@@ -96,7 +96,7 @@ def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_pat
 
     # The chosen run's checkpoint reads back (with its head) through convert, like any other.
     cfg, params, _ = convert.load_pretrained(workdir / "continuation" / "checkpoint", "orbax")
-    assert params["classifier"]["kernel"].shape == (32, 2) and cfg.vocab_size == 27
+    assert params["classifier"]["kernel"].shape == (32, 2) and cfg.vocab_size == 28
 
 
 def test_bad_inputs_fail_clearly(tiny_checkpoint, tmp_path):
@@ -107,10 +107,10 @@ def test_bad_inputs_fail_clearly(tiny_checkpoint, tmp_path):
     other = tmp_path / "other_vocab"
     other.mkdir()
     (other / "vocab.txt").write_text("\n".join(SPECIALS + ["x", "y"]) + "\n")
-    with pytest.raises(ValueError, match=r"tokenizer has 7 tokens but the checkpoint's vocab_size is 27"):
+    with pytest.raises(ValueError, match=r"tokenizer has 7 tokens but the checkpoint's vocab_size is 28"):
         finetune.load_pretrained_encoder(str(tiny_checkpoint / "npz"), "auto", str(other / "vocab.txt"))
     pretrained = finetune.load_pretrained_encoder(str(tiny_checkpoint / "npz"))  # vocab.txt beside the .npz
-    assert pretrained.tokenizer.vocab_size == pretrained.config.vocab_size == 27
+    assert pretrained.tokenizer.vocab_size == pretrained.config.vocab_size == 28
     write_polarity_task(tmp_path / "data", 8, 8, 8)
     (tmp_path / "data" / "dev.tsv").unlink()
     c = config(task="continuation", glue_dir=str(tmp_path / "data"), init_checkpoint=str(tiny_checkpoint / "orbax"))
@@ -140,3 +140,65 @@ def test_real_minilm_weights_improve_dev_metric(tmp_path):
     run = finetune.run(c, tmp_path / "work")["tasks"]["sst2"]["runs"][0]
     before, after = run["evaluations"][0]["dev/accuracy"], run["final"]["dev/accuracy"]
     assert after >= 0.9 and after > before + 0.2, (before, after)
+
+
+def write_mnli_and_stsb(root: pathlib.Path, n_train: int, n_dev: int, seed: int = 0):
+    """MNLI (12/16/10-column files, AX) and STS-B files whose label follows a keyword."""
+    rng = random.Random(seed)
+    keyword = {"entailment": "good", "neutral": "meh", "contradiction": "bad"}
+    score = {"good": 5.0, "meh": 2.5, "bad": 0.0}
+
+    def pair():
+        label = rng.choice(list(keyword))
+        words = [rng.choice(FILLER) for _ in range(2)] + [keyword[label]]
+        rng.shuffle(words)
+        return " ".join(rng.choice(FILLER) for _ in range(2)), " ".join(words), label
+
+    head = ["index", "promptID", "pairID", "genre", "b1", "b2", "p1", "p2", "sentence1", "sentence2"]
+    files = {"train": (n_train, ["label1", "gold_label"]), "dev_matched": (n_dev, ["label1"] * 5 + ["gold_label"]),
+             "dev_mismatched": (n_dev, ["label1"] * 5 + ["gold_label"]), "test_matched": (5, []),
+             "test_mismatched": (6, [])}
+    (root / "MNLI").mkdir(parents=True)
+    (root / "STS-B").mkdir()
+    for name, (n, label_cols) in files.items():
+        lines = ["\t".join(head + label_cols)]
+        for i in range(n):
+            a, b, label = pair()
+            lines.append("\t".join([str(i), "1", "1e", "fiction", "(a)", "(b)", "(a)", "(b)", a, b]
+                                   + [label] * len(label_cols)))
+        (root / "MNLI" / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+    (root / "AX").mkdir()
+    (root / "AX" / "test.tsv").write_text("index\tsentence1\tsentence2\n"
+                                          + "".join(f"{i}\t{pair()[0]}\t{pair()[1]}\n" for i in range(7)))
+    sts_head = ["index", "genre", "filename", "year", "old_index", "source1", "source2", "sentence1", "sentence2"]
+    for name, n in (("train", n_train), ("dev", n_dev), ("test", 4)):
+        lines = ["\t".join(sts_head + (["score"] if name != "test" else []))]
+        for i in range(n):
+            a, b, label = pair()
+            extra = [f"{score[keyword[label]]:.3f}"] if name != "test" else []
+            lines.append("\t".join([str(i), "g", "f", "2012", "0", "n", "n", a, b] + extra))
+        (root / "STS-B" / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+
+
+def test_three_way_and_regression_tasks(tiny_checkpoint, tmp_path):
+    write_mnli_and_stsb(tmp_path / "glue", n_train=160, n_dev=48)
+    c = config(task="mnli,stsb", glue_dir=str(tmp_path / "glue"), init_checkpoint=str(tiny_checkpoint / "orbax"),
+               max_seq_length=16, batch_size=16, eval_batch_size=16, num_epochs=6.0, learning_rates=(3e-3,),
+               progress_bar=False, save_checkpoint=False)
+    tasks = finetune.run(c, tmp_path / "work")["tasks"]
+    mnli = tasks["mnli"]["runs"][0]["final"]
+    assert tasks["mnli"]["primary_metric"] == "dev_matched/accuracy"
+    sts = tasks["stsb"]["runs"][0]["final"]
+    assert tasks["stsb"]["primary_metric"] == "dev/correlation"
+    for name in ("dev_matched", "dev_mismatched"):  # better than always answering the commonest label
+        gold = [x.split("\t")[-1] for x in (tmp_path / "glue" / "MNLI" / f"{name}.tsv").read_text().splitlines()[1:]]
+        majority = max(gold.count(label) for label in set(gold)) / len(gold)
+        assert mnli[f"{name}/accuracy"] >= majority + 0.1, (mnli, sts, majority)
+    assert sts["dev/pearson"] > 0.5 and sts["dev/spearman"] > 0.5, (mnli, sts)
+    submission = tmp_path / "work" / "submission"
+    for name, rows in (("MNLI-m", 5), ("MNLI-mm", 6), ("AX", 7)):
+        lines = (submission / f"{name}.tsv").read_text().splitlines()
+        assert len(lines) == rows + 1
+        assert {x.split("\t")[1] for x in lines[1:]} <= {"entailment", "neutral", "contradiction"}
+    scores = [float(x.split("\t")[1]) for x in (submission / "STS-B.tsv").read_text().splitlines()[1:]]
+    assert len(scores) == 4 and all(0.0 <= x <= 5.0 for x in scores)
