@@ -105,3 +105,20 @@ def test_tfds_source_errors_are_clear(corpora, tmp_path):
         _loader(SOURCE, tfds_dir, max_seq_length=128)
     with pytest.raises(ValueError, match="dynamic_masking=True"):
         _loader(SOURCE, tfds_dir, dynamic_masking=False)
+
+
+def test_tfds_static_masks_equal_directory_batches(corpora):
+    """Stored masks (--static_masking) come through TFDS unchanged, on 2 hosts."""
+    prepared, tfds_dir = corpora
+    static = prepared.parent / "static"
+    prepare(str(prepared.parent / "corpus.txt"), str(prepared / "tokenizer"), static, max_seq_length=SEQ_LEN, workers=1,
+            input_format="sentences", static_masking=True, dupe_factor=1, max_predictions_per_seq=PREDICTIONS,
+            progress=False)
+    tfds_corpus.build(static, tfds_dir, "static")
+    for host in range(2):
+        options = dict(dynamic_masking=False, process_index=host, process_count=2)
+        expected = _take(_loader(static, tfds_dir, **options), 3)
+        got = _take(_loader("tfds:bert_pretraining_corpus/static", tfds_dir, **options), 3)
+        for a, b in zip(expected, got):
+            _assert_equal(a, b)
+        assert got[0]["masked_lm_weights"].sum() > 0
