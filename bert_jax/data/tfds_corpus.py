@@ -13,6 +13,9 @@ layout, convert it once; every host then reads it with `tfds.data_source`:
 
     tfds.data_source("bert_pretraining_corpus/wiki128", data_dir=...)   # plain TFDS, dict per record
 
+The loader reads it directly, with the same batches as from the prepared directory:
+`make_pretraining_loader("tfds:bert_pretraining_corpus/wiki128", tfds_data_dir="gs://bucket/tfds", ...)`.
+
 The dataset is `bert_pretraining_corpus/<name>`, one TFDS feature per instance field
 (`bert_jax.data.instances.instance_dtype`: input_ids, num_tokens, first_segment_length,
 next_sentence_label, document, b_document, and the stored masks with --static_masking);
