@@ -297,7 +297,7 @@ def run_task(task: glue.GlueTask, c, workdir: pathlib.Path, pretrained: Pretrain
     log.info("%s: %d train examples, %d steps/epoch, %d steps, buckets %s", task.name, len(data.train),
              runner.steps_per_epoch, runner.total_steps, runner.buckets)
     entry = results["tasks"][task.name] = {"primary_metric": task.primary_metric, "runs": []}
-    best_score = -math.inf
+    best_score, best_params = -math.inf, None
     for learning_rate in c.learning_rates:
         for seed in c.seeds:
             record, params = runner.train(float(learning_rate), int(seed))
@@ -305,20 +305,25 @@ def run_task(task: glue.GlueTask, c, workdir: pathlib.Path, pretrained: Pretrain
             score = _finite(record["final"][task.primary_metric])
             log.info("%s lr=%g seed=%d: %s", task.name, learning_rate, seed,
                      {k: round(v, 4) for k, v in record["final"].items() if isinstance(v, float)})
-            if score > best_score or not entry.get("chosen"):
-                best_score = score
+            if score > best_score or best_params is None:
+                # Kept on the host: test predictions and the checkpoint are written once, at the end.
+                best_score, best_params = score, jax.tree.map(np.asarray, _gather(params))
                 entry["chosen"] = {"learning_rate": float(learning_rate), "seed": int(seed),
-                                   "metrics": record["final"], **save_outputs(runner, params, workdir)}
+                                   "metrics": record["final"]}
+            del params
             entry.update(summarize(task, entry["runs"]))
             write_results(workdir, results)
-            del params
+    entry["chosen"].update(save_outputs(runner, best_params, workdir))
+    write_results(workdir, results)
     return entry
 
 
-def save_outputs(runner: Runner, params, workdir: pathlib.Path) -> dict:
-    """Submission files and the fine-tuned checkpoint of a new best run (replacing the last best)."""
+def save_outputs(runner: Runner, host_params, workdir: pathlib.Path) -> dict:
+    """Submission files and the fine-tuned checkpoint of the chosen run (replacing earlier ones)."""
     c, task, out = runner.c, runner.data.task, {}
     if c.write_predictions:
+        params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
+                              host_params, runner.state_shardings.params)
         files = []
         for name, (split, features) in runner.data.test.items():
             predictions = runner.predict(params, features)
@@ -326,8 +331,8 @@ def save_outputs(runner: Runner, params, workdir: pathlib.Path) -> dict:
                 files.append(glue.write_submission(task, name, split, predictions,
                                                    str(workdir / SUBMISSION_DIR)))
         out["submissions"] = files
+        del params
     if c.save_checkpoint:
-        host_params = jax.tree.map(np.asarray, _gather(params))
         final, tmp = workdir / task.name / "checkpoint", workdir / task.name / "checkpoint.tmp"
         primary = jax.process_index() == 0
         if primary:

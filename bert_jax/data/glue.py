@@ -261,6 +261,9 @@ def load_task(task: GlueTask, *, glue_dir: str | None = None, tfds_data_dir: str
 
     A missing AX file only logs a warning (it is not part of the MNLI download).
     """
+    if task.name == "continuation" and not glue_dir:
+        raise ValueError("task 'continuation' is read from TSV files: set config.glue_dir to the directory "
+                         "written by write_continuation_task")
     if glue_dir and not use_tfds:
         def load(kind, stem, labelled):
             return load_tsv_split(glue_dir, task, stem, labelled=labelled, skip_bad_rows=skip_bad_rows)
