@@ -438,16 +438,20 @@ def search_batch(config, topology: Topology | str, num_slices: int = 1, *, max_c
 # ----------------------------------------------------------------------------
 # Command line
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "pretraining config file (configs/*.py)",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology: v5e:16x16, v5p:4x4x4, v4:2x2x2, v6e:4x4, "
-                                "or an accelerator type like v5litepod-256 / v5p-128")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (multi-slice)")
-_MFU = flags.DEFINE_float("mfu", 0.5, "model FLOPs utilisation assumed for the step time")
-_VOCAB = flags.DEFINE_integer("vocab_size", 30522, "vocabulary size when config.model.vocab_size is unset")
-_SEARCH = flags.DEFINE_boolean("search_batch", False, "find the largest global batch that fits")
-_MAX_COMPILES = flags.DEFINE_integer("search_max_compiles", 10, "compile budget of --search_batch")
-_JSON = flags.DEFINE_string("json", None, "also write the result(s) as JSON to this file")
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program, so that importing
+    several entrypoints into one process, as the tests do, defines nothing)."""
+    global _CONFIG, _TOPOLOGY, _NUM_SLICES, _MFU, _VOCAB, _SEARCH, _MAX_COMPILES, _JSON
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "pretraining config file (configs/*.py)",
+                                              lock_config=True)
+    _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology: v5e:16x16, v5p:4x4x4, v4:2x2x2, v6e:4x4, "
+                                    "or an accelerator type like v5litepod-256 / v5p-128")
+    _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (multi-slice)")
+    _MFU = flags.DEFINE_float("mfu", 0.5, "model FLOPs utilisation assumed for the step time")
+    _VOCAB = flags.DEFINE_integer("vocab_size", 30522, "vocabulary size when config.model.vocab_size is unset")
+    _SEARCH = flags.DEFINE_boolean("search_batch", False, "find the largest global batch that fits")
+    _MAX_COMPILES = flags.DEFINE_integer("search_max_compiles", 10, "compile budget of --search_batch")
+    _JSON = flags.DEFINE_string("json", None, "also write the result(s) as JSON to this file")
 
 
 def main(argv) -> int:
@@ -483,4 +487,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -444,9 +444,13 @@ def run(c, workdir) -> dict:
     return results
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config file (configs/glue.py).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "results.json, submission files, fine-tuned checkpoints.")
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program, so that importing
+    several entrypoints into one process, as the tests do, defines nothing)."""
+    global _CONFIG, _WORKDIR
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config file (configs/glue.py).",
+                                              lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "results.json, submission files, fine-tuned checkpoints.")
 
 
 def main(argv) -> None:
@@ -460,5 +464,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)
