@@ -64,7 +64,15 @@ def tiny_checkpoint(tmp_path_factory):
     return d
 
 
-def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_path):
+def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_path, monkeypatch):
+    runners = []
+
+    class RecordingRunner(finetune.Runner):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            runners.append(self)
+
+    monkeypatch.setattr(finetune, "Runner", RecordingRunner)
     write_polarity_task(tmp_path / "data", n_train=160, n_dev=64, n_test=24)
     c = config(task="continuation", glue_dir=str(tmp_path / "data"), init_checkpoint=str(tiny_checkpoint / "orbax"),
                max_seq_length=16, batch_size=16, eval_batch_size=32, num_epochs=3.0,
@@ -72,6 +80,8 @@ def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_pat
     workdir = tmp_path / "work"
     results = finetune.run(c, workdir)
 
+    # Four runs at two learning rates, one input bucket: the train step compiled once.
+    assert runners[0].train_step._cache_size() == 1
     entry = json.loads((workdir / "results.json").read_text())["tasks"]["continuation"]
     assert entry == json.loads(json.dumps(finetune._clean_nan(results["tasks"]["continuation"])))
     assert len(entry["runs"]) == 4
