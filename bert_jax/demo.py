@@ -87,13 +87,13 @@ def main(argv=None) -> int:
 
     pre_eval = last_metrics(pre / "metrics.jsonl", "eval")
     results = json.loads((fine / "results.json").read_text()) if (fine / "results.json").is_file() else {}
-    chosen = results.get("continuation", {}).get("chosen", {})
+    chosen = results.get("tasks", {}).get("continuation", {}).get("chosen", {})
     print("\n=== summary")
     print(f"pretraining  ({times['pretrain']:.0f} s): workdir {pre}")
     print("  held-out: " + ", ".join(f"{k}={v:.4g}" for k, v in pre_eval.items()
                                      if isinstance(v, (int, float)) and k.startswith("eval")))
     print(f"fine-tuning  ({times['finetune']:.0f} s): workdir {fine}")
-    print(f"  chosen run: {json.dumps(chosen.get('dev', chosen), default=str)[:300]}")
+    print(f"  chosen run: {json.dumps(chosen.get('metrics', chosen), default=str)[:300]}")
     print(f"export       ({times['export']:.0f} s): {export / 'npz' / 'bert.npz'} and {export / 'hf'}")
     return 0
 
