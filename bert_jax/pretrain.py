@@ -88,6 +88,7 @@ def prepare_tokenizer(config, workdir: pathlib.Path, saved_meta: dict | None):
         staging = workdir / (checkpoint.TOKENIZER_DIR + ".tmp")
         shutil.rmtree(staging, ignore_errors=True)
         tok.save(staging)
+        shutil.rmtree(workdir / "tokenizer.train", ignore_errors=True)
         shutil.rmtree(tokenizer_dir, ignore_errors=True)  # no checkpoint uses it yet
         os.replace(staging, tokenizer_dir)
     _sync("tokenizer_written")
@@ -330,9 +331,13 @@ def _count_params(params) -> int:
 # ----------------------------------------------------------------------------
 # Command line
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file (configs/*.py[:phase2]).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, tokenizer, metrics; resumed when it has them.")
+def define_flags() -> None:
+    """Defines the command-line flags (only when run as a program, so that importing
+    several entrypoints into one process, as the tests do, defines nothing)."""
+    global _CONFIG, _WORKDIR
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file (configs/*.py[:phase2]).",
+                                              lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, tokenizer, metrics; resumed when it has them.")
 
 
 def main(argv) -> None:
@@ -340,11 +345,15 @@ def main(argv) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
         absl_logging.set_verbosity(absl_logging.WARNING)
-    summary = run(_CONFIG.value, _WORKDIR.value)
+    try:
+        summary = run(_CONFIG.value, _WORKDIR.value)
+    except (checkpoint.CheckpointMismatchError, trainer.NonFiniteError) as e:
+        sys.exit(f"error: {e}")
     if summary.get("preempted"):
         print(f"preempted: checkpoint at step {summary['step']} in {summary['workdir']}", flush=True)
 
 
 if __name__ == "__main__":
+    define_flags()
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -152,6 +152,9 @@ def train_loop(
         batch = to_global(next(train_batches))
         state, metrics = train_step(state, batch)
         step += 1
+        if step == start_step + 1:  # the first step compiles: keep it out of the throughput
+            jax.block_until_ready(metrics)
+            window.start_step, window.start_time = step, time.perf_counter()
 
         if pending is not None:
             nonfinite_run = _check_finite(pending, nonfinite_run, settings, writer)

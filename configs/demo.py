@@ -15,12 +15,12 @@ def get_config(arg: str = ""):
     c.data.max_predictions_per_seq = 10
     c.data.eval_fraction = 0.02
     c.train.global_batch_size = 32
-    c.train.steps = 600
+    c.train.steps = 400
     c.train.log_every = 50
     c.train.eval_every = 200
     c.train.eval_steps = 10
     c.train.checkpoint_every = 200
     c.train.keep = 2
     c.optimizer.learning_rate = 1e-3
-    c.optimizer.warmup_steps = 60
+    c.optimizer.warmup_steps = 40
     return config_utils.finish(c, arg)

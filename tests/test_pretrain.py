@@ -80,9 +80,9 @@ def make_config(prepared, **overrides):
 
 @pytest.fixture(scope="module")
 def reference(prepared, tmp_path_factory):
-    """An uninterrupted run of STEPS steps."""
+    """An uninterrupted run of STEPS steps, with asynchronous checkpoints along the way."""
     workdir = tmp_path_factory.mktemp("reference")
-    pretrain.run(make_config(prepared), workdir)
+    pretrain.run(make_config(prepared, train__checkpoint_every=5, train__keep=10), workdir)
     return workdir
 
 
@@ -153,9 +153,14 @@ def test_resume_is_bitwise_on_the_same_mesh(prepared, reference, tmp_path):
     """N steps, then N more from the checkpoint == 2N steps (schedule over 2N both times)."""
     half = make_config(prepared, train__steps=STEPS // 2, optimizer__total_steps=STEPS)
     pretrain.run(half, tmp_path)
-    summary = pretrain.run(make_config(prepared), tmp_path)
+    summary = pretrain.run(make_config(prepared, train__keep=10), tmp_path)
     assert summary["start_step"] == STEPS // 2
     assert _train_losses(tmp_path) == _train_losses(reference)
+    # The reference's async checkpoint at N (its state donated to the next step while
+    # saving) holds what the half run saved at its end.
+    for a, b in zip(jax.tree.leaves(_params(tmp_path / checkpoint.CHECKPOINTS_DIR / str(STEPS // 2))),
+                    jax.tree.leaves(_params(reference / checkpoint.CHECKPOINTS_DIR / str(STEPS // 2))), strict=True):
+        np.testing.assert_array_equal(a, b)
     for a, b in zip(jax.tree.leaves(_params(tmp_path)), jax.tree.leaves(_params(reference)), strict=True):
         np.testing.assert_array_equal(a, b)
 
