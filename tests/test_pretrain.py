@@ -42,11 +42,11 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prepared(shared_data, tmp_path_factory):
-    """~60 enwiki articles, a SentencePiece vocabulary trained on them, prepared instances."""
+    """~40 enwiki articles, a SentencePiece vocabulary trained on them, prepared instances."""
     tmp = tmp_path_factory.mktemp("enwiki")
     lines = (shared_data / "enwiki_sample" / "enwiki_2015_sample.txt").read_text().splitlines()
     corpus = tmp / "enwiki_slice.txt"
-    corpus.write_text("\n".join(lines[:3000]) + "\n")
+    corpus.write_text("\n".join(lines[:2000]) + "\n")
     tok = tokenizer.train_sentencepiece([str(corpus)], tmp / "tokenizer", vocab_size=VOCAB, lowercase=True)
     tok.save(tmp / "tokenizer")
     prepare.prepare(str(corpus), tmp / "tokenizer", tmp / "data", max_seq_length=64, eval_fraction=0.05,
