@@ -22,8 +22,11 @@ axis names to those mesh axes.
   ``NamedSharding`` tree for a whole train state: params by their logical names,
   optimizer-state leaves that mirror a parameter (Adam's mu/nu, ...) like that
   parameter, everything else (step, counters) replicated.
+* ``param_shardings(abstract_params, axes, mesh, rules)`` / ``spec_for(shape,
+  names, mesh, rules)``: the same for params alone or one array.
 * ``batch_sharding(mesh, rules)``: the sharding of every batch array (dim 0 over
-  the batch mesh axes, the rest replicated).
+  the batch mesh axes, the rest replicated); ``batch_axes`` names those axes and
+  ``check_batch_size(n, mesh, rules)`` raises when n does not divide over them.
 * ``make_global_batch(per_host_batch, mesh, rules)``: numpy dict of this host's
   rows -> dict of global ``jax.Array`` (``jax.make_array_from_process_local_data``).
 
