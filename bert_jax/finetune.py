@@ -38,6 +38,7 @@ import numpy as np
 import optax
 import tqdm
 from absl import app, flags
+from absl import logging as absl_logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
@@ -303,8 +304,9 @@ def run_task(task: glue.GlueTask, c, workdir: pathlib.Path, pretrained: Pretrain
             record, params = runner.train(float(learning_rate), int(seed))
             entry["runs"].append(record)
             score = _finite(record["final"][task.primary_metric])
-            log.info("%s lr=%g seed=%d: %s", task.name, learning_rate, seed,
-                     {k: round(v, 4) for k, v in record["final"].items() if isinstance(v, float)})
+            if jax.process_index() == 0:  # one line per run, whatever the logging verbosity
+                print(f"{task.name} lr={learning_rate:g} seed={seed}: " + ", ".join(
+                    f"{k}={v:.4f}" for k, v in record["final"].items() if isinstance(v, float)), flush=True)
             if score > best_score or best_params is None:
                 # Kept on the host: test predictions and the checkpoint are written once, at the end.
                 best_score, best_params = score, jax.tree.map(np.asarray, _gather(params))
@@ -403,33 +405,13 @@ def validate(c) -> None:
           f"must be auto or one of {convert.FORMATS_IN}")
 
 
-def _init_distributed(c) -> None:
-    """As bert_jax.pretrain.init_distributed (not imported: that module defines the same absl
-    flags); 'auto' initializes only where JAX detects a cluster (TPU pod, SLURM, ...)."""
-    if c.initialize == "never" or jax.distributed.is_initialized():
-        return
-    if c.coordinator_address or c.num_processes:
-        jax.distributed.initialize(coordinator_address=c.coordinator_address or None,
-                                   num_processes=c.num_processes or None,
-                                   process_id=c.process_id if c.process_id >= 0 else None)
-    elif c.initialize == "always":
-        jax.distributed.initialize()
-    else:
-        try:
-            from jax._src.clusters import ClusterEnv
-            detected = any(not env.opt_in_only_method and env.is_env_present()
-                           for env in ClusterEnv._cluster_types)
-        except (ImportError, AttributeError):
-            detected = False
-        if detected:
-            jax.distributed.initialize()
-
-
 def run(c, workdir) -> dict:
     """Fine-tunes every task of `c.task`; returns the results dict written to results.json."""
+    from bert_jax.pretrain import init_distributed  # the same process setup as pretraining
+
     validate(c)
     tasks = glue.resolve_tasks(c.task)  # unknown task names fail before any work
-    _init_distributed(c.distributed)
+    init_distributed(c.distributed)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pretrained = load_pretrained_encoder(c.init_checkpoint, c.init_format, c.tokenizer)
@@ -456,6 +438,8 @@ def define_flags() -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
+        absl_logging.set_verbosity(absl_logging.WARNING)
     results = run(_CONFIG.value, _WORKDIR.value)
     for name, entry in results["tasks"].items():
         chosen = entry.get("chosen", {})
