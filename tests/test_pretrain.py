@@ -129,7 +129,7 @@ def test_sigterm_checkpoint_then_exact_resume_on_another_mesh(prepared, referenc
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not _train_losses(interrupted) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=240)
     assert process.returncode == 0, output[-3000:]
