@@ -173,10 +173,8 @@ def _assemble(cfg: M.BertConfig, tensors: dict, style: str, source: str, prefix:
         flat.update(got[0])
         used |= got[1]
     if report["initialised"]:
-        fresh = M.flatten(M.init_params(cfg.replace(scan_layers=False), seed=seed))
-        for path, v in fresh.items():
-            if path.split("/")[0] in report["initialised"]:
-                flat[path] = v
+        fresh = M.flatten(M.init_heads(cfg, seed=seed))
+        flat.update({k: v for k, v in fresh.items() if k.split("/")[0] in report["initialised"]})
         log.warning("%s: no %s head(s) in the checkpoint; initialised fresh", source, report["initialised"])
     benign = ("position_ids", "decoder.weight", "decoder.bias", "global_step", "adam_", "bad_steps",
               "loss_scale", "good_steps")
@@ -268,7 +266,7 @@ def import_npz(path, seed: int = 0):
     report = {"initialised": [p for p in ("mlm", "nsp") if not any(k.startswith(p + "/") for k in flat)],
               "ignored": []}
     if report["initialised"]:
-        fresh = M.flatten(M.init_params(cfg, seed=seed))
+        fresh = M.flatten(M.init_heads(cfg, seed=seed))
         flat.update({k: v for k, v in fresh.items() if k.split("/")[0] in report["initialised"]})
     return cfg, M.unflatten(flat), report
 
@@ -282,7 +280,7 @@ def import_orbax(path, seed: int = 0):
     # A fine-tuned checkpoint has a task head instead of the pretraining heads.
     missing = [] if "classifier" in params else [p for p in ("mlm", "nsp") if p not in params]
     if missing:
-        fresh = M.init_params(cfg, seed=seed)
+        fresh = M.init_heads(cfg, seed=seed)
         for p in missing:
             params[p] = fresh[p]
         report["initialised"] = missing

@@ -526,6 +526,15 @@ def init_params(cfg: BertConfig, seed: int = 0, head: str = "pretraining", num_l
     return unstack_layers(params, cfg.num_hidden_layers) if cfg.scan_layers else params
 
 
+def init_heads(cfg: BertConfig, seed: int = 0) -> dict:
+    """Fresh MLM and NSP head params alone (cheap: no encoder is built), as numpy."""
+    rngs = nnx.Rngs(seed)
+    heads = {"mlm": MaskedLMHead(cfg, rngs),
+             "nsp": dense(cfg, cfg.hidden_size, 2, ("embed", "classes"), rngs, dtype=jnp.float32)}
+    return {name: jax.tree.map(np.asarray, params_to_dict(nnx.state(mod, nnx.Param)))
+            for name, mod in heads.items()}
+
+
 def build(cfg: BertConfig, head: str = "pretraining", num_labels: int = 2, seed: int = 0) -> nnx.Module:
     if head == "pretraining":
         return BertForPreTraining(cfg, rngs=nnx.Rngs(seed))
