@@ -146,7 +146,7 @@ def test_bfloat16_close_to_float32(pair):
         assert err > 0, "bfloat16 compute did not change anything: dtype not applied"
 
 
-@pytest.mark.parametrize("overrides", [dict(scan_layers=True), dict(remat_policy="full"),
+@pytest.mark.parametrize("overrides", [dict(remat_policy="full"),
                                        dict(scan_layers=True, remat_policy="dots_no_batch")])
 def test_scan_and_remat_are_the_same_function(pair, overrides):
     _, ours, params, cfg = pair
