@@ -406,9 +406,13 @@ def search_batch(config, topology: Topology | str, num_slices: int = 1, *, max_c
         if batch not in results:
             results[batch] = plan(config, topology, global_batch_size=batch, **plan_kwargs)
             r = results[batch]
-            used = f"{r.total_bytes / GiB:.2f} GiB" if r.fits else "over"
-            log(f"  batch {batch:>8}: {'fits' if r.fits else 'does not fit'} ({used} of "
-                f"{r.hbm_bytes / GiB:.2f} GiB per chip, compile {r.compile_seconds:.0f} s)")
+            if r.fits:
+                used = f"fits: {r.total_bytes / GiB:.2f} GiB"
+            else:
+                needs = f", needs {r.oom_needed_bytes / GiB:.2f} GiB" if r.oom_needed_bytes else ""
+                used = f"does not fit{needs}"
+            log(f"  batch {batch:>8}: {used} of {r.hbm_bytes / GiB:.2f} GiB per chip "
+                f"(compile {r.compile_seconds:.0f} s)")
         return results[batch].fits
 
     batch = max(unit, config.train.global_batch_size // unit * unit)
