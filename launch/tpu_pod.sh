@@ -195,8 +195,18 @@ fi
 REMOTE_DIR=bert_jax
 if [[ $SKIP_INSTALL == 0 ]]; then
   TARBALL=${TMPDIR:-/tmp}/bert_jax-$NAME.tar.gz
-  run tar -czf "$TARBALL" -C "$PROJECT_ROOT" --exclude=.git --exclude=.venv --exclude=.cache \
-    --exclude=workdirs --exclude=__pycache__ .
+  if git -C "$PROJECT_ROOT" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    # Ship exactly what the checkout holds (tracked + untracked-not-ignored files): never
+    # venvs, caches or workdirs, and a fixed list keeps tar from failing on files that
+    # change while it reads (logs, caches of a run going on beside it).
+    FILELIST=${TMPDIR:-/tmp}/bert_jax-$NAME.files
+    git -C "$PROJECT_ROOT" ls-files --cached --others --exclude-standard |
+      while IFS= read -r f; do [[ -f "$PROJECT_ROOT/$f" ]] && printf '%s\n' "$f"; done > "$FILELIST"
+    run tar -czf "$TARBALL" -C "$PROJECT_ROOT" -T "$FILELIST"
+  else
+    run tar -czf "$TARBALL" -C "$PROJECT_ROOT" --exclude=.git --exclude=.venv --exclude=.cache \
+      --exclude=workdirs --exclude=__pycache__ --exclude="$(basename "$TARBALL")" .
+  fi
   INSTALL="mkdir -p ~/$REMOTE_DIR && tar -xzf ~/$(basename "$TARBALL") -C ~/$REMOTE_DIR && cd ~/$REMOTE_DIR"
   # TPU VM images ship Python 3.10; the pins need 3.11, which uv fetches.
   UV='~/.local/bin/uv'

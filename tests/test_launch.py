@@ -51,8 +51,10 @@ def project(tmp_path):
 
 def run_script(project, script, *args, fail="", extra_env=None, timeout=60):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    tmpdir = project.parent / f"{project.name}-tmp"  # outside the tree the TPU script tars
+    tmpdir.mkdir(exist_ok=True)
     env.update(PATH=f"{project / 'bin'}:{env['PATH']}", FAKE_LOG=str(project / "calls.jsonl"), FAKE_FAIL=fail,
-               TMPDIR=str(project))
+               TMPDIR=str(tmpdir))
     env.update(extra_env or {})
     return subprocess.run(["bash", str(project / "launch" / script), *args], capture_output=True, text=True,
                           env=env, timeout=timeout)
@@ -136,7 +138,7 @@ def test_tpu_real_run_order_with_fake_gcloud(project):
     assert "nohup env 'FOO=bar baz' .venv/bin/python -m bert_jax.pretrain" in command
     assert command.endswith("--workdir gs://my-bucket/runs/r1 --config.data.train_path=gs://data-bucket/wiki "
                             "> pretrain.log 2>&1 < /dev/null &")
-    assert (project / "bert_jax-bert-run.tar.gz").is_file()  # the checkout that was copied
+    assert (project.parent / f"{project.name}-tmp" / "bert_jax-bert-run.tar.gz").is_file()  # the copied checkout
 
 
 @pytest.mark.parametrize("fail, message", [
