@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
 from bert_jax.data.sources import expand_paths
+
+_OPEN_LOCK = threading.Lock()
 
 INT_FEATURES = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
                 "next_sentence_labels")
@@ -177,12 +180,20 @@ class TFRecordDataSource:
     def _serialized(self, index: int) -> bytes:
         file_index, record = self._locate(int(index))
         path = self.paths[file_index]
-        f = self._files.get(path)
-        if f is None:  # opened lazily, per process
-            f = self._files[path] = open(path, "rb")
-        f.seek(int(self._offsets[file_index][record]))
-        (length,) = struct.unpack("<Q", f.read(12)[:8])
-        return f.read(length)
+        fd = self._files.get(path)
+        if fd is None:  # opened lazily, per process
+            with _OPEN_LOCK:
+                fd = self._files.get(path)
+                if fd is None:
+                    fd = self._files[path] = os.open(path, os.O_RDONLY)
+        # Positional reads: Grain calls __getitem__ from several threads at once, and a
+        # shared seek()+read() position would hand one thread another thread's bytes.
+        offset = int(self._offsets[file_index][record])
+        (length,) = struct.unpack("<Q", os.pread(fd, 12, offset)[:8])
+        data = os.pread(fd, length, offset + 12)
+        if len(data) != length:
+            raise TFRecordFormatError(f"{path}: record {record} is truncated")
+        return data
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         """One example (arrays without the batch dimension)."""
