@@ -37,12 +37,13 @@ def run(stage: str, args: list[str]) -> float:
     return time.time() - t
 
 
-def last_metrics(path: pathlib.Path, prefix: str) -> dict:
+def last_metrics(path: pathlib.Path, split: str) -> dict:
+    """The last row of ``split`` ('train' or 'eval') in the trainer's metrics.jsonl."""
     found = {}
     if path.is_file():
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            if any(k.startswith(prefix) for k in row):
+            if row.get("split") == split:
                 found = row
     return found
 
@@ -90,8 +91,8 @@ def main(argv=None) -> int:
     chosen = results.get("tasks", {}).get("continuation", {}).get("chosen", {})
     print("\n=== summary")
     print(f"pretraining  ({times['pretrain']:.0f} s): workdir {pre}")
-    print("  held-out: " + ", ".join(f"{k}={v:.4g}" for k, v in pre_eval.items()
-                                     if isinstance(v, (int, float)) and k.startswith("eval")))
+    print(f"  held-out at step {pre_eval.get('step')}: " + ", ".join(
+        f"{k}={pre_eval[k]:.4g}" for k in ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy") if k in pre_eval))
     print(f"fine-tuning  ({times['finetune']:.0f} s): workdir {fine}")
     print(f"  chosen run: {json.dumps(chosen.get('metrics', chosen), default=str)[:300]}")
     print(f"export       ({times['export']:.0f} s): {export / 'npz' / 'bert.npz'} and {export / 'hf'}")
