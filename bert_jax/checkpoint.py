@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import pathlib
 
 import jax
 import numpy as np
@@ -31,6 +30,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from bert_jax import model as bert_model
+from bert_jax import paths
 
 CHECKPOINTS_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
@@ -55,7 +55,7 @@ class Checkpointer:
 
     def __init__(self, workdir, *, keep: int = 3, keep_best: int = 0,
                  async_save: bool = True, read_only: bool = False):
-        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR
+        self.directory = paths.workdir_path(workdir) / CHECKPOINTS_DIR
         keep_policies = [policies.LatestN(n=keep)]
         if keep_best:
             keep_policies.append(policies.BestN(
@@ -130,7 +130,7 @@ def decode_data_state(saved):
 
 
 def read_json_item(step_dir, item: str) -> dict:
-    step_dir = pathlib.Path(step_dir)
+    step_dir = paths.workdir_path(step_dir, "checkpoint")
     if not (step_dir / item).is_dir():
         raise FileNotFoundError(f"{step_dir}: not a bert_jax checkpoint step (no {item}/)")
     return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
@@ -139,11 +139,11 @@ def read_json_item(step_dir, item: str) -> dict:
 
 def tokenizer_fingerprint(tokenizer_dir) -> str:
     """sha256 over the tokenizer's files (names and bytes), to pair it with checkpoints."""
+    tokenizer_dir = paths.workdir_path(tokenizer_dir, "tokenizer")
     digest = hashlib.sha256()
-    for path in sorted(pathlib.Path(tokenizer_dir).rglob("*")):
-        if path.is_file():
-            digest.update(path.relative_to(tokenizer_dir).as_posix().encode())
-            digest.update(path.read_bytes())
+    for name in paths.walk_files(tokenizer_dir):
+        digest.update(name.encode())
+        digest.update((tokenizer_dir / name).read_bytes())
     return digest.hexdigest()
 
 
@@ -160,13 +160,14 @@ def check_same_model(saved_model_config: dict, model_config: dict, where) -> Non
 # ----------------------------------------------------------------------------
 # Reading params for fine-tuning and export.
 
-def resolve_step_dir(path) -> pathlib.Path:
+def resolve_step_dir(path) -> epath.Path:
     """A workdir, its checkpoints/ dir, or one step dir -> that step dir (latest step)."""
-    path = pathlib.Path(path).absolute()
+    path = paths.workdir_path(path, "checkpoint")
     if (path / STATE).is_dir():
         return path
     root = path / CHECKPOINTS_DIR if (path / CHECKPOINTS_DIR).is_dir() else path
-    steps = sorted(int(p.name) for p in root.glob("*") if p.name.isdigit() and (p / STATE).is_dir())
+    children = root.iterdir() if root.is_dir() else []
+    steps = sorted(int(p.name) for p in children if p.name.isdigit() and (p / STATE).is_dir())
     if not steps:
         raise FileNotFoundError(f"{path}: no bert_jax checkpoint found (looked for "
                                 f"{CHECKPOINTS_DIR}/<step>/{STATE}/ and <step>/{STATE}/)")
@@ -180,7 +181,7 @@ def restore_params(path):
     meta = read_json_item(step_dir, META)
     config = bert_model.BertConfig.from_dict(meta["model_config"])
     state_dir = step_dir / STATE
-    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir)).tree
+    tree = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
     if "params" not in tree:
         raise ValueError(f"{state_dir}: no 'params' in the saved state (keys: {sorted(tree)})")
     # Only the params, as host numpy arrays: no devices, no optimizer state read.

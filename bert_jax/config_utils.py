@@ -18,7 +18,7 @@ import pathlib
 from ml_collections import config_dict
 
 PRESETS = ("tiny", "mini", "small", "medium", "base", "large")
-DATA_SOURCES = ("demo", "text", "prepared", "tfrecord")
+DATA_SOURCES = ("demo", "text", "prepared", "tfrecord", "tfds")
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "polynomial", "constant")
 # Keys of `model` that are passed to BertConfig.preset as overrides when set.
@@ -43,10 +43,15 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     c.model.scan_layers = False
 
     c.data = config_dict.ConfigDict()
-    c.data.source = "text"                  # demo | text | prepared | tfrecord
+    c.data.source = "text"                  # demo | text | prepared | tfrecord | tfds
     c.data.train_path = ""                  # text files / prepared dir / tfrecord glob
     c.data.eval_path = ""                   # '' : hold out documents of train_path
     c.data.eval_fraction = 0.01             # of documents, when eval_path is ''
+    c.data.tfds_name = ""                   # source tfds: bert_pretraining_corpus/NAME (converted
+                                            # by bert_jax.data.tfds_corpus) or a text dataset
+    c.data.tfds_data_dir = ""               # '' : $TFDS_DATA_DIR or ~/tensorflow_datasets
+    c.data.tfds_split = "train"             # split trained on (of a text dataset: prepared)
+    c.data.tfds_eval_split = "eval"         # of a converted corpus; '' : no evaluation
     c.data.tokenizer = ""                   # '' : train SentencePiece on the corpus
     c.data.tokenizer_vocab_size = 30522     # for a trained SentencePiece
     c.data.tokenizer_model_type = "unigram"
@@ -133,8 +138,10 @@ def validate(c: config_dict.ConfigDict) -> None:
 
     check(c.model.preset in PRESETS, "model.preset", f"must be one of {PRESETS}")
     check(c.data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}")
-    check(c.data.source == "demo" or c.data.train_path, "data.train_path",
+    check(c.data.source in ("demo", "tfds") or c.data.train_path, "data.train_path",
           f"required for data.source={c.data.source!r}")
+    check(c.data.source != "tfds" or c.data.tfds_name, "data.tfds_name",
+          "required for data.source='tfds' (bert_pretraining_corpus/NAME or a TFDS text dataset)")
     check(c.optimizer.name in OPTIMIZERS, "optimizer.name", f"must be one of {OPTIMIZERS}")
     check(c.optimizer.decay in DECAYS, "optimizer.decay", f"must be one of {DECAYS}")
     for key in ("train.global_batch_size", "train.micro_batches", "train.steps",

@@ -5,15 +5,21 @@ a pod does not write N copies. Files in the workdir:
 
     metrics.jsonl          one {"step": s, "split": "train"|"eval", name: value, ...} per line
     tensorboard/           event files (tensorboardX; view with `tensorboard --logdir`)
+
+The workdir may be a URI (gs://...): both files are written through `etils.epath`
+(tf.io.gfile for gs://), and tensorboardX gets a writer for that scheme that does the same.
+A GCS object is re-uploaded whole on every flush, so on a URI the JSONL file is flushed at
+most every `flush_secs` (and on close); locally every line is flushed at once, as before.
 """
 from __future__ import annotations
 
 import json
 import math
-import pathlib
 import time
 
 import tqdm
+
+from bert_jax import paths
 
 JSONL_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -21,16 +27,18 @@ TENSORBOARD_DIR = "tensorboard"
 
 class MetricsWriter:
     def __init__(self, workdir, *, enabled: bool = True, total_steps: int = 0,
-                 initial_step: int = 0, progress_bar: bool = True):
+                 initial_step: int = 0, progress_bar: bool = True, flush_secs: float = 30.0):
         self.enabled = enabled
         self._tb = None
         self._bar = None
         if not enabled:
             return
-        self.workdir = pathlib.Path(workdir)
+        self.workdir = paths.workdir_path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._flush_secs = 0.0 if paths.is_local(self.workdir) else flush_secs
+        self._flushed_at = time.monotonic()
         # Appending keeps the history of earlier (preempted) runs of this workdir.
-        self._jsonl = open(self.workdir / JSONL_FILE, "a", encoding="utf-8")
+        self._jsonl = paths.open_file(self.workdir / JSONL_FILE, "a")
         if progress_bar:
             self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
                                   dynamic_ncols=True, smoothing=0.1)
@@ -39,7 +47,10 @@ class MetricsWriter:
         if self._tb is None:
             # Imported late: tensorboardX pulls in torch when it is installed.
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.workdir / TENSORBOARD_DIR), flush_secs=30)
+            logdir = self.workdir / TENSORBOARD_DIR
+            if not paths.is_local(logdir):
+                _register_tensorboard_scheme(str(logdir).split("://", 1)[0])
+            self._tb = SummaryWriter(str(logdir), flush_secs=30)
         return self._tb
 
     def write(self, step: int, metrics: dict, split: str = "train") -> None:
@@ -49,7 +60,9 @@ class MetricsWriter:
         scalars = {k: _to_float(v) for k, v in metrics.items()}
         record = {"step": int(step), "split": split, "time": round(time.time(), 3), **scalars}
         self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
-        self._jsonl.flush()
+        if time.monotonic() - self._flushed_at >= self._flush_secs:
+            self._jsonl.flush()
+            self._flushed_at = time.monotonic()
         tb = self._tensorboard()
         for name, value in scalars.items():
             tb.add_scalar(f"{split}/{name}", value, int(step))
@@ -82,12 +95,27 @@ class MetricsWriter:
 
 
 def read_jsonl(workdir, split: str | None = None) -> list[dict]:
-    path = pathlib.Path(workdir) / JSONL_FILE
+    path = paths.workdir_path(workdir) / JSONL_FILE
     if not path.exists():
         return []
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return [r for r in rows if split is None or r["split"] == split]
+
+
+class _EpathRecordWriterFactory:
+    """tensorboardX event files for a URI scheme, written through etils.epath (its own gs://
+    writer would need google-cloud-storage and credentials of its own)."""
+
+    def open(self, path):
+        return paths.open_file(paths.workdir_path(path, "event file"), "wb")
+
+    def directory_check(self, path):
+        paths.workdir_path(path, "tensorboard dir").mkdir(parents=True, exist_ok=True)
+
+
+def _register_tensorboard_scheme(scheme: str) -> None:
+    from tensorboardX import record_writer  # noqa: PLC0415
+    record_writer.register_writer_factory(scheme, _EpathRecordWriterFactory())
 
 
 def _to_float(v) -> float:

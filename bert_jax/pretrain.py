@@ -10,20 +10,20 @@ at the current step and exits 0. The loop itself is `bert_jax.trainer.train_loop
 from __future__ import annotations
 
 import logging
-import os
-import pathlib
 import shutil
 import sys
+import tempfile
 
 import jax
 import numpy as np
 import optax
 from absl import app, flags
 from absl import logging as absl_logging
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from bert_jax import checkpoint, config_utils, metrics_writer, optim, sharding, tokenizer as tokenizer_lib
+from bert_jax import checkpoint, config_utils, metrics_writer, optim, paths, sharding, tokenizer as tokenizer_lib
 from bert_jax import train_step as train_step_lib
 from bert_jax import trainer
 from bert_jax.model import BertConfig, stack_layers
@@ -66,7 +66,7 @@ def _sync(name: str) -> None:
 # ----------------------------------------------------------------------------
 # Tokenizer: the workdir keeps its own copy, written once
 
-def prepare_tokenizer(config, workdir: pathlib.Path, saved_meta: dict | None):
+def prepare_tokenizer(config, workdir: epath.Path, saved_meta: dict | None):
     """-> Tokenizer loaded from workdir/tokenizer (created on a fresh run from
     data.tokenizer, from train.init_from's workdir, or trained on the corpus)."""
     tokenizer_dir = workdir / checkpoint.TOKENIZER_DIR
@@ -78,21 +78,32 @@ def prepare_tokenizer(config, workdir: pathlib.Path, saved_meta: dict | None):
             raise checkpoint.CheckpointMismatchError(
                 f"{tokenizer_dir} changed since the checkpoint was written (sha256 differs from "
                 f"{expected[:12]}...); restore the original tokenizer files")
-        return tokenizer_lib.load_tokenizer(tokenizer_dir)
+        return _load_tokenizer(tokenizer_dir)
     if jax.process_index() == 0:
         source = config.data.tokenizer or _init_from_tokenizer(config)
-        if source:
-            tok = tokenizer_lib.load_tokenizer(source)
-        else:
-            tok = train_tokenizer_on_corpus(config, workdir)
-        staging = workdir / (checkpoint.TOKENIZER_DIR + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        tok.save(staging)
-        shutil.rmtree(workdir / "tokenizer.train", ignore_errors=True)
-        shutil.rmtree(tokenizer_dir, ignore_errors=True)  # no checkpoint uses it yet
-        os.replace(staging, tokenizer_dir)
+        with tempfile.TemporaryDirectory(prefix="bert_jax_tokenizer_") as scratch:
+            if source:
+                tok = _load_tokenizer(source)
+            else:
+                tok = train_tokenizer_on_corpus(config, scratch)
+            staging = workdir / (checkpoint.TOKENIZER_DIR + ".tmp")
+            _rmtree(staging)
+            with paths.write_dir(staging) as local_staging:
+                tok.save(local_staging)
+        _rmtree(tokenizer_dir)  # no checkpoint uses it yet
+        staging.rename(tokenizer_dir)
     _sync("tokenizer_written")
-    return tokenizer_lib.load_tokenizer(tokenizer_dir)
+    return _load_tokenizer(tokenizer_dir)
+
+
+def _load_tokenizer(path):
+    """load_tokenizer reads local files: a URI is copied to this host's cache first."""
+    return tokenizer_lib.load_tokenizer(paths.local_copy(path, "tokenizer"))
+
+
+def _rmtree(path: epath.Path) -> None:
+    if path.exists():
+        path.rmtree()
 
 
 def _init_from_tokenizer(config) -> str:
@@ -105,17 +116,18 @@ def _init_from_tokenizer(config) -> str:
     return tokenizer_dir
 
 
-def train_tokenizer_on_corpus(config, workdir: pathlib.Path):
+def train_tokenizer_on_corpus(config, output_dir):
     from bert_jax.data import sources
-    if config.data.source not in ("demo", "text"):
+    spec = _text_source(config)
+    if spec is None:
         raise ValueError(f"data.tokenizer is required for data.source={config.data.source!r} "
                          "(only text sources can train a SentencePiece vocabulary)")
-    spec = "demo" if config.data.source == "demo" else config.data.train_path
-    sentences = (s for document in sources.documents(spec) for s in document)
+    sentences = (s for document in sources.documents(spec, data_dir=config.data.tfds_data_dir or None)
+                 for s in document)
     print(f"training a SentencePiece {config.data.tokenizer_model_type} vocabulary of "
           f"{config.data.tokenizer_vocab_size} on {spec}", flush=True)
     return tokenizer_lib.train_sentencepiece(
-        sentences=sentences, output_dir=workdir / "tokenizer.train",
+        sentences=sentences, output_dir=output_dir,
         vocab_size=config.data.tokenizer_vocab_size, model_type=config.data.tokenizer_model_type,
         lowercase=config.data.lowercase, seed=config.train.seed)
 
@@ -123,11 +135,12 @@ def train_tokenizer_on_corpus(config, workdir: pathlib.Path):
 # ----------------------------------------------------------------------------
 # Data
 
-def make_data(config, tok, workdir: pathlib.Path):
+def make_data(config, tok, workdir: epath.Path):
     """-> (train iterator with get_state/set_state, fresh-eval-iterator factory or None).
 
-    Text and demo sources are prepared once into workdir/data (instances, shards) by
-    `bert_jax.data.prepare`; TFRecords are Google's statically masked instances.
+    Text, demo and TFDS text sources are prepared once into workdir/data (instances,
+    shards) by `bert_jax.data.prepare`; TFRecords are Google's statically masked instances;
+    `tfds` with a `bert_pretraining_corpus/NAME` is a prepared corpus in ArrayRecord.
     """
     from bert_jax.data import loader
     d = config.data
@@ -140,13 +153,38 @@ def make_data(config, tok, workdir: pathlib.Path):
         if not d.eval_path:
             return train, None
         return train, _replayable(loader.make_pretraining_loader(d.eval_path, dynamic_masking=False, **common))
-    data_dir = d.train_path if d.source == "prepared" else prepare_text_data(config, workdir)
-    train = loader.make_pretraining_loader(data_dir, split="train", dynamic_masking=d.dynamic_masking,
+    if _text_source(config) is None and d.source == "tfds":  # a converted corpus: read in place
+        spec, train_split, eval_split = loader.TFDS_PREFIX + d.tfds_name, d.tfds_split, d.tfds_eval_split
+        common["tfds_data_dir"] = d.tfds_data_dir or None
+        splits = loader.read_metadata(spec, tfds_data_dir=common["tfds_data_dir"])["splits"]
+        if train_split not in splits:
+            raise ValueError(f"config.data.tfds_split: {d.tfds_name} has no split {train_split!r} "
+                             f"(splits: {sorted(splits)})")
+    else:
+        spec = d.train_path if d.source == "prepared" else prepare_text_data(config, workdir)
+        train_split, eval_split = "train", "eval"
+        splits = loader.read_metadata(spec)["splits"]
+    train = loader.make_pretraining_loader(spec, split=train_split, dynamic_masking=d.dynamic_masking,
                                            tokenizer=tok, **common)
-    if "eval" not in loader.read_metadata(data_dir)["splits"]:
+    if not eval_split or eval_split not in splits:
         return train, None
     return train, _replayable(loader.make_pretraining_loader(
-        data_dir, split="eval", dynamic_masking=d.dynamic_masking, tokenizer=tok, **common))
+        spec, split=eval_split, dynamic_masking=d.dynamic_masking, tokenizer=tok, **common))
+
+
+def _text_source(config) -> str | None:
+    """The `prepare` input spec of a text source (demo, files, TFDS text dataset), else None."""
+    d = config.data
+    if d.source == "demo":
+        return "demo"
+    if d.source == "text":
+        return d.train_path
+    if d.source == "tfds" and not d.tfds_name.startswith(_TFDS_CORPUS + "/"):
+        return f"tfds:{d.tfds_name}:{d.tfds_split}"
+    return None
+
+
+_TFDS_CORPUS = "bert_pretraining_corpus"  # bert_jax.data.tfds_corpus.DATASET (imported lazily: TF)
 
 
 def _replayable(eval_loader):
@@ -159,22 +197,43 @@ def _replayable(eval_loader):
     return fresh
 
 
-def prepare_text_data(config, workdir: pathlib.Path) -> pathlib.Path:
-    """Tokenize a text/demo corpus into workdir/data once (process 0; the others wait).
-    `prepare` writes to a temporary directory and renames it at the end."""
+def prepare_text_data(config, workdir: epath.Path) -> str:
+    """Tokenize a text corpus into workdir/data once (process 0; the others wait) -> a local
+    directory for the loader. `prepare` writes to a temporary directory and renames it at the
+    end. On a URI workdir it prepares into this host's cache and uploads (metadata.json last,
+    so its presence means complete); every host then reads a local copy of workdir/data."""
     from bert_jax.data import prepare
     data_dir = workdir / "data"
+    local_dir = data_dir if paths.is_local(data_dir) else paths.cache_dir(data_dir, "data")
     if jax.process_index() == 0 and not (data_dir / "metadata.json").is_file():
         d = config.data
         prepare.prepare(
-            "demo" if d.source == "demo" else d.train_path, workdir / checkpoint.TOKENIZER_DIR, data_dir,
+            _text_source(config), workdir / checkpoint.TOKENIZER_DIR if paths.is_local(workdir)
+            else paths.local_copy(workdir / checkpoint.TOKENIZER_DIR, "tokenizer"), local_dir,
             max_seq_length=d.max_seq_length, max_predictions_per_seq=d.max_predictions_per_seq,
             masked_lm_prob=d.masked_lm_prob, short_seq_prob=d.short_seq_prob,
             eval_fraction=d.eval_fraction, static_masking=not d.dynamic_masking,
             whole_word_masking=d.whole_word_masking, seed=config.train.seed, overwrite=True,
-            progress=config.train.progress_bar)
+            tfds_data_dir=d.tfds_data_dir or None, progress=config.train.progress_bar)
+        if local_dir != data_dir:
+            paths.copy_tree(local_dir, data_dir, last="metadata.json")
     _sync("data_prepared")
-    return data_dir
+    if local_dir != data_dir:
+        _download_prepared(data_dir, local_dir)
+    return str(local_dir)
+
+
+def _download_prepared(data_dir: epath.Path, local_dir: epath.Path) -> None:
+    """Refresh this host's copy of workdir/data unless it holds the same metadata.json."""
+    remote_metadata = (data_dir / "metadata.json").read_bytes()
+    local_metadata = local_dir / "metadata.json"
+    if local_metadata.is_file() and local_metadata.read_bytes() == remote_metadata:
+        return
+    staging = local_dir.parent / (local_dir.name + ".download")
+    shutil.rmtree(staging, ignore_errors=True)
+    paths.copy_tree(data_dir, staging, last="metadata.json")
+    shutil.rmtree(local_dir, ignore_errors=True)
+    staging.rename(local_dir)
 
 
 # ----------------------------------------------------------------------------
@@ -234,10 +293,10 @@ def run(config, workdir) -> dict:
     """Pretrain as configured in `workdir` (resuming if it holds a checkpoint). -> summary."""
     config_utils.validate(config)
     init_distributed(config.distributed)
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = paths.workdir_path(workdir)  # a local directory or a URI (gs://...)
     main_process = jax.process_index() == 0
     if main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
+        paths.ensure_writable_dir(workdir)
     _sync("workdir_created")
 
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep, keep_best=config.train.keep_best,
@@ -299,7 +358,7 @@ def run(config, workdir) -> dict:
     writer = metrics_writer.MetricsWriter(workdir, enabled=main_process, total_steps=config.train.steps,
                                           initial_step=start_step, progress_bar=config.train.progress_bar)
     if main_process and start_step == 0:
-        (workdir / "config.json").write_text(config_utils.to_json(config))
+        (workdir / "config.json").write_text(config_utils.to_json(config))  # epath: local or URI
     writer.message(f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: "
                    f"BERT-{config.model.preset} ({_count_params(state.params) / 1e6:.1f}M params, "
                    f"vocab {model_config.vocab_size}), mesh {dict(mesh.shape)}, "
