@@ -27,9 +27,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import pathlib
-import shutil
+import tempfile
 import time
 
 import jax
@@ -39,11 +38,12 @@ import optax
 import tqdm
 from absl import app, flags
 from absl import logging as absl_logging
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from bert_jax import convert, glue_metrics, optim, partitioning, sharding
+from bert_jax import convert, glue_metrics, optim, partitioning, paths, sharding
 from bert_jax import train_step as train_step_lib
 from bert_jax.data import glue
 from bert_jax.model import BertConfig, BertForSequenceClassification
@@ -291,7 +291,7 @@ def _finite(x):
     return x if x is not None and math.isfinite(x) else -math.inf
 
 
-def run_task(task: glue.GlueTask, c, workdir: pathlib.Path, pretrained: Pretrained, mesh, rules,
+def run_task(task: glue.GlueTask, c, workdir: epath.Path, pretrained: Pretrained, mesh, rules,
              results: dict) -> dict:
     data = prepare_task(task, c, pretrained.tokenizer)
     runner = Runner(data, pretrained, c, mesh, rules)
@@ -320,36 +320,48 @@ def run_task(task: glue.GlueTask, c, workdir: pathlib.Path, pretrained: Pretrain
     return entry
 
 
-def save_outputs(runner: Runner, host_params, workdir: pathlib.Path) -> dict:
-    """Submission files and the fine-tuned checkpoint of the chosen run (replacing earlier ones)."""
+def save_outputs(runner: Runner, host_params, workdir: epath.Path) -> dict:
+    """Submission files and the fine-tuned checkpoint of the chosen run (replacing earlier ones).
+    On a URI workdir both are written locally first, then uploaded by process 0."""
     c, task, out = runner.c, runner.data.task, {}
+    primary = jax.process_index() == 0
     if c.write_predictions:
         params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
                               host_params, runner.state_shardings.params)
         files = []
-        for name, (split, features) in runner.data.test.items():
-            predictions = runner.predict(params, features)
-            if jax.process_index() == 0:
-                files.append(glue.write_submission(task, name, split, predictions,
-                                                   str(workdir / SUBMISSION_DIR)))
+        predictions = {name: (split, runner.predict(params, features))
+                       for name, (split, features) in runner.data.test.items()}
+        if primary:
+            with paths.write_dir(workdir / SUBMISSION_DIR) as local_dir:
+                for name, (split, predicted) in predictions.items():
+                    written = glue.write_submission(task, name, split, predicted, str(local_dir))
+                    files.append(str(workdir / SUBMISSION_DIR / pathlib.Path(written).name))
         out["submissions"] = files
         del params
     if c.save_checkpoint:
         final, tmp = workdir / task.name / "checkpoint", workdir / task.name / "checkpoint.tmp"
-        primary = jax.process_index() == 0
         if primary:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _rmtree(tmp)
         _barrier("finetune_checkpoint_clean")
-        # Every process calls the Orbax save (it coordinates who writes what).
-        convert.export_orbax(runner.model_config.replace(dtype="float32"), host_params, tmp,
-                             tokenizer_dir=runner.pretrained.tokenizer_dir)
+        with tempfile.TemporaryDirectory(prefix="bert_jax_export_") as scratch:
+            local_tmp = tmp if paths.is_local(tmp) else epath.Path(scratch) / "checkpoint"
+            # Every process calls the Orbax save (it coordinates who writes what).
+            convert.export_orbax(runner.model_config.replace(dtype="float32"), host_params, local_tmp,
+                                 tokenizer_dir=runner.pretrained.tokenizer_dir)
+            if primary and local_tmp != tmp:
+                paths.copy_tree(local_tmp, tmp)
         _barrier("finetune_checkpoint_saved")
         if primary:  # the new best replaces the old one only once it is completely written
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            _rmtree(final)
+            tmp.rename(final)
         _barrier("finetune_checkpoint_moved")
         out["checkpoint"] = str(final)
     return out
+
+
+def _rmtree(path: epath.Path) -> None:
+    if path.exists():
+        path.rmtree()
 
 
 def _barrier(name: str) -> None:
@@ -365,13 +377,13 @@ def _gather(params):
     return multihost_utils.process_allgather(params, tiled=True)
 
 
-def write_results(workdir: pathlib.Path, results: dict) -> None:
+def write_results(workdir: epath.Path, results: dict) -> None:
     if jax.process_index() != 0:
         return
     tmp = workdir / (RESULTS_FILE + ".tmp")
     # Undefined metrics (nan) become null: strict JSON for every reader.
     tmp.write_text(json.dumps(_clean_nan(results), indent=2, default=_json_default, allow_nan=False))
-    os.replace(tmp, workdir / RESULTS_FILE)
+    tmp.replace(workdir / RESULTS_FILE)
 
 
 def _json_default(x):
@@ -412,8 +424,9 @@ def run(c, workdir) -> dict:
     validate(c)
     tasks = glue.resolve_tasks(c.task)  # unknown task names fail before any work
     init_distributed(c.distributed)
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = paths.workdir_path(workdir)  # a local directory or a URI (gs://...)
+    if jax.process_index() == 0:
+        paths.ensure_writable_dir(workdir)
     pretrained = load_pretrained_encoder(c.init_checkpoint, c.init_format, c.tokenizer)
     mesh = sharding.make_mesh(c.mesh)
     rules = sharding.DEFAULT_RULES

@@ -14,6 +14,8 @@
 #      pinned requirements (requirements.txt + requirements-tpu.txt) in a venv;
 #   4. start `python -m bert_jax.pretrain` on all workers at once
 #      (--worker=all), detached under nohup, logging to ~/bert_jax/pretrain.log.
+# The trainer writes the gs:// workdir itself (etils.epath); --gcsfuse mounts the
+# buckets of data paths given as config overrides, for sources read as local files.
 # jax.distributed.initialize() needs no arguments on TPU VMs; for multi-slice,
 # the queued resource sets the MEGASCALE_* variables JAX reads.
 set -euo pipefail
@@ -41,16 +43,20 @@ Flags:
   --env KEY=VALUE         extra environment for the trainer (repeatable)
   --skip-install          the workers already have this checkout installed
   --python-version V      Python for the workers' venv (default 3.11)
-  --no-gcsfuse            pass gs:// paths to the trainer as they are (default:
-                          mount the buckets with Cloud Storage FUSE at /tmp/gcs/
-                          on every worker and give the trainer those paths)
+  --gcsfuse               mount the buckets named in the config overrides (after
+                          --) with Cloud Storage FUSE at /tmp/gcs/ on every worker
+                          and give the trainer those paths: for data.source
+                          prepared/tfrecord/text on GCS (read as local files).
+                          The workdir always stays gs:// (the trainer writes it
+                          through etils.epath). Default: no mount
+  --no-gcsfuse            the default (kept for older command lines)
   --dry-run               print the commands, run nothing that costs money
   -- ARGS                 passed on to bert_jax.pretrain (config overrides)
 EOF
 }
 
 PROJECT= ZONE= NAME= ACCEL= RUNTIME= SPOT=0 PREEMPTIBLE=0 NUM_SLICES=1 QUEUED=0
-CONFIG= WORKDIR= SKIP_INSTALL=0 PYTHON_VERSION=3.11 GCSFUSE=1
+CONFIG= WORKDIR= SKIP_INSTALL=0 PYTHON_VERSION=3.11 GCSFUSE=0
 TRAINER_ENV=()
 PRETRAIN_ARGS=()
 while [[ $# -gt 0 ]]; do
@@ -69,6 +75,7 @@ while [[ $# -gt 0 ]]; do
     --env) need_value "$1" "${2:-}"; TRAINER_ENV+=("$2"); shift 2 ;;
     --skip-install) SKIP_INSTALL=1; shift ;;
     --python-version) need_value "$1" "${2:-}"; PYTHON_VERSION=$2; shift 2 ;;
+    --gcsfuse) GCSFUSE=1; shift ;;
     --no-gcsfuse) GCSFUSE=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -221,16 +228,28 @@ fi
 
 # --- 4. start the trainer on all workers of all slices -------------------------
 PRETRAIN=(.venv/bin/python -m bert_jax.pretrain --config "$CONFIG" --workdir "$WORKDIR")
+FIRST_OVERRIDE=${#PRETRAIN[@]}
 PRETRAIN+=(${PRETRAIN_ARGS[@]+"${PRETRAIN_ARGS[@]}"})
-if [[ $GCSFUSE == 1 ]]; then
-  # The trainer and its checkpoints use local paths: mount every bucket named in
-  # its arguments with Cloud Storage FUSE at the same path on every worker, and
-  # hand the trainer /tmp/gcs/BUCKET/... for gs://BUCKET/...
-  for i in "${!PRETRAIN[@]}"; do
-    for b in "${BUCKETS[@]}"; do PRETRAIN[$i]=${PRETRAIN[$i]//gs:\/\/$b/\/tmp\/gcs\/$b}; done
+# Buckets named in the config overrides (data paths), mounted only with --gcsfuse.
+DATA_BUCKETS=()
+for word in ${PRETRAIN_ARGS[@]+"${PRETRAIN_ARGS[@]}"}; do
+  while [[ "$word" =~ gs://([a-z0-9][-a-z0-9_.]*[a-z0-9])(.*) ]]; do
+    [[ " ${DATA_BUCKETS[*]+"${DATA_BUCKETS[*]}"} " == *" ${BASH_REMATCH[1]} "* ]] || DATA_BUCKETS+=("${BASH_REMATCH[1]}")
+    word=${BASH_REMATCH[2]}
+  done
+done
+if [[ $GCSFUSE == 1 && ${#DATA_BUCKETS[@]} -eq 0 ]]; then
+  note "--gcsfuse: no gs:// path among the config overrides; nothing to mount"
+elif [[ $GCSFUSE == 1 ]]; then
+  # Prepared shards and TFRecords are read as local files (memory maps, pread): mount
+  # their buckets with Cloud Storage FUSE at the same path on every worker and hand
+  # the trainer /tmp/gcs/BUCKET/... for gs://BUCKET/... in the overrides (after
+  # --config and --workdir, which stay as given).
+  for ((i = FIRST_OVERRIDE; i < ${#PRETRAIN[@]}; i++)); do
+    for b in "${DATA_BUCKETS[@]}"; do PRETRAIN[$i]=${PRETRAIN[$i]//gs:\/\/$b/\/tmp\/gcs\/$b}; done
   done
   MOUNT="command -v gcsfuse >/dev/null || { echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null && sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; }"
-  for b in "${BUCKETS[@]}"; do
+  for b in "${DATA_BUCKETS[@]}"; do
     MOUNT+=" && mkdir -p /tmp/gcs/$b && { mountpoint -q /tmp/gcs/$b || gcsfuse --implicit-dirs $b /tmp/gcs/$b; }"
   done
   for node in "${NODES[@]}"; do

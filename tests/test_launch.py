@@ -82,7 +82,8 @@ TPU_ARGS = ("--project", "my-proj", "--zone", "us-east5-b", "--name", "bert-run"
 
 def test_tpu_dry_run_creates_installs_and_starts_on_all_workers(project):
     result = run_script(project, "tpu_pod.sh", *TPU_ARGS, "--accelerator-type", "v5litepod-16", "--spot",
-                        "--dry-run", "--", "--config.train.global_batch_size=512", fail="tpu-vm describe")
+                        "--gcsfuse", "--dry-run", "--", "--config.train.global_batch_size=512",
+                        "--config.data.train_path=gs://my-bucket/data", fail="tpu-vm describe")
     assert result.returncode == 0, result.stderr
     lines = printed(result)
     create = [c for c in lines if c.startswith("gcloud compute tpus tpu-vm create")]
@@ -93,10 +94,11 @@ def test_tpu_dry_run_creates_installs_and_starts_on_all_workers(project):
     assert len(scp) == 1 and "--worker=all" in scp[0]
     assert len(ssh) == 3 and all("--worker=all" in c for c in ssh)
     assert "-r requirements.txt -r requirements-tpu.txt" in ssh[0]
-    # gs:// paths reach the trainer through a Cloud Storage FUSE mount on every worker.
+    # --gcsfuse: gs:// data paths reach the trainer through a Cloud Storage FUSE mount on every
+    # worker; the workdir stays gs:// (the trainer writes it through etils.epath).
     assert "gcsfuse --implicit-dirs my-bucket /tmp/gcs/my-bucket" in ssh[1]
-    assert ("python -m bert_jax.pretrain --config configs/tiny.py --workdir /tmp/gcs/my-bucket/runs/r1 "
-            "--config.train.global_batch_size=512") in ssh[2]
+    assert ("python -m bert_jax.pretrain --config configs/tiny.py --workdir gs://my-bucket/runs/r1 "
+            "--config.train.global_batch_size=512 --config.data.train_path=/tmp/gcs/my-bucket/data") in ssh[2]
     # The dry run ran read-only queries only: nothing created, copied or started.
     executed = [" ".join(c["argv"]) for c in calls(project, "gcloud")]
     assert executed and all(" describe " in f" {c} " for c in executed), executed
@@ -125,7 +127,7 @@ def test_tpu_multislice_uses_a_queued_resource_and_starts_every_slice(project):
 
 def test_tpu_real_run_order_with_fake_gcloud(project):
     result = run_script(project, "tpu_pod.sh", *TPU_ARGS, "--accelerator-type", "v6e-16", "--env", "FOO=bar baz",
-                        "--no-gcsfuse", "--", "--config.data.train_path=gs://data-bucket/wiki", fail="tpu-vm describe")
+                        "--", "--config.data.train_path=gs://data-bucket/wiki", fail="tpu-vm describe")
     assert result.returncode == 0, result.stderr
     verbs = [" ".join(c["argv"][:4]) for c in calls(project, "gcloud")]
     assert verbs == ["projects describe my-proj --format=value(projectId)",
