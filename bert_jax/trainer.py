@@ -144,7 +144,8 @@ def train_loop(
     summary = {"start_step": start_step, "preempted": False}
     window = _Window()
     pending = None  # the previous step's device metrics: read one step late, so the
-    #                 host never waits for the step it just launched
+    #                 host never waits for the step it just launched, and never has more
+    #                 than two steps in flight (see MAX_STEPS_IN_FLIGHT)
     nonfinite_run = 0
     last_eval = None
     window.reset(step)
@@ -198,10 +199,19 @@ def train_loop(
     return state, summary
 
 
+# Steps dispatched but not awaited at most. Multi-host CPU (gloo) deadlocks with ~32
+# un-awaited collective programs in flight; accelerators lose nothing at this depth.
+MAX_STEPS_IN_FLIGHT = 4
+
+
 def evaluate(state, eval_step, batches, to_global, max_steps: int, finish: Callable) -> dict:
     """Metrics over up to max_steps held-out batches: eval_step returns additive sums
     (device arrays, fetched together at the end); finish(list of sums) -> metrics."""
-    sums = [eval_step(state, to_global(batch)) for _, batch in zip(range(max_steps), batches)]
+    sums = []
+    for _, batch in zip(range(max_steps), batches):
+        sums.append(eval_step(state, to_global(batch)))
+        if len(sums) % MAX_STEPS_IN_FLIGHT == 0:
+            jax.block_until_ready(sums[-1])
     if not sums:
         raise ValueError("evaluation: the held-out split gave no batch")
     return finish(jax.device_get(sums))

@@ -88,5 +88,220 @@ def test_two_processes_match_one(tmp_path):
         np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
+
+# ----------------------------------------------------------------------------
+# The loop never lets un-awaited steps pile up (gloo deadlocks at ~32 in flight)
+
+class _InFlight:
+    """Stand-in device values: records how many dispatched steps were not yet read."""
+
+    def __init__(self):
+        self.dispatched = self.awaited = self.most = 0
+
+    def dispatch(self):
+        self.dispatched += 1
+        self.most = max(self.most, self.dispatched - self.awaited)
+        return _Value(self, self.dispatched)
+
+
+class _Value:
+    def __init__(self, tracker, step):
+        self.tracker, self.step = tracker, step
+
+    def block_until_ready(self):  # the device runs steps in order: this one and all before
+        self.tracker.awaited = max(self.tracker.awaited, self.step)
+        return self
+
+    def __array__(self, dtype=None, copy=None):
+        self.block_until_ready()
+        return np.asarray(0.0, dtype or np.float32)
+
+
+def test_loop_and_evaluation_block_every_few_steps():
+    from bert_jax import metrics_writer, trainer
+
+    train, evals = _InFlight(), _InFlight()
+    settings = trainer.LoopSettings(total_steps=80, log_every=50, eval_every=40, eval_steps=60,
+                                    checkpoint_every=1000, max_nonfinite_steps=3, global_batch_size=1,
+                                    flops_per_step=1.0, peak_flops_total=1.0)
+    preemption = trainer.PreemptionWatcher()
+    try:
+        _, summary = trainer.train_loop(
+            state=0, start_step=0, settings=settings,
+            train_step=lambda state, batch: (state + 1, {"loss": train.dispatch(), "update_skipped": train.dispatch()}),
+            eval_step=lambda state, batch: {"loss": evals.dispatch()},
+            eval_finish=lambda sums: {"loss": 0.0}, eval_batches=lambda: iter(range(100)),
+            train_batches=iter(range(1000)), to_global=lambda b: b, save=lambda *a, **k: None,
+            writer=metrics_writer.MetricsWriter(None, enabled=False), preemption=preemption)
+    finally:
+        preemption.close()
+    assert summary["step"] == 80 and evals.dispatched == 2 * 60
+    # Two values per train step: the step just launched and the one before it.
+    assert train.most <= 2 * 2, train.most
+    assert evals.most <= trainer.MAX_STEPS_IN_FLIGHT, evals.most
+
+
+# ----------------------------------------------------------------------------
+# Preemption of a two-process `python -m bert_jax.pretrain` run (SIGTERM, as a TPU
+# maintenance event or SLURM's --signal does), and resume.
+
+import signal  # noqa: E402
+import time  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PRETRAIN_STEPS = 20
+# O0 compiles the tiny step ~2x faster; every run here uses it, so all runs agree.
+SUBPROCESS_XLA_FLAGS = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0"
+
+
+@pytest.fixture(scope="module")
+def small_corpus(shared_data, tmp_path_factory):
+    """~400 enwiki lines, a 500-piece SentencePiece vocabulary, instances of length 32."""
+    from bert_jax import tokenizer
+    from bert_jax.data import prepare
+
+    tmp = tmp_path_factory.mktemp("mp_corpus")
+    lines = (shared_data / "enwiki_sample" / "enwiki_2015_sample.txt").read_text().splitlines()
+    corpus = tmp / "enwiki_slice.txt"
+    corpus.write_text("\n".join(lines[:400]) + "\n")
+    tok = tokenizer.train_sentencepiece([str(corpus)], tmp / "tokenizer", vocab_size=500, lowercase=True)
+    tok.save(tmp / "tokenizer")
+    prepare.prepare(str(corpus), tmp / "tokenizer", tmp / "data", max_seq_length=32, eval_fraction=0.05,
+                    seed=1, workers=1, progress=False)
+    return tmp
+
+
+def _pretrain_args(corpus) -> list[str]:
+    from test_pretrain import _cli_args, make_config
+
+    c = make_config(corpus, model__max_position_embeddings=32, data__max_seq_length=32,
+                    data__max_predictions_per_seq=5, train__steps=PRETRAIN_STEPS, optimizer__warmup_steps=2,
+                    mesh__data=2, mesh__fsdp=2)
+    return [f"--config={ROOT / 'configs' / 'bert_tiny.py'}", *_cli_args(c)]
+
+
+class TwoProcessRun:
+    """`python -m bert_jax.pretrain` as processes 0 and 1 of one jax.distributed job."""
+
+    def __init__(self, workdir: pathlib.Path, args: list[str]):
+        self.workdir, port = workdir, _free_port()
+        env = dict(os.environ, XLA_FLAGS=SUBPROCESS_XLA_FLAGS, JAX_PLATFORMS="cpu")
+        self.logs = [workdir.parent / f"{workdir.name}.process{i}.log" for i in range(2)]
+        self.procs = []
+        for i, log in enumerate(self.logs):
+            with open(log, "a") as out:
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", "bert_jax.pretrain", f"--workdir={workdir}", *args,
+                     f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+                    cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+
+    def wait(self, timeout: float = 240) -> list[str]:
+        """Waits for both; -> their output. Fails naming the process that did not exit 0."""
+        deadline = time.time() + timeout
+        try:
+            for p in self.procs:
+                p.wait(timeout=max(1.0, deadline - time.time()))
+        finally:
+            self.kill()
+        outputs = [log.read_text() for log in self.logs]
+        for i, p in enumerate(self.procs):
+            assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{outputs[i][-3000:]}"
+        return outputs
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+    def wait_for_step(self, step: int, timeout: float = 240):
+        """Until metrics.jsonl (written by process 0) shows `step`."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and all(p.poll() is None for p in self.procs):
+            if max(_logged_losses(self.workdir), default=0) >= step:
+                return
+            time.sleep(0.02)
+        self.kill()
+        raise AssertionError(f"no step {step} before exit/timeout:\n" + "\n".join(
+            log.read_text()[-2000:] for log in self.logs))
+
+
+def _logged_losses(workdir) -> dict[int, float]:
+    from bert_jax import metrics_writer
+    try:
+        return {r["step"]: r["loss"] for r in metrics_writer.read_jsonl(workdir, "train")}
+    except json.JSONDecodeError:  # a line being written
+        return {}
+
+
+def _final_params(workdir):
+    from bert_jax import checkpoint
+    return checkpoint.restore_params(workdir)[1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(small_corpus, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("mp_reference") / "run"
+    TwoProcessRun(workdir, _pretrain_args(small_corpus)).wait()
+    return workdir
+
+
+def _check_one_preemption_checkpoint(workdir, outputs) -> int:
+    """Both processes saved at the same step (JAX's sync point) and exited 0; the
+    workdir holds exactly that one complete checkpoint and no temporary directory."""
+    from bert_jax import checkpoint
+
+    steps = []
+    for i, out in enumerate(outputs):
+        said = [line for line in out.splitlines() if line.startswith("preempted: checkpoint at step ")]
+        assert len(said) == 1, f"process {i} did not report a preemption checkpoint:\n{out[-3000:]}"
+        steps.append(int(said[0].split()[4]))
+    assert steps[0] == steps[1], steps
+    saved = steps[0]
+    assert 1 <= saved < PRETRAIN_STEPS
+    assert sorted(p.name for p in (workdir / checkpoint.CHECKPOINTS_DIR).iterdir()) == [str(saved)]
+    assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [saved]
+    assert max(_logged_losses(workdir)) == saved  # training stopped at the step it saved
+    return saved
+
+
+@pytest.mark.parametrize("signalled", [(0, 1), (1,)], ids=["sigterm_both", "sigterm_one"])
+def test_two_process_preemption_saves_once_and_resumes_exactly(small_corpus, uninterrupted, tmp_path, signalled):
+    """SIGTERM mid-run to both processes (or only to process 1: JAX's coordination
+    service tells the other) -> one checkpoint at the agreed step, exit 0; restarting
+    both processes finishes with the params of an uninterrupted two-process run."""
+    args = _pretrain_args(small_corpus)
+    workdir = tmp_path / "run"
+    run = TwoProcessRun(workdir, args)
+    try:
+        run.wait_for_step(2)
+        for i in signalled:
+            run.procs[i].send_signal(signal.SIGTERM)
+        saved = _check_one_preemption_checkpoint(workdir, run.wait())
+    finally:
+        run.kill()
+    if signalled != (0, 1):
+        return  # resuming is the same code path; once is enough for the time budget
+
+    outputs = TwoProcessRun(workdir, args).wait()
+    assert f"resuming at step {saved}" in outputs[0]
+    resumed, reference = _logged_losses(workdir), _logged_losses(uninterrupted)
+    assert sorted(resumed) == list(range(1, PRETRAIN_STEPS + 1))
+    np.testing.assert_allclose([resumed[s] for s in sorted(resumed)], [reference[s] for s in sorted(resumed)],
+                               rtol=1e-5)
+    got, want = _final_params(workdir), _final_params(uninterrupted)
+    for (path, a), b in zip(jax_tree_flatten_with_path(got), [v for _, v in jax_tree_flatten_with_path(want)],
+                            strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def jax_tree_flatten_with_path(tree):
+    import jax
+    return [(jax.tree_util.keystr(p), v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
