@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bert_jax.matmul import f32_einsum
 from bert_jax.partitioning import constrain
 
 # Sizes Google published with the BERT release (L/H/A); intermediate = 4H.
@@ -48,6 +49,9 @@ PRESETS = {
 }
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
+MATMUL_IMPLS = ("auto", "xla", "f32_out")
+# BertConfig fields that say how to run the model, not what it is (absent from config.json).
+RUNTIME_KEYS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl", "matmul_impl")
 HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 
 
@@ -70,6 +74,9 @@ class BertConfig:
     remat_policy: str = "none"
     scan_layers: bool = False
     attention_impl: str = "auto"  # auto | xla | cudnn | explicit
+    # auto | xla | f32_out. f32_out: matmuls in `dtype` give float32 outputs and float32 weight
+    # gradients (bert_jax/matmul.py); auto = f32_out on CPU when dtype is not float32, else xla.
+    matmul_impl: str = "auto"
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -81,6 +88,8 @@ class BertConfig:
             raise ValueError(f"BertConfig: hidden_act={self.hidden_act!r}, expected one of {HIDDEN_ACTS}")
         if self.attention_impl not in ("auto", "xla", "cudnn", "explicit"):
             raise ValueError(f"BertConfig: attention_impl={self.attention_impl!r}")
+        if self.matmul_impl not in MATMUL_IMPLS:
+            raise ValueError(f"BertConfig: matmul_impl={self.matmul_impl!r}, expected one of {MATMUL_IMPLS}")
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))
@@ -128,8 +137,7 @@ class BertConfig:
         model_type = d.get("model_type", "bert")
         if model_type != "bert":
             raise ValueError(f"config.json: model_type={model_type!r}, expected 'bert'")
-        names = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat_policy",
-                                                              "scan_layers", "attention_impl"}
+        names = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_KEYS)
         kw = {k: d[k] for k in names if k in d}
         missing = sorted({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"} - set(kw))
         if missing:
@@ -139,7 +147,7 @@ class BertConfig:
 
     def to_hf_dict(self) -> dict:
         d = {k: v for k, v in self.to_dict().items()
-             if k not in ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl")}
+             if k not in RUNTIME_KEYS}
         d.update(model_type="bert", architectures=["BertForPreTraining"],
                  position_embedding_type="absolute", pad_token_id=0, torch_dtype="float32")
         return d
@@ -170,12 +178,46 @@ def _axes(init, *names):
     return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
+def f32_matmuls(cfg: BertConfig, dtype=None) -> bool:
+    """Whether matmuls computed in ``dtype`` go through :func:`matmul.f32_einsum` (decided at trace time)."""
+    if jnp.dtype(dtype or cfg.dtype) == jnp.float32 or cfg.matmul_impl == "xla":
+        return False
+    return cfg.matmul_impl == "f32_out" or jax.default_backend() == "cpu"
+
+
+def einsum(cfg: BertConfig, spec: str, a, b, *, f32_out: bool = False):
+    """einsum in the compute dtype; float32 result when ``f32_out``, else the compute dtype."""
+    if f32_matmuls(cfg):
+        out = f32_einsum(spec, jnp.dtype(cfg.dtype), a, b)
+        return out if f32_out else out.astype(cfg.dtype)
+    a, b = a.astype(cfg.dtype), b.astype(cfg.dtype)
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32 if f32_out else None)
+
+
+class Dense(nnx.Linear):
+    """``nnx.Linear`` (same parameters, same results) that can route its matmul through
+    :func:`matmul.f32_einsum`: float32 accumulation output and float32 kernel gradients."""
+
+    def __init__(self, *args, f32_out: bool = False, **kw):
+        super().__init__(*args, **kw)
+        self.f32_out = f32_out
+
+    def __call__(self, x):
+        if not self.f32_out:
+            return super().__call__(x)
+        y = f32_einsum("...k,kn->...n", jnp.dtype(self.dtype), x, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
 def dense(cfg: BertConfig, d_in: int, d_out: int, axes: tuple, rngs: nnx.Rngs, dtype=None) -> nnx.Linear:
-    return nnx.Linear(
+    return Dense(
         d_in, d_out,
         kernel_init=_axes(_init(cfg), *axes),
         bias_init=_axes(nnx.initializers.zeros_init(), axes[1]),
-        dtype=dtype or cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        dtype=dtype or cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs,
+        f32_out=f32_matmuls(cfg, dtype))
 
 
 def layer_norm(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -264,6 +306,9 @@ class SelfAttention(nnx.Module):
         rate = cfg.attention_probs_dropout_prob
         if cfg.attention_impl == "explicit" or (not deterministic and rate > 0.0):
             # jax.nn.dot_product_attention has no dropout on the probabilities.
+            # Plain einsums here: the batched attention matmuls are ~3% of the FLOPs, and XLA:CPU
+            # 0.10 fails at run time ("DotThunk: BF16 x BF16 = F32") on some of their f32_einsum
+            # gradients at BERT-base sizes.
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
             logits = logits / math.sqrt(cfg.head_dim)
             logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -395,8 +440,7 @@ class MaskedLMHead(nnx.Module):
         cfg = self.cfg
         h = activation(cfg.hidden_act)(self.transform(x))
         h = self.transform_layer_norm(h).astype(cfg.dtype)
-        logits = jnp.einsum("bpe,ve->bpv", h, word_embeddings.astype(cfg.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = einsum(cfg, "bpe,ve->bpv", h, word_embeddings, f32_out=True)
         logits = logits + self.bias.get_value().astype(jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
 
