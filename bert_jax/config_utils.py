@@ -24,7 +24,7 @@ DECAYS = ("linear", "polynomial", "constant")
 # Keys of `model` that are passed to BertConfig.preset as overrides when set.
 MODEL_OVERRIDES = ("vocab_size", "max_position_embeddings", "hidden_dropout_prob",
                    "attention_probs_dropout_prob", "dtype", "param_dtype",
-                   "remat_policy", "scan_layers")
+                   "remat_policy", "scan_layers", "attention_impl", "matmul_impl")
 
 
 def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
@@ -41,6 +41,9 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.remat_policy = "none"           # see bert_jax.model for the names
     c.model.scan_layers = False
+    c.model.attention_impl = "auto"         # auto | xla | cudnn | explicit
+    c.model.matmul_impl = "auto"            # auto | xla | f32_out (bf16 matmuls, f32 outputs and
+                                            # weight grads; auto: f32_out on CPU; bert_jax/matmul.py)
 
     c.data = config_dict.ConfigDict()
     c.data.source = "text"                  # demo | text | prepared | tfrecord | tfds
