@@ -6,11 +6,11 @@
 
 With libtpu installed (``pip install -r requirements-tpu.txt``) JAX can compile for
 a TPU topology without a TPU: ``jax.experimental.topologies.get_topology_desc``
-gives compile-only devices. The planner builds the mesh, train state and step
-exactly as ``bert_jax.pretrain`` does (``sharding.make_mesh``,
-``train_step.abstract_train_state``, ``train_step.make_train_step`` with the
-config's micro-batches and schedule), lowers the step with abstract arguments and
-compiles it for the topology. It prints the per-chip memory of the compiled
+gives compile-only devices. The planner builds the step with the function
+``bert_jax.pretrain`` itself calls (``train_step.build_pretraining_step``: the
+config's optimizer and schedule, micro-batches, remat, scan, dtype and sharding
+rules), lowers it with abstract arguments and compiles it for the topology; a test
+checks that the lowered program is the one pretraining runs, text for text. It prints the per-chip memory of the compiled
 program (``compiled.memory_analysis()``) against the chip's HBM, the model FLOPs
 of one step (BERT's analytic count and the compiler's ``cost_analysis``) and the
 step time and sequences/s they imply at a stated MFU. A program that does not fit
@@ -25,7 +25,8 @@ Topologies: ``v4:2x2x2``, ``v5e:16x16`` (also ``v5litepod``), ``v5p:4x4x4``,
 ``--config.mesh.slices`` to match, or leave it at 1 and the planner sets it).
 
 Python API: ``plan(config, topology, num_slices=1, global_batch_size=None) ->
-Plan`` and ``search_batch(config, topology, ...) -> (Plan, probes)``.
+Plan``, ``search_batch(config, topology, ...) -> (Plan, probes)`` and
+``lower_pretraining_step(config, mesh) -> (PretrainingStep, Lowered)``.
 """
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ import time
 
 import jax
 from absl import app, flags
-from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_dict, config_flags
 
 GiB = 1024 ** 3
@@ -298,6 +298,17 @@ def _copy_for_topology(config, topology: Topology) -> config_dict.ConfigDict:
     return config
 
 
+def lower_pretraining_step(config, mesh, *, vocab_size: int = 30522):
+    """The step `python -m bert_jax.pretrain` runs for `config` on `mesh`
+    (``train_step.build_pretraining_step``, the builder pretraining itself calls),
+    lowered with abstract arguments. -> (PretrainingStep, jax.stages.Lowered)."""
+    from bert_jax import train_step as train_step_lib
+
+    model_config = train_step_lib.pretraining_model_config(config, config.model.vocab_size or vocab_size)
+    program = train_step_lib.build_pretraining_step(config, model_config, mesh)
+    return program, program.train_step.lower(*program.abstract_arguments())
+
+
 def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_size: int | None = None,
          mfu: float = 0.5, vocab_size: int = 30522) -> Plan:
     """Compile the pretraining step of `config` for `topology`; -> Plan (fits or not).
@@ -306,9 +317,7 @@ def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_
     Bad input (unknown topology, a mesh that does not match the chip count, a batch
     the mesh cannot split) raises ValueError naming what to change.
     """
-    from bert_jax import config_utils, optim, sharding, trainer
-    from bert_jax import train_step as train_step_lib
-    from bert_jax.model import BertConfig
+    from bert_jax import config_utils, sharding, trainer
 
     if isinstance(topology, str):
         topology = parse_topology(topology, num_slices)
@@ -322,35 +331,25 @@ def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_
         mesh = sharding.make_mesh(config.mesh, devices=devices)
     except ValueError as e:
         raise ValueError(f"config.mesh {dict(config.mesh)} does not fit {topology}: {e}") from None
-    rules = sharding.DEFAULT_RULES
     batch = config.train.global_batch_size
     try:
-        sharding.check_batch_size(batch, mesh, rules)
+        sharding.check_batch_size(batch, mesh, sharding.DEFAULT_RULES)
     except ValueError as e:
         raise ValueError(f"config.train.global_batch_size={batch} on mesh {dict(mesh.shape)}: {e}") from None
 
-    model_config = BertConfig.preset(config.model.preset,
-                                     **config_utils.model_overrides(config, config.model.vocab_size or vocab_size))
-    opt, schedule = optim.make_optimizer(config_utils.optimizer_config(config))
-    graphdef, abstract_state, shardings = train_step_lib.abstract_train_state(model_config, opt, mesh, rules)
-    step = train_step_lib.make_train_step(graphdef, opt, mesh, rules, shardings,
-                                          micro_batches=config.train.micro_batches, schedule=schedule)
-    seq, preds = config.data.max_seq_length, config.data.max_predictions_per_seq
-    abstract_batch = train_step_lib.abstract_batch(batch, seq, preds, mesh, rules)
-    key = jax.eval_shape(lambda: jax.random.key(config.train.seed))
-    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-
+    start = time.perf_counter()
+    program, lowered = lower_pretraining_step(config, mesh, vocab_size=vocab_size)
+    model_config, seq, preds = program.model_config, program.seq_len, program.max_predictions
     result = Plan(
         topology=topology, mesh_shape=dict(mesh.shape), global_batch_size=batch, seq_len=seq,
         max_predictions=preds, micro_batches=config.train.micro_batches,
         model=f"{config.model.preset} ({model_config.num_hidden_layers} layers, hidden {model_config.hidden_size})",
-        num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params)),
+        num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(program.abstract_state.params)),
         dtype=model_config.dtype, remat_policy=model_config.remat_policy, scan_layers=model_config.scan_layers,
         fits=False, compile_seconds=0.0, mfu=mfu,
         analytic_flops_per_step=batch * trainer.pretraining_flops_per_sequence(model_config, seq, preds))
-    start = time.perf_counter()
     try:
-        compiled = step.lower(abstract_state, abstract_batch, key).compile()
+        compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
         if not _is_oom(e):
             raise

