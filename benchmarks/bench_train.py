@@ -6,7 +6,9 @@
 In one run, on the same random batch (Google's format: P=20 masked positions per
 sequence), each with AdamW:
 * bert_jax: the jitted ``train_step.make_train_step`` on one device, float32 and
-  bfloat16 compute (float32 params, optimizer and loss);
+  bfloat16 compute (float32 params, optimizer and loss); bfloat16 both with the
+  default matmul_impl (on CPU: float32-output matmuls, ``bert_jax/matmul.py``)
+  and with matmul_impl="xla" (row ``bf16-xla``);
 * PyTorch ``BertForPreTraining`` (transformers 5, ``torch.optim.AdamW``);
 * Hugging Face ``FlaxBertForPreTraining`` (transformers 4.57.6) in the
   benchmark-only venv made by ``benchmarks/setup_hf_flax_env.sh`` (subprocess,
@@ -183,17 +185,20 @@ def main():
     rows = []
     for name, cfg in cfgs.items():
         flops = train_flops_per_sequence(cfg, args.seq)
-        for dtype in ("float32", "bfloat16"):
-            r = bench_ours(cfg.replace(dtype=dtype), batch, args.steps, args.warmup)
-            rows.append({"config": name, "impl": "bert_jax", "dtype": dtype, **r})
-            print(f"  {name} bert_jax {dtype}: {r['sequences_per_s']:.2f} seq/s", flush=True)
+        # bfloat16 runs twice: matmul_impl auto (float32-output matmuls with a custom VJP on
+        # CPU, bert_jax/matmul.py) and xla (plain bf16 dots), to show what that path is worth.
+        for label, dtype, matmul_impl in (("float32", "float32", "auto"), ("bfloat16", "bfloat16", "auto"),
+                                          ("bf16-xla", "bfloat16", "xla")):
+            r = bench_ours(cfg.replace(dtype=dtype, matmul_impl=matmul_impl), batch, args.steps, args.warmup)
+            rows.append({"config": name, "impl": "bert_jax", "dtype": label, "peak_dtype": dtype, **r})
+            print(f"  {name} bert_jax {label}: {r['sequences_per_s']:.2f} seq/s", flush=True)
         if not args.no_torch:
             rows.append({"config": name, "impl": "pytorch", "dtype": "float32",
                          **bench_torch(cfg, batch, args.steps, args.warmup)})
             print(f"  {name} pytorch float32: {rows[-1]['sequences_per_s']:.2f} seq/s", flush=True)
         for row in rows:
             if row["config"] == name:
-                row["mfu"] = row["sequences_per_s"] * flops / peak[row["dtype"]]
+                row["mfu"] = row["sequences_per_s"] * flops / peak[row.get("peak_dtype", row["dtype"])]
     if not args.no_hf_flax:
         dtypes = ["float32"] + (["bfloat16"] if args.hf_flax_bf16 else [])
         for (name, dtype), r in bench_hf_flax(cfgs, batch, args.steps, args.warmup, dtypes).items():
