@@ -266,3 +266,37 @@ def test_tfds_config_keys_are_checked(tfds_corpus_dir, corpus, tmp_path):
     with pytest.raises(ValueError, match=r"config.data.tfds_split: bert_pretraining_corpus/sample has no "
                                          r"split 'validation' \(splits: \['eval', 'train'\]\)"):
         pretrain.run(c, tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------
+# Fine-tuning outputs on a URI workdir
+
+def test_finetune_writes_results_submissions_and_checkpoint_to_a_uri(fake_gcs, tmp_path):
+    import test_finetune as ft
+
+    from bert_jax import convert, finetune
+    from bert_jax import model as bert_model
+
+    # A tiny 'pretrained' model with its vocabulary, as tests/test_finetune.py makes it.
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    vocab = ft.SPECIALS + ft.FILLER + ["good", "bad", "meh"]
+    (tiny / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    cfg = bert_model.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+    convert.export_orbax(cfg, bert_model.init_params(cfg, seed=0), tiny / "orbax", tokenizer_dir=tiny)
+    workdir = f"{SCHEME}://bucket/glue"
+    ft.write_polarity_task(tmp_path / "data", n_train=32, n_dev=16, n_test=8)
+    c = ft.config(task="continuation", glue_dir=str(tmp_path / "data"), init_checkpoint=str(tiny / "orbax"),
+                  max_seq_length=16, batch_size=16, eval_batch_size=16, num_epochs=1.0, learning_rates=(1e-2,),
+                  seeds=(0,), progress_bar=False)
+    finetune.run(c, workdir)
+    remote = fake_gcs / "bucket" / "glue"
+    results = json.loads((remote / "results.json").read_text())
+    assert len(results["tasks"]["continuation"]["runs"]) == 1
+    assert results["tasks"]["continuation"]["chosen"]["submissions"] == [f"{workdir}/submission/continuation.tsv"]
+    assert len((remote / "submission" / "continuation.tsv").read_text().splitlines()) == 9
+    config, params, tokenizer_dir = checkpoint.restore_params(f"{workdir}/continuation/checkpoint")
+    assert params["classifier"]["kernel"].shape == (32, 2)
+    assert tokenizer_dir == f"{workdir}/continuation/checkpoint/tokenizer"
+    assert not (remote / "continuation" / "checkpoint.tmp").exists()
