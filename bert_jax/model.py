@@ -263,6 +263,15 @@ def attention_mask(input_mask: jax.Array, packed_segment_ids: jax.Array | None =
     return (same & valid[:, None, :])[:, None, :, :]
 
 
+def _lookup(embed: nnx.Embed, ids, rows: str | None = None):
+    """Rows of an embedding table, gathered from the table with its ``embed`` (FSDP) axis all-gathered
+    first: the gather then yields batch-sharded rows directly. Gathering from the FSDP-sharded
+    table instead leaves rows sharded on ``embed``, which XLA can only reshard to the batch layout
+    by a full rematerialisation when FSDP and tensor parallelism are combined."""
+    table = constrain(embed.embedding.get_value(), (rows, None))
+    return constrain(jnp.take(table, ids, axis=0), ("batch", "length", "embed"))
+
+
 class Embeddings(nnx.Module):
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -278,8 +287,8 @@ class Embeddings(nnx.Module):
         self.layer_norm = layer_norm(cfg, rngs)
 
     def __call__(self, input_ids, segment_ids, position_ids, deterministic, key):
-        x = (self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
-             + self.token_type_embeddings(segment_ids))
+        x = (_lookup(self.word_embeddings, input_ids, "vocab") + _lookup(self.position_embeddings, position_ids)
+             + _lookup(self.token_type_embeddings, segment_ids))
         x = self.layer_norm(x)
         x = _dropout(x, self.cfg.hidden_dropout_prob, deterministic, key)
         return constrain(x.astype(self.cfg.dtype), ("batch", "length", "embed"))
