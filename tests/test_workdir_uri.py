@@ -300,3 +300,22 @@ def test_finetune_writes_results_submissions_and_checkpoint_to_a_uri(fake_gcs, t
     assert params["classifier"]["kernel"].shape == (32, 2)
     assert tokenizer_dir == f"{workdir}/continuation/checkpoint/tokenizer"
     assert not (remote / "continuation" / "checkpoint.tmp").exists()
+
+
+def test_tfds_text_dataset_is_prepared_into_the_workdir(corpus, tmp_path):
+    """Another tfds_name is a TFDS text dataset: its documents are tokenized into workdir/data."""
+    from test_tfds import TinyTextCorpus
+
+    from bert_jax import tokenizer
+    from bert_jax.data import loader
+
+    TinyTextCorpus(data_dir=str(tmp_path / "tfds")).download_and_prepare()
+    c = _config(source="tfds", tfds_name="tiny_text_corpus", tfds_data_dir=str(tmp_path / "tfds"),
+                tokenizer=str(corpus[1]), eval_fraction=0.0)
+    workdir = paths.workdir_path(tmp_path / "run")
+    tokenizer.load_tokenizer(corpus[1]).save(workdir / checkpoint.TOKENIZER_DIR)
+    data_dir = pretrain.prepare_text_data(c, workdir)
+    assert data_dir == str(workdir / "data")
+    metadata = loader.read_metadata(data_dir)
+    assert metadata["source"] == "tfds:tiny_text_corpus:train"
+    assert metadata["summary"]["documents"] == 3 and metadata["splits"]["train"]["instances"] > 0
