@@ -304,7 +304,7 @@ def lower_pretraining_step(config, mesh, *, vocab_size: int = 30522):
     lowered with abstract arguments. -> (PretrainingStep, jax.stages.Lowered)."""
     from bert_jax import train_step as train_step_lib
 
-    model_config = train_step_lib.pretraining_model_config(config, config.model.vocab_size or vocab_size)
+    model_config = train_step_lib.pretraining_model_config(config, vocab_size)  # unless the config sets it
     program = train_step_lib.build_pretraining_step(config, model_config, mesh)
     return program, program.train_step.lower(*program.abstract_arguments())
 

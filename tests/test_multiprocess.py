@@ -1,18 +1,24 @@
-"""Two processes on localhost (jax.distributed, gloo, 2 CPU devices each) == one process with 4 devices.
+"""Two processes on localhost (jax.distributed, gloo, 2 CPU devices each).
 
-Each worker feeds only its half of every global batch through
-``sharding.make_global_batch``; the FSDP x data mesh spans both processes, so
-parameters, gradients and optimizer state cross the process boundary.
-Run as a script, this file is the worker.
+* Two processes == one process with 4 devices: each worker feeds only its half of
+  every global batch through ``sharding.make_global_batch``; the FSDP x data mesh
+  spans both processes, so parameters, gradients and optimizer state cross the
+  process boundary. Run as a script, this file is that worker.
+* The training loop never leaves more than a few steps un-awaited (gloo deadlocks).
+* ``python -m bert_jax.pretrain`` as two processes, preempted with SIGTERM (to both,
+  or to one), saves one checkpoint at the agreed step and resumes exactly.
 """
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 
 MESH = {"data": 2, "fsdp": 2}
 STEPS = 4
@@ -144,11 +150,6 @@ def test_loop_and_evaluation_block_every_few_steps():
 # ----------------------------------------------------------------------------
 # Preemption of a two-process `python -m bert_jax.pretrain` run (SIGTERM, as a TPU
 # maintenance event or SLURM's --signal does), and resume.
-
-import signal  # noqa: E402
-import time  # noqa: E402
-
-import pytest  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PRETRAIN_STEPS = 16
