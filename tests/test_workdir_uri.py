@@ -184,7 +184,7 @@ def _text_config(corpus, steps):
     return c
 
 
-def test_pretrain_on_a_uri_workdir_then_resume(fake_gcs, corpus):
+def test_pretrain_on_a_uri_workdir_then_resume(fake_gcs, corpus, tmp_path):
     workdir = f"{SCHEME}://bucket/runs/r1"
     first = pretrain.run(_text_config(corpus, 4), workdir)
     assert first["step"] == 4 and first["workdir"] == workdir
@@ -213,6 +213,14 @@ def test_pretrain_on_a_uri_workdir_then_resume(fake_gcs, corpus):
     assert checkpoint.tokenizer_fingerprint(tokenizer_dir) == \
         checkpoint.Checkpointer(workdir, read_only=True).read_json(6, checkpoint.META)["tokenizer"]["sha256"]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+    # Phase 2 (train.init_from) from the URI workdir: its tokenizer is copied into the new workdir.
+    phase2 = _text_config(corpus, 1)
+    phase2.train.init_from, phase2.data.tokenizer = workdir, ""
+    tok = pretrain.prepare_tokenizer(phase2, paths.workdir_path(tmp_path / "phase2"), saved_meta=None)
+    assert tok.vocab_size == 30522
+    assert checkpoint.tokenizer_fingerprint(tmp_path / "phase2" / "tokenizer") == \
+        checkpoint.tokenizer_fingerprint(tokenizer_dir)
 
 
 def test_bad_uri_or_unwritable_workdir_is_named(fake_gcs, corpus, tmp_path):
