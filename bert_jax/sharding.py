@@ -212,6 +212,18 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
 
+def check_model_fits(model_cfg, mesh: Mesh, rules=DEFAULT_RULES) -> None:
+    """Attention splits its activations by head over the ``heads`` mesh axes: their size must divide
+    the number of heads (a weight that does not divide is replicated; an activation cannot be)."""
+    heads = getattr(model_cfg, "num_attention_heads", None)
+    axes = partitioning.logical_to_mesh_spec(("heads",), rules, mesh)
+    names = () if not axes or axes[0] is None else ((axes[0],) if isinstance(axes[0], str) else tuple(axes[0]))
+    n = math.prod(mesh.shape[a] for a in names)
+    if heads is not None and heads % n:
+        raise ValueError(f"num_attention_heads={heads} is not divisible by the mesh axes that split heads "
+                         f"{dict((a, mesh.shape[a]) for a in names)} (product {n}): use a smaller tensor axis")
+
+
 def check_batch_size(global_batch_size: int, mesh: Mesh, rules=DEFAULT_RULES) -> None:
     axes = batch_axes(mesh, rules)
     n = math.prod(mesh.shape[a] for a in axes)

@@ -156,6 +156,7 @@ def abstract_train_state(model_cfg, opt: optax.GradientTransformation, mesh: Mes
                          model_fn: Callable[[nnx.Rngs], nnx.Module] | None = None):
     """(graphdef, ShapeDtypeStruct state carrying shardings, state shardings); allocates nothing."""
     rules = sharding.DEFAULT_RULES if rules is None else rules
+    sharding.check_model_fits(model_cfg, mesh, rules)
     model_fn = model_fn or _default_model_fn(model_cfg)
     graphdef, abstract_params = nnx.split(nnx.eval_shape(lambda: model_fn(nnx.Rngs(0))))
     axes = sharding.param_axes(abstract_params)

@@ -65,6 +65,14 @@ def test_make_mesh_errors(cfg, message):
 # ---------------------------------------------------------------------------
 # shardings of state and batch
 
+def test_heads_not_divisible_by_tensor_axis_is_a_clear_error():
+    opt, _ = optim.make_optimizer({"learning_rate": 1e-3, "warmup_steps": 0, "total_steps": 10})
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 8})
+    with pytest.raises(ValueError, match=r"num_attention_heads=4 .*'tensor': 8"):
+        T.abstract_train_state(tiny_config(), opt, mesh)
+    T.abstract_train_state(tiny_config(), opt, sharding.make_mesh({"data": 2, "tensor": 4}))  # 4 heads / 4: fine
+
+
 def test_state_shardings_follow_logical_axes():
     cfg = tiny_config()
     opt, _ = optim.make_optimizer({"warmup_steps": 1, "total_steps": 10})
