@@ -42,6 +42,8 @@ from bert_jax import optim, sharding, train_step as T
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH_VENV_PY = ROOT / ".cache" / "bench-venv" / "bin" / "python"
 PREDICTIONS = 20
+# (label, compute dtype, BertConfig.matmul_impl) of the bert_jax rows
+VARIANTS = (("float32", "float32", "auto"), ("bfloat16", "bfloat16", "auto"), ("bf16-xla", "bfloat16", "xla"))
 
 
 def make_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
@@ -167,6 +169,10 @@ def main():
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
+                        help="bert_jax rows to run (on a GPU: --variants bfloat16 --no-torch --no-hf-flax)")
+    parser.add_argument("--peak-n", type=int, default=2048,
+                        help="matmul size for the peak (8192 on a GPU: small matmuls do not reach its peak)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--no-hf-flax", action="store_true")
     parser.add_argument("--hf-flax-bf16", action="store_true", help="also run HF Flax with dtype=bfloat16")
@@ -175,7 +181,7 @@ def main():
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs; "
           f"batch {args.batch}, seq {args.seq}, {PREDICTIONS} predictions, {args.steps} timed steps")
-    peak = {"float32": matmul_peak(jnp.float32), "bfloat16": matmul_peak(jnp.bfloat16)}
+    peak = {"float32": matmul_peak(jnp.float32, args.peak_n), "bfloat16": matmul_peak(jnp.bfloat16, args.peak_n)}
     print(f"matmul peak: float32 {peak['float32'] / 1e9:.1f} GFLOP/s, bfloat16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s",
           flush=True)
 
@@ -187,8 +193,9 @@ def main():
         flops = train_flops_per_sequence(cfg, args.seq)
         # bfloat16 runs twice: matmul_impl auto (float32-output matmuls with a custom VJP on
         # CPU, bert_jax/matmul.py) and xla (plain bf16 dots), to show what that path is worth.
-        for label, dtype, matmul_impl in (("float32", "float32", "auto"), ("bfloat16", "bfloat16", "auto"),
-                                          ("bf16-xla", "bfloat16", "xla")):
+        for label, dtype, matmul_impl in VARIANTS:
+            if label not in args.variants.split(","):
+                continue
             r = bench_ours(cfg.replace(dtype=dtype, matmul_impl=matmul_impl), batch, args.steps, args.warmup)
             rows.append({"config": name, "impl": "bert_jax", "dtype": label, "peak_dtype": dtype, **r})
             print(f"  {name} bert_jax {label}: {r['sequences_per_s']:.2f} seq/s", flush=True)
