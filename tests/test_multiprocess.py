@@ -160,18 +160,9 @@ SUBPROCESS_XLA_FLAGS = "--xla_force_host_platform_device_count=2 --xla_backend_o
 @pytest.fixture(scope="module")
 def small_corpus(shared_data, tmp_path_factory):
     """~400 enwiki lines, a 500-piece SentencePiece vocabulary, instances of length 32."""
-    from bert_jax import tokenizer
-    from bert_jax.data import prepare
+    from test_pretrain import prepare_enwiki
 
-    tmp = tmp_path_factory.mktemp("mp_corpus")
-    lines = (shared_data / "enwiki_sample" / "enwiki_2015_sample.txt").read_text().splitlines()
-    corpus = tmp / "enwiki_slice.txt"
-    corpus.write_text("\n".join(lines[:400]) + "\n")
-    tok = tokenizer.train_sentencepiece([str(corpus)], tmp / "tokenizer", vocab_size=500, lowercase=True)
-    tok.save(tmp / "tokenizer")
-    prepare.prepare(str(corpus), tmp / "tokenizer", tmp / "data", max_seq_length=32, eval_fraction=0.05,
-                    seed=1, workers=1, progress=False)
-    return tmp
+    return prepare_enwiki(shared_data, tmp_path_factory.mktemp("mp_corpus"), 400, 500, 32)
 
 
 def _pretrain_args(corpus) -> list[str]:

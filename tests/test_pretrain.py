@@ -43,13 +43,18 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def prepared(shared_data, tmp_path_factory):
     """~40 enwiki articles, a SentencePiece vocabulary trained on them, prepared instances."""
-    tmp = tmp_path_factory.mktemp("enwiki")
+    return prepare_enwiki(shared_data, tmp_path_factory.mktemp("enwiki"), 2000, VOCAB, 64)
+
+
+def prepare_enwiki(shared_data, tmp, num_lines: int, vocab_size: int, seq_len: int):
+    """The first `num_lines` of the enwiki sample in `tmp`: tmp/tokenizer (SentencePiece) and
+    tmp/data (prepared instances of length `seq_len`). -> tmp"""
     lines = (shared_data / "enwiki_sample" / "enwiki_2015_sample.txt").read_text().splitlines()
     corpus = tmp / "enwiki_slice.txt"
-    corpus.write_text("\n".join(lines[:2000]) + "\n")
-    tok = tokenizer.train_sentencepiece([str(corpus)], tmp / "tokenizer", vocab_size=VOCAB, lowercase=True)
+    corpus.write_text("\n".join(lines[:num_lines]) + "\n")
+    tok = tokenizer.train_sentencepiece([str(corpus)], tmp / "tokenizer", vocab_size=vocab_size, lowercase=True)
     tok.save(tmp / "tokenizer")
-    prepare.prepare(str(corpus), tmp / "tokenizer", tmp / "data", max_seq_length=64, eval_fraction=0.05,
+    prepare.prepare(str(corpus), tmp / "tokenizer", tmp / "data", max_seq_length=seq_len, eval_fraction=0.05,
                     seed=1, workers=1, progress=False)
     return tmp
 
