@@ -36,6 +36,7 @@ import sys
 import numpy as np
 
 from bert_jax import model as M
+from bert_jax import paths
 
 log = logging.getLogger("bert_jax.convert")
 
@@ -310,7 +311,12 @@ def detect_format(path) -> str:
 
 
 def load_pretrained(path, fmt: str = "auto", seed: int = 0):
-    """(BertConfig, canonical params, report) from any supported format."""
+    """(BertConfig, canonical params, report) from any supported format.
+
+    ``path`` may be a URI (gs://, s3://, see bert_jax/paths.py): an Orbax checkpoint is read in
+    place; other formats are downloaded once into the local cache and read from there."""
+    if paths.is_uri(path):
+        return _load_pretrained_uri(os.fspath(path), fmt, seed)
     if not pathlib.Path(path).exists() and not pathlib.Path(str(path) + ".index").exists():
         raise ConversionError(f"{path}: no such file or directory")
     fmt = detect_format(path) if fmt == "auto" else fmt
@@ -320,9 +326,31 @@ def load_pretrained(path, fmt: str = "auto", seed: int = 0):
     return importers[fmt](path, seed=seed)
 
 
+def _load_pretrained_uri(path: str, fmt: str, seed: int):
+    from bert_jax import checkpoint
+
+    if fmt in ("auto", "orbax"):
+        try:
+            checkpoint.resolve_step_dir(path)
+        except FileNotFoundError:
+            if fmt == "orbax":
+                raise
+        else:
+            return import_orbax(path, seed=seed)
+    return load_pretrained(paths.local_copy(path, "checkpoints"), fmt, seed)
+
+
 def find_tokenizer_files(path) -> pathlib.Path | None:
-    """Directory holding the tokenizer that belongs with a checkpoint, if any."""
-    p = pathlib.Path(path)
+    """Directory holding the tokenizer that belongs with a checkpoint, if any (for a URI
+    checkpoint: a local copy of it)."""
+    if paths.is_uri(path):
+        found = _find_tokenizer_dir(paths.workdir_path(path, "checkpoint"))
+        return None if found is None else pathlib.Path(paths.local_copy(found, "tokenizers"))
+    return _find_tokenizer_dir(pathlib.Path(path))
+
+
+def _find_tokenizer_dir(p):
+    """pathlib.Path or epath.Path -> the tokenizer directory beside that checkpoint, or None."""
     d = p if p.is_dir() else p.parent
     for cand in (d, d / "tokenizer"):
         if any((cand / f).is_file() for f in TOKENIZER_FILES):

@@ -9,6 +9,7 @@ the same directory. The current directory is an empty one: a write that bypasses
 import json
 import os
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -292,10 +293,22 @@ def test_finetune_writes_results_submissions_and_checkpoint_to_a_uri(fake_gcs, t
     (tiny / "vocab.txt").write_text("\n".join(vocab) + "\n")
     cfg = bert_model.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    convert.export_orbax(cfg, bert_model.init_params(cfg, seed=0), tiny / "orbax", tokenizer_dir=tiny)
+    initial = bert_model.init_params(cfg, seed=0)
+    convert.export_orbax(cfg, initial, tiny / "orbax", tokenizer_dir=tiny)
+    convert.export_npz(cfg, initial, tiny / "npz" / "model.npz")
+    shutil.copy(tiny / "vocab.txt", tiny / "npz" / "vocab.txt")
+    # The pretrained weights live in the bucket too: Orbax is read in place, npz via a local copy.
+    shutil.copytree(tiny, fake_gcs / "bucket" / "pretrained")
+    pretrained = f"{SCHEME}://bucket/pretrained"
+    _, from_npz, _ = convert.load_pretrained(f"{pretrained}/npz/model.npz")
+    np.testing.assert_array_equal(from_npz["bert"]["pooler"]["kernel"], initial["bert"]["pooler"]["kernel"])
+    assert (convert.find_tokenizer_files(f"{pretrained}/npz/model.npz") / "vocab.txt").read_text() == \
+        (tiny / "vocab.txt").read_text()
+    with pytest.raises(FileNotFoundError, match="bucket/pretrained/missing"):
+        convert.load_pretrained(f"{pretrained}/missing")
     workdir = f"{SCHEME}://bucket/glue"
     ft.write_polarity_task(tmp_path / "data", n_train=32, n_dev=16, n_test=8)
-    c = ft.config(task="continuation", glue_dir=str(tmp_path / "data"), init_checkpoint=str(tiny / "orbax"),
+    c = ft.config(task="continuation", glue_dir=str(tmp_path / "data"), init_checkpoint=f"{pretrained}/orbax",
                   max_seq_length=16, batch_size=16, eval_batch_size=16, num_epochs=1.0, learning_rates=(1e-2,),
                   seeds=(0,), progress_bar=False)
     finetune.run(c, workdir)
