@@ -443,7 +443,7 @@ def export_orbax(cfg: M.BertConfig, params: dict, out_dir, tokenizer_dir=None) -
         (out / checkpoint.TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
         copy_tokenizer(tokenizer_dir, out / checkpoint.TOKENIZER_DIR)
         meta["tokenizer"]["sha256"] = checkpoint.tokenizer_fingerprint(out / checkpoint.TOKENIZER_DIR)
-    tree = {"params": jax_tree_map_np(params)}
+    tree = {"params": float32_numpy_tree(params)}
     with ocp.PyTreeCheckpointer() as ckpt:
         ckpt.save(step_dir / checkpoint.STATE, tree)
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as ckpt:
@@ -451,7 +451,8 @@ def export_orbax(cfg: M.BertConfig, params: dict, out_dir, tokenizer_dir=None) -
     return out
 
 
-def jax_tree_map_np(params: dict) -> dict:
+def float32_numpy_tree(params: dict) -> dict:
+    """Nested params -> the same tree of float32 numpy arrays (what export_orbax saves)."""
     return M.unflatten({k: np.asarray(v, np.float32) for k, v in M.flatten(params).items()})
 
 
