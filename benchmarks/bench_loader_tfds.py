@@ -17,26 +17,13 @@ import sys
 import tempfile
 import time
 
+from bench_loader import BATCH, DEFAULT_TEXT, PREDICTIONS, SEQ_LEN, loader_rate  # benchmarks/ is sys.path[0]
 from bert_jax.data import loader, tfds_corpus
 from bert_jax.data.prepare import prepare
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "enwiki_sample" / "enwiki_2015_sample.txt"
-SEQ_LEN, PREDICTIONS, BATCH = 128, 20, 256
-
 
 def rate(source, tfds_dir, *, worker_count, batches):
-    it = loader.make_pretraining_loader(source, global_batch_size=BATCH, max_seq_length=SEQ_LEN,
-                                        max_predictions_per_seq=PREDICTIONS, seed=0, process_index=0,
-                                        process_count=1, worker_count=worker_count, tfds_data_dir=str(tfds_dir))
-    for _ in range(5):  # start-up (workers, first permutation, opening files) is not throughput
-        next(it)
-    start, cpu_start = time.perf_counter(), time.process_time()
-    for _ in range(batches):
-        next(it)
-    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    it.close()
-    return batches * BATCH / wall, batches * BATCH / cpu
+    return loader_rate(source, worker_count=worker_count, batches=batches, tfds_data_dir=str(tfds_dir))
 
 
 def main():
