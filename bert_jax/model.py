@@ -179,24 +179,16 @@ def _axes(init, *names):
 
 
 def f32_matmuls(cfg: BertConfig, dtype=None) -> bool:
-    """Whether matmuls computed in ``dtype`` go through :func:`matmul.f32_einsum` (decided at trace time)."""
+    """Whether matmuls computed in ``dtype`` (default: the compute dtype) go through
+    :func:`matmul.f32_einsum`; ``auto`` asks the default backend of this process."""
     if jnp.dtype(dtype or cfg.dtype) == jnp.float32 or cfg.matmul_impl == "xla":
         return False
     return cfg.matmul_impl == "f32_out" or jax.default_backend() == "cpu"
 
 
-def einsum(cfg: BertConfig, spec: str, a, b, *, f32_out: bool = False):
-    """einsum in the compute dtype; float32 result when ``f32_out``, else the compute dtype."""
-    if f32_matmuls(cfg):
-        out = f32_einsum(spec, jnp.dtype(cfg.dtype), a, b)
-        return out if f32_out else out.astype(cfg.dtype)
-    a, b = a.astype(cfg.dtype), b.astype(cfg.dtype)
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32 if f32_out else None)
-
-
 class Dense(nnx.Linear):
-    """``nnx.Linear`` (same parameters, same results) that can route its matmul through
-    :func:`matmul.f32_einsum`: float32 accumulation output and float32 kernel gradients."""
+    """``nnx.Linear`` (same parameters) that, with ``f32_out``, runs its matmul through
+    :func:`matmul.f32_einsum`: float32 output and float32 kernel gradients."""
 
     def __init__(self, *args, f32_out: bool = False, **kw):
         super().__init__(*args, **kw)
@@ -449,7 +441,11 @@ class MaskedLMHead(nnx.Module):
         cfg = self.cfg
         h = activation(cfg.hidden_act)(self.transform(x))
         h = self.transform_layer_norm(h).astype(cfg.dtype)
-        logits = einsum(cfg, "bpe,ve->bpv", h, word_embeddings, f32_out=True)
+        if f32_matmuls(cfg):
+            logits = f32_einsum("bpe,ve->bpv", jnp.dtype(cfg.dtype), h, word_embeddings)
+        else:
+            logits = jnp.einsum("bpe,ve->bpv", h, word_embeddings.astype(cfg.dtype),
+                                preferred_element_type=jnp.float32)
         logits = logits + self.bias.get_value().astype(jnp.float32)
         return constrain(logits, ("batch", "length", "vocab"))
 

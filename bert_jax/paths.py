@@ -101,7 +101,7 @@ def cache_dir(uri, purpose: str) -> epath.Path:
 
 def local_copy(path, purpose: str = "files") -> str:
     """A local path holding `path` (file or directory): `path` itself when local, else a
-    fresh download into the cache (small things: tokenizers, vocabularies)."""
+    fresh download into the cache (tokenizers, vocabularies, non-Orbax checkpoints to import)."""
     if is_local(path):
         return os.fspath(path)
     source = workdir_path(path, "path")
