@@ -10,14 +10,15 @@ Why a custom VJP: JAX's transpose of ``dot_general(..., preferred_element_type=
 float32)`` multiplies the float32 cotangent with a bfloat16 operand, which XLA
 runs as a float32 matmul. On CPUs with AVX512-BF16/AMX, XLA hands bfloat16 x
 bfloat16 -> float32 dots to XNNPACK/YNNPACK, 3-5x faster than its bfloat16 ->
-bfloat16 or float32 dots (``benchmarks/bench_train.py`` measures the effect on
-a whole train step). On GPUs and TPUs the hardware accumulates in float32
+bfloat16 or float32 dots in the forward and input-gradient forms
+(``benchmarks/bench_matmul.py``; ``benchmarks/bench_train.py`` measures a whole
+train step). On GPUs and TPUs the hardware accumulates in float32
 either way; the model uses this path there only when asked
 (``BertConfig.matmul_impl``).
 
 Specs are two-operand einsums in which every index of an operand appears in
-the other operand or the output (true of dense layers, attention and the tied
-MLM decoder), so each gradient is itself one einsum.
+the other operand or the output (true of dense layers and the tied MLM
+decoder, which use it, and of attention), so each gradient is itself one einsum.
 """
 from __future__ import annotations
 
