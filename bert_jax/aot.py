@@ -317,7 +317,7 @@ def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_
     Bad input (unknown topology, a mesh that does not match the chip count, a batch
     the mesh cannot split) raises ValueError naming what to change.
     """
-    from bert_jax import config_utils, sharding, trainer
+    from bert_jax import config_utils, loop, sharding
 
     if isinstance(topology, str):
         topology = parse_topology(topology, num_slices)
@@ -351,7 +351,7 @@ def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_
         num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(program.abstract_state.params)),
         dtype=model_config.dtype, remat_policy=model_config.remat_policy, scan_layers=model_config.scan_layers,
         fits=False, compile_seconds=0.0, mfu=mfu,
-        analytic_flops_per_step=batch * trainer.pretraining_flops_per_sequence(model_config, seq, preds))
+        analytic_flops_per_step=batch * loop.pretraining_flops_per_sequence(model_config, seq, preds))
     try:
         compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:

@@ -5,7 +5,7 @@
 Started again on the same workdir it resumes from the latest checkpoint (params,
 optimizer, step, data order). A workdir holding a checkpoint of another model is an
 error, and nothing is written before the restore succeeded. SIGTERM saves a checkpoint
-at the current step and exits 0. The loop itself is `bert_jax.trainer.train_loop`.
+at the current step and exits 0. The loop itself is `bert_jax.loop.train_loop`.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from bert_jax import checkpoint, config_utils, metrics_writer, paths, sharding, tokenizer as tokenizer_lib
 from bert_jax import train_step as train_step_lib
-from bert_jax import trainer
+from bert_jax import loop
 from bert_jax.model import stack_layers
 
 log = logging.getLogger("bert_jax.pretrain")
@@ -338,12 +338,12 @@ def run(config, workdir) -> dict:
         if final:
             ckpt.wait()
 
-    peak, peak_source = trainer.device_peak_flops(model_config.dtype)
-    flops_per_step = config.train.global_batch_size * trainer.pretraining_flops_per_sequence(
+    peak, peak_source = loop.device_peak_flops(model_config.dtype)
+    flops_per_step = config.train.global_batch_size * loop.pretraining_flops_per_sequence(
         model_config, config.data.max_seq_length, config.data.max_predictions_per_seq)
     # A CPU device is a share of one host: the measured matmul peak is the host's.
     peak_total = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
-    settings = trainer.LoopSettings(
+    settings = loop.LoopSettings(
         total_steps=config.train.steps, log_every=config.train.log_every,
         eval_every=config.train.eval_every, eval_steps=config.train.eval_steps,
         checkpoint_every=config.train.checkpoint_every,
@@ -359,9 +359,9 @@ def run(config, workdir) -> dict:
                    f"BERT-{config.model.preset} ({_count_params(state.params) / 1e6:.1f}M params, "
                    f"vocab {model_config.vocab_size}), mesh {dict(mesh.shape)}, "
                    f"{jax.process_count()} process(es); peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
-    preemption = trainer.PreemptionWatcher()
+    preemption = loop.PreemptionWatcher()
     try:
-        state, summary = trainer.train_loop(
+        state, summary = loop.train_loop(
             state=state, start_step=start_step, settings=settings,
             train_step=lambda s, b: step_fn(s, b, base_key),
             eval_step=(lambda s, b: eval_fn(s.params, b)) if eval_batches is not None else None,
@@ -402,7 +402,7 @@ def main(argv) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         summary = run(_CONFIG.value, _WORKDIR.value)
-    except (checkpoint.CheckpointMismatchError, trainer.NonFiniteError) as e:
+    except (checkpoint.CheckpointMismatchError, loop.NonFiniteError) as e:
         sys.exit(f"error: {e}")
     if summary.get("preempted"):
         print(f"preempted: checkpoint at step {summary['step']} in {summary['workdir']}", flush=True)

@@ -15,7 +15,7 @@ import sys
 import jax
 import pytest
 
-from bert_jax import aot, config_utils, sharding, trainer
+from bert_jax import aot, config_utils, loop, sharding
 from bert_jax.model import BertConfig
 
 needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(),
@@ -120,7 +120,7 @@ def test_tiny_config_compiles_for_v5e_2x2(tiny_plan):
     assert plan.alias_bytes >= state_per_chip  # the donated state is updated in place
     assert 0 < plan.total_bytes < plan.hbm_bytes
     assert plan.analytic_flops_per_step == pytest.approx(
-        32 * trainer.pretraining_flops_per_sequence(model, 128, 20))
+        32 * loop.pretraining_flops_per_sequence(model, 128, 20))
     # The compiler counts the same step (plus elementwise work) to within 2x.
     assert 0.5 < plan.compiler_flops_per_step / plan.analytic_flops_per_step < 2.0
     report = plan.report()

@@ -124,15 +124,15 @@ class _Value:
 
 
 def test_loop_and_evaluation_block_every_few_steps():
-    from bert_jax import metrics_writer, trainer
+    from bert_jax import loop, metrics_writer
 
     train, evals = _InFlight(), _InFlight()
-    settings = trainer.LoopSettings(total_steps=80, log_every=50, eval_every=40, eval_steps=60,
+    settings = loop.LoopSettings(total_steps=80, log_every=50, eval_every=40, eval_steps=60,
                                     checkpoint_every=1000, max_nonfinite_steps=3, global_batch_size=1,
                                     flops_per_step=1.0, peak_flops_total=1.0)
-    preemption = trainer.PreemptionWatcher()
+    preemption = loop.PreemptionWatcher()
     try:
-        _, summary = trainer.train_loop(
+        _, summary = loop.train_loop(
             state=0, start_step=0, settings=settings,
             train_step=lambda state, batch: (state + 1, {"loss": train.dispatch(), "update_skipped": train.dispatch()}),
             eval_step=lambda state, batch: {"loss": evals.dispatch()},
@@ -144,7 +144,7 @@ def test_loop_and_evaluation_block_every_few_steps():
     assert summary["step"] == 80 and evals.dispatched == 2 * 60
     # Two values per train step: the step just launched and the one before it.
     assert train.most <= 2 * 2, train.most
-    assert evals.most <= trainer.MAX_STEPS_IN_FLIGHT, evals.most
+    assert evals.most <= loop.MAX_STEPS_IN_FLIGHT, evals.most
 
 
 # ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from bert_jax import checkpoint, config_utils, metrics_writer, pretrain, tokenizer, trainer
+from bert_jax import checkpoint, config_utils, loop, metrics_writer, pretrain, tokenizer
 from bert_jax.data import prepare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -180,13 +180,13 @@ def test_other_model_in_workdir_is_an_error_and_leaves_it_untouched(prepared, re
 
 def _loop(train_metrics, *, max_nonfinite_steps=3, total_steps=10):
     """train_loop with stand-in steps: metrics for step i are train_metrics(i)."""
-    settings = trainer.LoopSettings(total_steps=total_steps, log_every=5, eval_every=100, eval_steps=1,
+    settings = loop.LoopSettings(total_steps=total_steps, log_every=5, eval_every=100, eval_steps=1,
                                     checkpoint_every=100, max_nonfinite_steps=max_nonfinite_steps,
                                     global_batch_size=1, flops_per_step=1.0, peak_flops_total=1.0)
     saved = []
-    preemption = trainer.PreemptionWatcher()
+    preemption = loop.PreemptionWatcher()
     try:
-        return trainer.train_loop(
+        return loop.train_loop(
             state=0, start_step=0, settings=settings,
             train_step=lambda state, batch: (state + 1, train_metrics(state + 1)),
             eval_step=None, eval_finish=None, eval_batches=None, train_batches=iter(range(100)),
@@ -199,7 +199,7 @@ def _loop(train_metrics, *, max_nonfinite_steps=3, total_steps=10):
 def test_repeated_nonfinite_steps_stop_with_a_clear_message():
     bad_from_step_4 = lambda step: {"loss": np.float32("nan") if step >= 4 else np.float32(1.0),  # noqa: E731
                                     "update_skipped": np.int32(step >= 4)}
-    with pytest.raises(trainer.NonFiniteError, match="3 consecutive steps.*last at step 6"):
+    with pytest.raises(loop.NonFiniteError, match="3 consecutive steps.*last at step 6"):
         _loop(bad_from_step_4)
     # Isolated skipped steps are counted, not fatal.
     every_third = lambda step: {"loss": np.float32(1.0), "update_skipped": np.int32(step % 3 == 0)}  # noqa: E731
