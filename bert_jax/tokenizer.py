@@ -60,6 +60,12 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and, per id, the [start, end) character span of `text` it came from (for mapping
+        predicted token spans back to the original text; pieces made of no character get an
+        empty span)."""
+        raise NotImplementedError
+
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
@@ -185,6 +191,11 @@ class WordPieceTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # `tokenizers` tracks offsets through the normalizer (lower case, accents, CJK spacing).
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(o) for o in encoding.offsets]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=False)
 
@@ -241,6 +252,21 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return self._sp.encode(list(texts))
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        # SentencePiece reports UTF-8 byte offsets, and a piece's span includes the
+        # whitespace its '▁' stands for: map bytes to characters and drop that whitespace.
+        pieces = self._sp.encode(text, return_type="proto").pieces
+        char_at_byte = np.zeros(len(text.encode("utf-8")) + 1, np.int64)
+        char_at_byte[np.cumsum([0] + [len(c.encode("utf-8")) for c in text])] = np.arange(len(text) + 1)
+        char_at_byte = np.maximum.accumulate(char_at_byte)
+        offsets = []
+        for piece in pieces:
+            start, end = int(char_at_byte[piece.begin]), int(char_at_byte[piece.end])
+            while start < end and text[start].isspace():
+                start += 1
+            offsets.append((start, end))
+        return [piece.id for piece in pieces], offsets
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._sp.decode([int(i) for i in ids])

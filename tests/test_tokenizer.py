@@ -158,3 +158,32 @@ def test_word_start_mask_vectorised(vocab_dir):
     ids = np.array([tok.encode_with_specials(s)[0][:8] for s in SENTENCES[:3]])
     mask = tok.word_start_mask(ids)
     assert mask.shape == ids.shape and mask.dtype == bool
+
+
+def test_wordpiece_offsets_match_transformers_and_split_cjk(vocab_dir):
+    from transformers import BertTokenizerFast
+
+    reference = BertTokenizerFast(vocab=str(vocab_dir / "vocab.txt"), do_lower_case=True)
+    tok = load_tokenizer(vocab_dir / "vocab.txt")
+    for sentence in SENTENCES + [NON_ASCII]:
+        ids, offsets = tok.encode_with_offsets(sentence)
+        expected = reference(sentence, add_special_tokens=False, return_offsets_mapping=True)
+        assert ids == tok.encode(sentence) == expected["input_ids"]
+        assert offsets == [tuple(o) for o in expected["offset_mapping"]], sentence
+    text = "Visit 東京タワー in Zürich"
+    ids, offsets = tok.encode_with_offsets(text)
+    assert [text[a:b] for a, b in offsets][1:3] == ["東", "京"]  # one CJK character per token
+    after_in = [text[a:b] for a, b in offsets].index("in") + 1
+    assert text[offsets[after_in][0]:offsets[-1][1]] == "Zürich"  # lower-cased, accent-stripped pieces
+
+
+def test_sentencepiece_offsets_cover_the_text(sentencepiece_dir):
+    tok = load_tokenizer(sentencepiece_dir)
+    for sentence in SENTENCES + [NON_ASCII]:
+        ids, offsets = tok.encode_with_offsets(sentence)
+        assert ids == tok.encode(sentence)
+        assert all(0 <= a <= b <= len(sentence) for a, b in offsets)
+        assert all(prev[1] <= cur[0] or cur[0] == cur[1] for prev, cur in zip(offsets, offsets[1:]))
+        # Every character but whitespace lies in exactly one piece's span.
+        covered = "".join(sentence[a:b] for a, b in offsets)
+        assert covered == "".join(sentence.split()), sentence
