@@ -43,7 +43,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from bert_jax import convert, glue_metrics, optim, partitioning, paths, sharding
+from bert_jax import convert, distributed, glue_metrics, optim, partitioning, paths, sharding
 from bert_jax import train_step as train_step_lib
 from bert_jax.data import glue
 from bert_jax.model import BertConfig, BertForSequenceClassification
@@ -309,7 +309,7 @@ def run_task(task: glue.GlueTask, c, workdir: epath.Path, pretrained: Pretrained
                     f"{k}={v:.4f}" for k, v in record["final"].items() if isinstance(v, float)), flush=True)
             if score > best_score or best_params is None:
                 # Kept on the host: test predictions and the checkpoint are written once, at the end.
-                best_score, best_params = score, jax.tree.map(np.asarray, _gather(params))
+                best_score, best_params = score, jax.tree.map(np.asarray, distributed.gather(params))
                 entry["chosen"] = {"learning_rate": float(learning_rate), "seed": int(seed),
                                    "metrics": record["final"]}
             del params
@@ -341,8 +341,8 @@ def save_outputs(runner: Runner, host_params, workdir: epath.Path) -> dict:
     if c.save_checkpoint:
         final, tmp = workdir / task.name / "checkpoint", workdir / task.name / "checkpoint.tmp"
         if primary:
-            _rmtree(tmp)
-        _barrier("finetune_checkpoint_clean")
+            paths.rmtree(tmp)
+        distributed.barrier("finetune_checkpoint_clean")
         with tempfile.TemporaryDirectory(prefix="bert_jax_export_") as scratch:
             local_tmp = tmp if paths.is_local(tmp) else epath.Path(scratch) / "checkpoint"
             # Every process calls the Orbax save (it coordinates who writes what).
@@ -350,31 +350,13 @@ def save_outputs(runner: Runner, host_params, workdir: epath.Path) -> dict:
                                  tokenizer_dir=runner.pretrained.tokenizer_dir)
             if primary and local_tmp != tmp:
                 paths.copy_tree(local_tmp, tmp)
-        _barrier("finetune_checkpoint_saved")
+        distributed.barrier("finetune_checkpoint_saved")
         if primary:  # the new best replaces the old one only once it is completely written
-            _rmtree(final)
+            paths.rmtree(final)
             tmp.rename(final)
-        _barrier("finetune_checkpoint_moved")
+        distributed.barrier("finetune_checkpoint_moved")
         out["checkpoint"] = str(final)
     return out
-
-
-def _rmtree(path: epath.Path) -> None:
-    if path.exists():
-        path.rmtree()
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
-
-def _gather(params):
-    if jax.process_count() == 1:
-        return jax.device_get(params)
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def write_results(workdir: epath.Path, results: dict) -> None:
@@ -419,11 +401,10 @@ def validate(c) -> None:
 
 def run(c, workdir) -> dict:
     """Fine-tunes every task of `c.task`; returns the results dict written to results.json."""
-    from bert_jax.pretrain import init_distributed  # the same process setup as pretraining
 
     validate(c)
     tasks = glue.resolve_tasks(c.task)  # unknown task names fail before any work
-    init_distributed(c.distributed)
+    distributed.initialize(c.distributed)
     workdir = paths.workdir_path(workdir)  # a local directory or a URI (gs://...)
     if jax.process_index() == 0:
         paths.ensure_writable_dir(workdir)

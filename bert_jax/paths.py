@@ -68,6 +68,12 @@ def is_local(path) -> bool:
     return not is_uri(path)
 
 
+def rmtree(path: epath.Path) -> None:
+    """Remove the directory `path` (any backend) if it exists."""
+    if path.exists():
+        path.rmtree()
+
+
 def walk_files(directory: epath.Path) -> list[str]:
     """Relative posix names of every file under `directory`, sorted (any backend)."""
     root = str(directory).rstrip("/")

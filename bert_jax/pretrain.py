@@ -20,47 +20,14 @@ import optax
 from absl import app, flags
 from absl import logging as absl_logging
 from etils import epath
-from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from bert_jax import checkpoint, config_utils, metrics_writer, paths, sharding, tokenizer as tokenizer_lib
+from bert_jax import checkpoint, config_utils, distributed, metrics_writer, paths, sharding, tokenizer as tokenizer_lib
 from bert_jax import train_step as train_step_lib
 from bert_jax import loop
 from bert_jax.model import stack_layers
 
 log = logging.getLogger("bert_jax.pretrain")
-
-
-# ----------------------------------------------------------------------------
-# Processes
-
-def init_distributed(c) -> None:
-    """jax.distributed.initialize from config.distributed; 'auto' initializes only where
-    JAX detects a cluster (TPU pod, SLURM, ...) and otherwise runs as one process."""
-    if c.initialize == "never" or jax.distributed.is_initialized():
-        return
-    explicit = bool(c.coordinator_address or c.num_processes)
-    if explicit:
-        jax.distributed.initialize(
-            coordinator_address=c.coordinator_address or None,
-            num_processes=c.num_processes or None,
-            process_id=c.process_id if c.process_id >= 0 else None)
-    elif c.initialize == "always" or _cluster_detected():
-        jax.distributed.initialize()
-
-
-def _cluster_detected() -> bool:
-    try:
-        from jax._src.clusters import ClusterEnv
-        return any(not env.opt_in_only_method and env.is_env_present()
-                   for env in ClusterEnv._cluster_types)
-    except (ImportError, AttributeError):
-        return False
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 # ----------------------------------------------------------------------------
@@ -87,23 +54,18 @@ def prepare_tokenizer(config, workdir: epath.Path, saved_meta: dict | None):
             else:
                 tok = train_tokenizer_on_corpus(config, scratch)
             staging = workdir / (checkpoint.TOKENIZER_DIR + ".tmp")
-            _rmtree(staging)
+            paths.rmtree(staging)
             with paths.write_dir(staging) as local_staging:
                 tok.save(local_staging)
-        _rmtree(tokenizer_dir)  # no checkpoint uses it yet
+        paths.rmtree(tokenizer_dir)  # no checkpoint uses it yet
         staging.rename(tokenizer_dir)
-    _sync("tokenizer_written")
+    distributed.barrier("tokenizer_written")
     return _load_tokenizer(tokenizer_dir)
 
 
 def _load_tokenizer(path):
     """load_tokenizer reads local files: a URI is copied to this host's cache first."""
     return tokenizer_lib.load_tokenizer(paths.local_copy(path, "tokenizer"))
-
-
-def _rmtree(path: epath.Path) -> None:
-    if path.exists():
-        path.rmtree()
 
 
 def _init_from_tokenizer(config) -> str:
@@ -217,7 +179,7 @@ def prepare_text_data(config, workdir: epath.Path) -> str:
             tfds_data_dir=d.tfds_data_dir or None, progress=config.train.progress_bar)
         if local_dir != data_dir:
             paths.copy_tree(local_dir, data_dir, last="metadata.json")
-    _sync("data_prepared")
+    distributed.barrier("data_prepared")
     if local_dir != data_dir:
         _download_prepared(data_dir, local_dir)
     return str(local_dir)
@@ -292,12 +254,12 @@ def _has_count(tree) -> bool:
 def run(config, workdir) -> dict:
     """Pretrain as configured in `workdir` (resuming if it holds a checkpoint). -> summary."""
     config_utils.validate(config)
-    init_distributed(config.distributed)
+    distributed.initialize(config.distributed)
     workdir = paths.workdir_path(workdir)  # a local directory or a URI (gs://...)
     main_process = jax.process_index() == 0
     if main_process:
         paths.ensure_writable_dir(workdir)
-    _sync("workdir_created")
+    distributed.barrier("workdir_created")
 
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep, keep_best=config.train.keep_best,
                                    async_save=config.train.async_checkpoints)

@@ -46,7 +46,7 @@ def get_config(arg: str = ""):
     c.mesh.tensor = 1
     c.mesh.slices = 1
 
-    c.distributed = config_dict.ConfigDict()  # as in pretraining (bert_jax.pretrain.init_distributed)
+    c.distributed = config_dict.ConfigDict()  # as in pretraining (bert_jax.distributed.initialize)
     c.distributed.coordinator_address = ""
     c.distributed.num_processes = 0
     c.distributed.process_id = -1
