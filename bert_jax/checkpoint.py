@@ -20,7 +20,6 @@ step directory and returns `(BertConfig, params as nested dict of numpy, tokeniz
 """
 from __future__ import annotations
 
-import base64
 import hashlib
 
 import jax
@@ -84,7 +83,7 @@ class Checkpointer:
             return False
         return self._manager.save(step, args=ocp.args.Composite(**{
             STATE: ocp.args.StandardSave(state),
-            DATA: ocp.args.JsonSave(encode_data_state(data_state)),
+            DATA: ocp.args.JsonSave(data_state),
             CONFIG: ocp.args.JsonSave(config),
             META: ocp.args.JsonSave(meta),
         }), metrics=metrics, force=True)
@@ -95,7 +94,7 @@ class Checkpointer:
             STATE: ocp.args.StandardRestore(abstract_state),
             DATA: ocp.args.JsonRestore(),
         }))
-        return restored[STATE], decode_data_state(restored[DATA])
+        return restored[STATE], restored[DATA]
 
     def read_json(self, step: int, item: str) -> dict:
         return read_json_item(self.directory / str(step), item)
@@ -114,20 +113,7 @@ def abstract_with_shardings(abstract_state, shardings):
 
 
 # ----------------------------------------------------------------------------
-# Companions of the state: data iterator state, metadata, tokenizer.
-
-def encode_data_state(data_state):
-    """Loader states are JSON-able dicts or bytes (Grain); bytes go as base64."""
-    if isinstance(data_state, bytes):
-        return {"__bytes_base64__": base64.b64encode(data_state).decode("ascii")}
-    return data_state if data_state is not None else {}
-
-
-def decode_data_state(saved):
-    if isinstance(saved, dict) and set(saved) == {"__bytes_base64__"}:
-        return base64.b64decode(saved["__bytes_base64__"])
-    return saved
-
+# Companions of the state: metadata, tokenizer.
 
 def read_json_item(step_dir, item: str) -> dict:
     step_dir = paths.workdir_path(step_dir, "checkpoint")

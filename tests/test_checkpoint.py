@@ -98,12 +98,6 @@ def test_keep_latest_and_best_by_eval_loss(tmp_path):
     ckpt.close()
 
 
-def test_data_state_bytes_round_trip():
-    raw = b"\x00grain\xffstate"
-    assert checkpoint.decode_data_state(checkpoint.encode_data_state(raw)) == raw
-    assert checkpoint.decode_data_state(checkpoint.encode_data_state({"next_batch": 3})) == {"next_batch": 3}
-
-
 def test_check_same_model_names_the_differences():
     other = MODEL.replace(hidden_size=256, num_attention_heads=4, intermediate_size=1024).to_dict()
     with pytest.raises(checkpoint.CheckpointMismatchError, match="(?s)hidden_size.*intermediate_size"):
