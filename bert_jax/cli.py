@@ -1,0 +1,48 @@
+"""Command lines: absl flags, defined per call in a fresh `flags.FlagValues`.
+
+Each entrypoint's `main(argv)` calls `parse(argv, define, prog=...)`: nothing is defined at
+import time and nothing in absl's global `FLAGS` is touched, so tests (and programs) can call
+any number of `main`s in one process. `argv` excludes the program name (`sys.argv[1:]`).
+Errors behave as argparse's did: a bad or missing flag prints one line and exits with status 2;
+`--help` prints the flags and exits 0.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import flags
+
+HELP = ("--help", "-h", "--helpshort", "--helpfull")
+
+
+def parse(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None], *, prog: str,
+          doc: str = "") -> flags.FlagValues:
+    """-> a FlagValues holding the flags `define(fv)` declared, parsed from `argv` (None:
+    sys.argv[1:]); positional arguments are a usage error."""
+    fv, positional = parse_with_positional(argv, define, prog=prog, doc=doc)
+    if positional:
+        usage_error(prog, f"unexpected arguments {positional}")
+    return fv
+
+
+def parse_with_positional(argv: Sequence[str] | None, define: Callable[[flags.FlagValues], None], *,
+                          prog: str, doc: str = "") -> tuple[flags.FlagValues, list[str]]:
+    """As `parse`, and -> (FlagValues, the positional arguments in order)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = flags.FlagValues()
+    define(fv)
+    if any(a in HELP for a in argv[:argv.index("--") if "--" in argv else len(argv)]):
+        print(f"usage: {prog} [flags]\n\n{doc.strip()}\n\n{fv.get_help(include_special_flags=False)}".strip())
+        raise SystemExit(0)
+    try:
+        positional = fv([prog, *argv])[1:]
+    except flags.Error as e:
+        usage_error(prog, str(e))
+    return fv, positional
+
+
+def usage_error(prog: str, message: str):
+    """Print `prog: error: message` (the argparse convention) and exit with status 2."""
+    print(f"{prog}: error: {message} (--help lists the flags)", file=sys.stderr)
+    raise SystemExit(2)
