@@ -18,13 +18,16 @@ pretraining resumes (or is skipped when finished).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
 import subprocess
 import sys
 import time
+
+from absl import flags
+
+from bert_jax import cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,13 +51,15 @@ def last_metrics(path: pathlib.Path, split: str) -> dict:
     return found
 
 
+def _define_flags(fv) -> None:
+    flags.DEFINE_string("workdir", "workdirs/demo", "directory for all stages' outputs", flag_values=fv)
+    flags.DEFINE_integer("pretrain_steps", None, "default: configs/demo.py's", flag_values=fv)
+    flags.DEFINE_float("finetune_epochs", 2.0, "fine-tuning epochs", flag_values=fv)
+    flags.DEFINE_integer("finetune_examples", 4000, "pairs in the fine-tuning task", flag_values=fv)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bert_jax.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", default="workdirs/demo")
-    ap.add_argument("--pretrain_steps", type=int, default=None, help="default: configs/demo.py's")
-    ap.add_argument("--finetune_epochs", type=float, default=2.0)
-    ap.add_argument("--finetune_examples", type=int, default=4000, help="pairs in the fine-tuning task")
-    args = ap.parse_args(argv)
+    args = cli.parse(argv, _define_flags, prog="python -m bert_jax.demo", doc=__doc__)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     work = pathlib.Path(args.workdir).absolute()
     pre, task_dir, fine, export = work / "pretrain", work / "glue", work / "finetune", work / "export"

@@ -16,14 +16,17 @@ not inject a [SEP] into an instance.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pathlib
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from absl import flags
+
+from bert_jax import cli
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONFIG_FILE = "tokenizer_config.json"
@@ -389,42 +392,57 @@ def train_sentencepiece(
     return load_tokenizer(output_dir)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bert_jax.tokenizer", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="train a SentencePiece vocabulary")
-    train.add_argument("--input", nargs="+", required=True,
-                       help="text files (one sentence or paragraph per line), or 'demo' for the built-in corpus")
-    train.add_argument("--output", required=True, help="directory to save the tokenizer into")
-    train.add_argument("--vocab_size", type=int, default=30522)
-    train.add_argument("--model_type", choices=("unigram", "bpe"), default="unigram")
-    train.add_argument("--lowercase", action="store_true", help="case-fold (uncased vocabulary)")
-    train.add_argument("--character_coverage", type=float, default=0.9995)
-    train.add_argument("--no_byte_fallback", dest="byte_fallback", action="store_false")
-    train.add_argument("--input_sentence_size", type=int, default=10_000_000,
-                       help="sample at most this many lines")
-    train.add_argument("--seed", type=int, default=0)
-    show = commands.add_parser("show", help="print a tokenizer's summary and tokenize text")
-    show.add_argument("path")
-    show.add_argument("text", nargs="*")
-    args = parser.parse_args(argv)
+def _define_train_flags(fv) -> None:
+    flags.DEFINE_multi_string("input", None, "text files (one sentence or paragraph per line; several may follow "
+                              "one --input), or 'demo' for the built-in corpus", flag_values=fv)
+    flags.DEFINE_string("output", None, "directory to save the tokenizer into", flag_values=fv)
+    flags.DEFINE_integer("vocab_size", 30522, "vocabulary size", flag_values=fv)
+    flags.DEFINE_enum("model_type", "unigram", ("unigram", "bpe"), "SentencePiece model type", flag_values=fv)
+    flags.DEFINE_boolean("lowercase", False, "case-fold (uncased vocabulary)", flag_values=fv)
+    flags.DEFINE_float("character_coverage", 0.9995, "share of characters covered", flag_values=fv)
+    flags.DEFINE_boolean("no_byte_fallback", False, "no byte pieces for unknown characters", flag_values=fv)
+    flags.DEFINE_integer("input_sentence_size", 10_000_000, "sample at most this many lines", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "seed of the line sampling", flag_values=fv)
+    for name in ("input", "output"):
+        flags.mark_flag_as_required(name, flag_values=fv)
 
-    if args.command == "train":
-        kwargs = dict(vocab_size=args.vocab_size, model_type=args.model_type, lowercase=args.lowercase,
-                      character_coverage=args.character_coverage, byte_fallback=args.byte_fallback,
-                      input_sentence_size=args.input_sentence_size, seed=args.seed)
-        if args.input == ["demo"]:
+
+_USAGE = """commands:
+  train --input FILE [FILE ...] --output DIR [--vocab_size N ...]   train a SentencePiece vocabulary
+  show PATH [TEXT ...]                                             print a tokenizer's summary and tokenize text"""
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    prog = "python -m bert_jax.tokenizer"
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    if command not in ("train", "show"):
+        if command in cli.HELP:
+            print(f"usage: {prog} {{train,show}} ...\n\n{_USAGE}")
+            return
+        cli.usage_error(prog, f"give a command, train or show, not {command!r}\n{_USAGE}")
+    if command == "train":
+        fv, extra_inputs = cli.parse_with_positional(argv[1:], _define_train_flags, prog=f"{prog} train",
+                                                     doc=_USAGE)
+        inputs = fv.input + extra_inputs  # a shell glob after --input gives several files
+        kwargs = dict(vocab_size=fv.vocab_size, model_type=fv.model_type, lowercase=fv.lowercase,
+                      character_coverage=fv.character_coverage, byte_fallback=not fv.no_byte_fallback,
+                      input_sentence_size=fv.input_sentence_size, seed=fv.seed)
+        if inputs == ["demo"]:
             from bert_jax.data import demo_corpus
 
             sentences = (s for doc in demo_corpus.documents() for s in doc)
-            tokenizer = train_sentencepiece(None, args.output, sentences=sentences, **kwargs)
+            tokenizer = train_sentencepiece(None, fv.output, sentences=sentences, **kwargs)
         else:
-            tokenizer = train_sentencepiece(args.input, args.output, **kwargs)
-        print(f"saved {tokenizer} to {args.output}")
+            tokenizer = train_sentencepiece(inputs, fv.output, **kwargs)
+        print(f"saved {tokenizer} to {fv.output}")
     else:
-        tokenizer = load_tokenizer(args.path)
+        _, positional = cli.parse_with_positional(argv[1:], lambda fv: None, prog=f"{prog} show", doc=_USAGE)
+        if not positional:
+            cli.usage_error(f"{prog} show", "give the tokenizer's path")
+        tokenizer = load_tokenizer(positional[0])
         print(tokenizer, "special ids", tokenizer.special_ids)
-        for text in args.text:
+        for text in positional[1:]:
             print(tokenizer.tokenize(text))
 
 

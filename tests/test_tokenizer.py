@@ -137,6 +137,37 @@ def test_sentencepiece_cli_bpe_lowercase(corpus_file, tmp_path):
     assert load_tokenizer(tmp_path / "spiece.model").lowercase  # read from the model's normalizer
 
 
+def test_cli_train_takes_several_files_after_one_input_and_show_tokenizes(corpus_file, tmp_path, capsys):
+    lines = corpus_file.read_text(encoding="utf-8").splitlines()
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"  # as a shell expands --input corpus/*.txt
+    first.write_text("\n".join(lines[: len(lines) // 2]) + "\n", encoding="utf-8")
+    second.write_text("\n".join(lines[len(lines) // 2:]) + "\n", encoding="utf-8")
+    out = tmp_path / "tok"
+    tokenizer_lib.main(["train", "--input", str(first), str(second), "--vocab_size", "800", "--output", str(out),
+                        "--no_byte_fallback", "--seed", "1"])
+    assert load_tokenizer(out).vocab_size == 800
+    capsys.readouterr()
+    tokenizer_lib.main(["show", str(out), "the class statement"])
+    printed = capsys.readouterr().out.splitlines()
+    assert "special ids (0, 1, 2, 3, 4)" in printed[0]
+    assert printed[1] == str(load_tokenizer(out).tokenize("the class statement"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give a command, train or show"),
+    (["encode"], "give a command, train or show, not 'encode'"),
+    (["train", "--input", "x.txt"], "--output must have a value"),
+    (["train", "--input", "x.txt", "--output", "o", "--model_type", "wordpiece"], "model_type"),
+    (["train", "--input", "x.txt", "--output", "o", "--vocab", "8"], "Unknown command line flag 'vocab'"),
+    (["show"], "give the tokenizer's path"),
+])
+def test_cli_usage_errors_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tokenizer_lib.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 def test_sentencepiece_bad_inputs(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -18,7 +18,6 @@ the Python version and this module's CLEANING_VERSION.
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import hashlib
 import inspect
@@ -29,6 +28,10 @@ import re
 import subprocess
 import sys
 import tempfile
+
+from absl import flags
+
+from bert_jax import cli
 
 CLEANING_VERSION = 2  # bump when the cleaning below changes: invalidates caches
 
@@ -174,18 +177,20 @@ def write_text(path, docs: list[list[str]] | None = None) -> pathlib.Path:
     return path
 
 
+def _define_flags(fv) -> None:
+    flags.DEFINE_string("output", None, "write the corpus here (one sentence per line)", flag_values=fv)
+    flags.DEFINE_boolean("no_cache", False, "rebuild the corpus instead of reading the cached copy", flag_values=fv)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bert_jax.data.demo_corpus", description=__doc__.split("\n")[0])
-    parser.add_argument("--output", help="write the corpus here (one sentence per line)")
-    parser.add_argument("--no_cache", action="store_true")
-    args = parser.parse_args(argv)
-    docs = documents(use_cache=not args.no_cache)
+    fv = cli.parse(argv, _define_flags, prog="python -m bert_jax.data.demo_corpus", doc=__doc__)
+    docs = documents(use_cache=not fv.no_cache)
     sentences = sum(map(len, docs))
     size = sum(len(s.encode()) + 1 for doc in docs for s in doc)
     print(f"{len(docs)} documents, {sentences} sentences, {size / 1e6:.2f} MB")
-    if args.output:
-        write_text(args.output, docs)
-        print(f"wrote {args.output}")
+    if fv.output:
+        write_text(fv.output, docs)
+        print(f"wrote {fv.output}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ a temporary directory that replaces --output only at the end: a failed run damag
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import logging
@@ -37,7 +36,9 @@ import time
 
 import numpy as np
 import tqdm
+from absl import flags
 
+from bert_jax import cli
 from bert_jax import tokenizer as tokenizer_lib
 from bert_jax.data import instances as instances_lib
 from bert_jax.data import masking
@@ -313,40 +314,45 @@ def summary_text(metadata: dict) -> str:
     return "\n".join(lines)
 
 
+def _define_flags(fv) -> None:
+    flags.DEFINE_string("input", None, "text files/globs (comma-separated), 'demo', or tfds:NAME[:SPLIT]",
+                        flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "vocab.txt, tokenizer.json, .model, or a saved directory", flag_values=fv)
+    flags.DEFINE_string("output", None, "output directory", flag_values=fv)
+    flags.DEFINE_enum("format", "auto", sources.FORMATS, "text file layout", flag_values=fv)
+    flags.DEFINE_string("tfds_data_dir", None, "TFDS data_dir", flag_values=fv)
+    flags.DEFINE_integer("max_seq_length", 128, "tokens per instance", flag_values=fv)
+    flags.DEFINE_float("short_seq_prob", 0.1, "share of instances with a shorter target length", flag_values=fv)
+    flags.DEFINE_float("eval_fraction", 0.0, "share of documents held out for eval", flag_values=fv)
+    flags.DEFINE_integer("seed", 12345, "seed of pairs and masks", flag_values=fv)
+    flags.DEFINE_boolean("static_masking", False, "store masks (default: loader masks anew)", flag_values=fv)
+    flags.DEFINE_integer("dupe_factor", None, "copies with different pairs/masks (default 5 with --static_masking, "
+                         "else 1)", flag_values=fv)
+    flags.DEFINE_integer("max_predictions_per_seq", 20, "masked positions per instance", flag_values=fv)
+    flags.DEFINE_float("masked_lm_prob", 0.15, "share of tokens masked", flag_values=fv)
+    flags.DEFINE_boolean("whole_word_masking", False, "mask whole words", flag_values=fv)
+    flags.DEFINE_integer("workers", None, "processes (default: all cores)", flag_values=fv)
+    flags.DEFINE_integer("shard_tokens", 20_000_000, "corpus tokens per shard", flag_values=fv)
+    flags.DEFINE_boolean("overwrite", False, "replace an existing --output", flag_values=fv)
+    for name in ("input", "tokenizer", "output"):
+        flags.mark_flag_as_required(name, flag_values=fv)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bert_jax.data.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("--input", required=True, help="text files/globs (comma-separated), 'demo', or tfds:NAME[:SPLIT]")
-    parser.add_argument("--tokenizer", required=True, help="vocab.txt, tokenizer.json, .model, or a saved directory")
-    parser.add_argument("--output", required=True, help="output directory")
-    parser.add_argument("--format", default="auto", choices=sources.FORMATS, help="text file layout")
-    parser.add_argument("--tfds_data_dir", default=None)
-    parser.add_argument("--max_seq_length", type=int, default=128)
-    parser.add_argument("--short_seq_prob", type=float, default=0.1)
-    parser.add_argument("--eval_fraction", type=float, default=0.0, help="share of documents held out for eval")
-    parser.add_argument("--seed", type=int, default=12345)
-    parser.add_argument("--static_masking", action="store_true", help="store masks (default: loader masks anew)")
-    parser.add_argument("--dupe_factor", type=int, default=None, help="copies with different pairs/masks"
-                        " (default 5 with --static_masking, else 1)")
-    parser.add_argument("--max_predictions_per_seq", type=int, default=20)
-    parser.add_argument("--masked_lm_prob", type=float, default=0.15)
-    parser.add_argument("--whole_word_masking", action="store_true")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    parser.add_argument("--shard_tokens", type=int, default=20_000_000, help="corpus tokens per shard")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
+    fv = cli.parse(argv, _define_flags, prog="python -m bert_jax.data.prepare", doc=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         metadata = prepare(
-            args.input, args.tokenizer, args.output, max_seq_length=args.max_seq_length,
-            short_seq_prob=args.short_seq_prob, eval_fraction=args.eval_fraction, seed=args.seed,
-            static_masking=args.static_masking, dupe_factor=args.dupe_factor,
-            max_predictions_per_seq=args.max_predictions_per_seq, masked_lm_prob=args.masked_lm_prob,
-            whole_word_masking=args.whole_word_masking, workers=args.workers, input_format=args.format,
-            tfds_data_dir=args.tfds_data_dir, shard_tokens=args.shard_tokens, overwrite=args.overwrite)
+            fv.input, fv.tokenizer, fv.output, max_seq_length=fv.max_seq_length,
+            short_seq_prob=fv.short_seq_prob, eval_fraction=fv.eval_fraction, seed=fv.seed,
+            static_masking=fv.static_masking, dupe_factor=fv.dupe_factor,
+            max_predictions_per_seq=fv.max_predictions_per_seq, masked_lm_prob=fv.masked_lm_prob,
+            whole_word_masking=fv.whole_word_masking, workers=fv.workers, input_format=fv.format,
+            tfds_data_dir=fv.tfds_data_dir, shard_tokens=fv.shard_tokens, overwrite=fv.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"prepare: error: {e}")
     print(summary_text(metadata))
-    print(f"wrote {args.output}")
+    print(f"wrote {fv.output}")
 
 
 if __name__ == "__main__":

@@ -24,13 +24,15 @@ in the dataset's metadata, so nothing else needs copying.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
 import pathlib
 
 import numpy as np
+from absl import flags
+
+from bert_jax import cli
 
 DATASET = "bert_pretraining_corpus"
 _METADATA_FILE = "metadata.json"        # of a prepare output directory
@@ -192,13 +194,17 @@ class TfdsInstances:
         return {**self.__dict__, "_source": None}
 
 
+def _define_flags(fv) -> None:
+    flags.DEFINE_string("prepared", None, "a `python -m bert_jax.data.prepare` output directory", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "TFDS data_dir to write into (local or gs://)", flag_values=fv)
+    flags.DEFINE_string("name", None, f"config name: the dataset is {DATASET}/NAME", flag_values=fv)
+    for name in ("prepared", "data_dir", "name"):
+        flags.mark_flag_as_required(name, flag_values=fv)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bert_jax.data.tfds_corpus", description=__doc__.split("\n")[0])
-    parser.add_argument("--prepared", required=True, help="a `python -m bert_jax.data.prepare` output directory")
-    parser.add_argument("--data_dir", required=True, help="TFDS data_dir to write into (local or gs://)")
-    parser.add_argument("--name", required=True, help=f"config name: the dataset is {DATASET}/NAME")
-    args = parser.parse_args(argv)
-    print(f"wrote {build(args.prepared, args.data_dir, args.name)}")
+    fv = cli.parse(argv, _define_flags, prog="python -m bert_jax.data.tfds_corpus", doc=__doc__)
+    print(f"wrote {build(fv.prepared, fv.data_dir, fv.name)}")
 
 
 if __name__ == "__main__":
