@@ -44,5 +44,6 @@ def parse_with_positional(argv: Sequence[str] | None, define: Callable[[flags.Fl
 
 def usage_error(prog: str, message: str):
     """Print `prog: error: message` (the argparse convention) and exit with status 2."""
+    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())
     print(f"{prog}: error: {message} (--help lists the flags)", file=sys.stderr)
     raise SystemExit(2)

@@ -420,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if command in cli.HELP:
             print(f"usage: {prog} {{train,show}} ...\n\n{_USAGE}")
             return
-        cli.usage_error(prog, f"give a command, train or show, not {command!r}\n{_USAGE}")
+        cli.usage_error(prog, f"give a command, train or show, not {command!r}")
     if command == "train":
         fv, extra_inputs = cli.parse_with_positional(argv[1:], _define_train_flags, prog=f"{prog} train",
                                                      doc=_USAGE)

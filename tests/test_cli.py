@@ -59,3 +59,10 @@ def test_entrypoints_reject_bad_flags_before_any_work(main, argv, message, capsy
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2 and capsys.readouterr().err.startswith(message)
+
+
+def test_several_errors_stay_on_one_line(capsys):
+    with pytest.raises(SystemExit):
+        tfds_corpus.main([])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--prepared" in err and "--data_dir" in err and "--name" in err
