@@ -59,7 +59,7 @@ def _define_flags(fv) -> None:
 
 
 def main(argv=None) -> int:
-    args = cli.parse(argv, _define_flags, prog="python -m bert_jax.demo", doc=__doc__)
+    args = cli.parse(argv, _define_flags, __doc__, prog="python -m bert_jax.demo")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     work = pathlib.Path(args.workdir).absolute()
     pre, task_dir, fine, export = work / "pretrain", work / "glue", work / "finetune", work / "export"

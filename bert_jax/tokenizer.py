@@ -422,8 +422,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         cli.usage_error(prog, f"give a command, train or show, not {command!r}")
     if command == "train":
-        fv, extra_inputs = cli.parse_with_positional(argv[1:], _define_train_flags, prog=f"{prog} train",
-                                                     doc=_USAGE)
+        fv, extra_inputs = cli.parse_with_positional(argv[1:], _define_train_flags, _USAGE, prog=f"{prog} train")
         inputs = fv.input + extra_inputs  # a shell glob after --input gives several files
         kwargs = dict(vocab_size=fv.vocab_size, model_type=fv.model_type, lowercase=fv.lowercase,
                       character_coverage=fv.character_coverage, byte_fallback=not fv.no_byte_fallback,
@@ -437,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             tokenizer = train_sentencepiece(inputs, fv.output, **kwargs)
         print(f"saved {tokenizer} to {fv.output}")
     else:
-        _, positional = cli.parse_with_positional(argv[1:], lambda fv: None, prog=f"{prog} show", doc=_USAGE)
+        _, positional = cli.parse_with_positional(argv[1:], lambda fv: None, _USAGE, prog=f"{prog} show")
         if not positional:
             cli.usage_error(f"{prog} show", "give the tokenizer's path")
         tokenizer = load_tokenizer(positional[0])

@@ -66,3 +66,9 @@ def test_several_errors_stay_on_one_line(capsys):
         tfds_corpus.main([])
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--prepared" in err and "--data_dir" in err and "--name" in err
+
+
+def test_without_prog_errors_start_with_error(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse(["--bogus"], _define, "Doc.")
+    assert capsys.readouterr().err.startswith("error: Unknown command line flag 'bogus'")

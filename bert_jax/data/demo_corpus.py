@@ -183,7 +183,7 @@ def _define_flags(fv) -> None:
 
 
 def main(argv=None) -> None:
-    fv = cli.parse(argv, _define_flags, prog="python -m bert_jax.data.demo_corpus", doc=__doc__)
+    fv = cli.parse(argv, _define_flags, __doc__, prog="python -m bert_jax.data.demo_corpus")
     docs = documents(use_cache=not fv.no_cache)
     sentences = sum(map(len, docs))
     size = sum(len(s.encode()) + 1 for doc in docs for s in doc)

@@ -339,7 +339,7 @@ def _define_flags(fv) -> None:
 
 
 def main(argv=None) -> None:
-    fv = cli.parse(argv, _define_flags, prog="python -m bert_jax.data.prepare", doc=__doc__)
+    fv = cli.parse(argv, _define_flags, __doc__, prog="python -m bert_jax.data.prepare")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         metadata = prepare(

@@ -203,7 +203,7 @@ def _define_flags(fv) -> None:
 
 
 def main(argv=None) -> None:
-    fv = cli.parse(argv, _define_flags, prog="python -m bert_jax.data.tfds_corpus", doc=__doc__)
+    fv = cli.parse(argv, _define_flags, __doc__, prog="python -m bert_jax.data.tfds_corpus")
     print(f"wrote {build(fv.prepared, fv.data_dir, fv.name)}")
 
 
