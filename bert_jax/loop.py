@@ -15,7 +15,6 @@ import time
 from typing import Any, Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -60,52 +59,6 @@ def _preemption_sync_manager_running() -> bool:
         return distributed.global_state.preemption_sync_manager is not None
     except (ImportError, AttributeError):
         return False
-
-
-# ----------------------------------------------------------------------------
-# Throughput and MFU
-
-def pretraining_flops_per_sequence(model_config, seq_len: int, predictions: int) -> float:
-    """Matmul FLOPs of one training sequence (forward + backward = 3x forward).
-
-    Per layer: QKV and output projections 4H^2, feed-forward 2HI per token, attention
-    scores and context 2S^2H per sequence (x2 FLOPs per multiply-add); the MLM head
-    (transform HxH and the tied HxV decoder) runs on the masked positions only.
-    """
-    h, i, v = model_config.hidden_size, model_config.intermediate_size, model_config.vocab_size
-    per_layer = 2 * seq_len * (4 * h * h + 2 * h * i) + 4 * seq_len * seq_len * h
-    forward = model_config.num_hidden_layers * per_layer + 2 * predictions * (h * h + h * v)
-    forward += 2 * (h * h + 2 * h)  # pooler and NSP
-    return 3.0 * forward
-
-
-# Dense peak FLOP/s per chip from the vendors' data sheets (bf16 unless noted).
-_PEAK_FLOPS = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v5": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-    "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
-}
-
-
-def device_peak_flops(dtype: str = "float32", measure_seconds: float = 0.3) -> tuple[float, str]:
-    """Per-device peak FLOP/s and where it came from: the data sheet for known
-    accelerators, else a matmul measured here in `dtype` (CPU)."""
-    device = jax.devices()[0]
-    kind = getattr(device, "device_kind", "")
-    for name, flops in _PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return flops, f"data sheet ({kind})"
-    n = 1024
-    a = jnp.ones((n, n), dtype)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < measure_seconds:
-        matmul(a).block_until_ready()
-        runs += 1
-    seconds = time.perf_counter() - start
-    # A CPU "device" is the whole host; MFU is then per host, against this peak.
-    return 2 * n ** 3 * runs / seconds, f"measured {n}x{n} {dtype} matmul on {kind or device.platform}"
 
 
 # ----------------------------------------------------------------------------

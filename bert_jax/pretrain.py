@@ -22,7 +22,7 @@ from absl import logging as absl_logging
 from etils import epath
 from ml_collections import config_flags
 
-from bert_jax import checkpoint, config_utils, distributed, metrics_writer, paths, sharding, tokenizer as tokenizer_lib
+from bert_jax import checkpoint, config_utils, distributed, hardware, metrics_writer, paths, sharding, tokenizer as tokenizer_lib
 from bert_jax import train_step as train_step_lib
 from bert_jax import loop
 from bert_jax.model import stack_layers
@@ -300,8 +300,8 @@ def run(config, workdir) -> dict:
         if final:
             ckpt.wait()
 
-    peak, peak_source = loop.device_peak_flops(model_config.dtype)
-    flops_per_step = config.train.global_batch_size * loop.pretraining_flops_per_sequence(
+    peak, peak_source = hardware.device_peak_flops(model_config.dtype)
+    flops_per_step = config.train.global_batch_size * hardware.pretraining_flops_per_sequence(
         model_config, config.data.max_seq_length, config.data.max_predictions_per_seq)
     # A CPU device is a share of one host: the measured matmul peak is the host's.
     peak_total = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()

@@ -1,4 +1,4 @@
-"""Pod planner: compiles the real pretraining step for TPU topologies on this CPU host.
+"""Pod planner (bert_jax.planner, CLI bert_jax.aot): compiles the real pretraining step for TPU topologies on this CPU host.
 
 The compile tests need libtpu (requirements-tpu.txt); they skip, saying so, only
 when it is not installed. Three compiles: ~25 s (tiny), ~45 s (BERT-base, one
@@ -15,10 +15,10 @@ import sys
 import jax
 import pytest
 
-from bert_jax import aot, config_utils, loop, sharding
+from bert_jax import config_utils, hardware, planner, sharding
 from bert_jax.model import BertConfig
 
-needs_libtpu = pytest.mark.skipif(not aot.libtpu_available(),
+needs_libtpu = pytest.mark.skipif(not planner.libtpu_available(),
                                   reason="libtpu not installed: pip install -r requirements-tpu.txt")
 
 
@@ -40,9 +40,9 @@ def tiny_config(**sections):
     ("v5p:2x2x1", "v5p:2x2x1", 4),
 ])
 def test_parse_topology(text, name, chips):
-    topology = aot.parse_topology(text)
+    topology = planner.parse_topology(text)
     assert (topology.name, topology.chips) == (name, chips)
-    assert aot.parse_topology(text, num_slices=4).chips == 4 * chips
+    assert planner.parse_topology(text, num_slices=4).chips == 4 * chips
 
 
 @pytest.mark.parametrize("text, message", [
@@ -52,17 +52,17 @@ def test_parse_topology(text, name, chips):
 ])
 def test_unknown_topology_is_a_clear_error(text, message):
     with pytest.raises(ValueError, match=message):
-        aot.parse_topology(text)
+        planner.parse_topology(text)
 
 
 def test_missing_libtpu_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(aot, "libtpu_available", lambda: False)
+    monkeypatch.setattr(planner, "libtpu_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"pip install -r requirements-tpu.txt"):
-        aot.topology_devices(aot.parse_topology("v5e:2x2"))
+        planner.topology_devices(planner.parse_topology("v5e:2x2"))
 
 
 def test_step_time_follows_flops_and_mfu():
-    plan = aot.Plan(topology=aot.parse_topology("v5e:4x4"), mesh_shape={}, global_batch_size=1024, seq_len=128,
+    plan = planner.Plan(topology=planner.parse_topology("v5e:4x4"), mesh_shape={}, global_batch_size=1024, seq_len=128,
                     max_predictions=20, micro_batches=1, model="x", num_params=1, dtype="bfloat16",
                     remat_policy="none", scan_layers=False, fits=True, compile_seconds=0,
                     analytic_flops_per_step=16 * 197e12, mfu=0.5)
@@ -75,27 +75,27 @@ def test_step_time_follows_flops_and_mfu():
 
 def test_search_batch_finds_the_largest_fitting_multiple(monkeypatch):
     devices = jax.devices()[:8]
-    monkeypatch.setattr(aot, "topology_devices", lambda topology: devices)
+    monkeypatch.setattr(planner, "topology_devices", lambda topology: devices)
     limit = 1000  # batches above this "do not fit"
     probes = []
 
     def fake_plan(config, topology, *, global_batch_size, **kwargs):
         probes.append(global_batch_size)
-        return aot.Plan(topology=topology, mesh_shape={}, global_batch_size=global_batch_size, seq_len=128,
+        return planner.Plan(topology=topology, mesh_shape={}, global_batch_size=global_batch_size, seq_len=128,
                         max_predictions=20, micro_batches=2, model="x", num_params=1, dtype="float32",
                         remat_policy="none", scan_layers=False, fits=global_batch_size <= limit,
                         compile_seconds=0, argument_bytes=1, output_bytes=0, alias_bytes=0, temp_bytes=0,
                         code_bytes=0, analytic_flops_per_step=1.0)
 
-    monkeypatch.setattr(aot, "plan", fake_plan)
+    monkeypatch.setattr(planner, "plan", fake_plan)
     config = tiny_config(train__global_batch_size=64, train__micro_batches=2)
-    best, results = aot.search_batch(config, "v5e:2x4", max_compiles=20, log=lambda *_: None)
+    best, results = planner.search_batch(config, "v5e:2x4", max_compiles=20, log=lambda *_: None)
     unit = 8 * 2  # 8 batch shards x 2 micro-batches
     assert best.global_batch_size == limit // unit * unit == 992
     assert all(b % unit == 0 for b in probes) and len(probes) == len(set(probes)) <= 12
     # From a batch that does not fit, it halves first.
     probes.clear()
-    best, _ = aot.search_batch(tiny_config(train__global_batch_size=4096, train__micro_batches=2), "v5e:2x4",
+    best, _ = planner.search_batch(tiny_config(train__global_batch_size=4096, train__micro_batches=2), "v5e:2x4",
                                max_compiles=20, log=lambda *_: None)
     assert best.global_batch_size == 992 and probes[:2] == [4096, 2048]
 
@@ -105,7 +105,7 @@ def test_search_batch_finds_the_largest_fitting_multiple(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    return aot.plan(tiny_config(train__global_batch_size=32, mesh__data=1, mesh__fsdp=-1), "v5e:2x2")
+    return planner.plan(tiny_config(train__global_batch_size=32, mesh__data=1, mesh__fsdp=-1), "v5e:2x2")
 
 
 @needs_libtpu
@@ -120,7 +120,7 @@ def test_tiny_config_compiles_for_v5e_2x2(tiny_plan):
     assert plan.alias_bytes >= state_per_chip  # the donated state is updated in place
     assert 0 < plan.total_bytes < plan.hbm_bytes
     assert plan.analytic_flops_per_step == pytest.approx(
-        32 * loop.pretraining_flops_per_sequence(model, 128, 20))
+        32 * hardware.pretraining_flops_per_sequence(model, 128, 20))
     # The compiler counts the same step (plus elementwise work) to within 2x.
     assert 0.5 < plan.compiler_flops_per_step / plan.analytic_flops_per_step < 2.0
     report = plan.report()
@@ -135,7 +135,7 @@ def base_config(batch):
 
 @needs_libtpu
 def test_bert_base_step_on_one_chip_reports_its_memory():
-    plan = aot.plan(base_config(2), "v5e:1x1")
+    plan = planner.plan(base_config(2), "v5e:1x1")
     assert plan.fits and plan.num_params == pytest.approx(110e6, rel=0.05)
     state = 3 * 4 * plan.num_params  # float32 params + Adam's two moments
     assert state <= plan.argument_bytes < state * 1.05
@@ -144,9 +144,9 @@ def test_bert_base_step_on_one_chip_reports_its_memory():
 
 @needs_libtpu
 def test_oversized_batch_does_not_fit():
-    plan = aot.plan(base_config(1 << 16), "v5e:2x2")
+    plan = planner.plan(base_config(1 << 16), "v5e:2x2")
     assert not plan.fits and plan.total_bytes is None
-    assert plan.oom_needed_bytes > plan.oom_available_bytes > 14 * aot.GiB
+    assert plan.oom_needed_bytes > plan.oom_available_bytes > 14 * hardware.GiB
     assert "RESOURCE_EXHAUSTED" in plan.oom_message
     assert "fits       NO: does not fit in 16.00 GiB HBM per chip: needs" in plan.report()
 
@@ -154,15 +154,15 @@ def test_oversized_batch_does_not_fit():
 @needs_libtpu
 def test_mesh_that_does_not_match_the_chips_is_a_clear_error():
     with pytest.raises(ValueError, match=r"config.mesh .* does not fit v5e:2x2 .*4 chips"):
-        aot.plan(tiny_config(mesh__data=3), "v5e:2x2")
+        planner.plan(tiny_config(mesh__data=3), "v5e:2x2")
     with pytest.raises(ValueError, match=r"config.mesh.slices=2 but the topology has 1 slice"):
-        aot.plan(tiny_config(mesh__slices=2), "v5e:2x2")
+        planner.plan(tiny_config(mesh__slices=2), "v5e:2x2")
 
 
 @needs_libtpu
 def test_multislice_devices_and_mesh():
-    topology = aot.parse_topology("v5e:2x2", num_slices=2)
-    devices = aot.topology_devices(topology)
+    topology = planner.parse_topology("v5e:2x2", num_slices=2)
+    devices = planner.topology_devices(topology)
     assert len(devices) == 8 and sorted({d.slice_index for d in devices}) == [0, 1]
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1, "slices": 2}, devices=devices)
     # The data axis spans the slices (DCN); FSDP stays inside a slice (ICI).
@@ -218,7 +218,7 @@ def test_planner_lowers_the_step_pretraining_runs(shared_data, tmp_path, monkeyp
         pretrain.run(c, tmp_path)
 
     monkeypatch.undo()
-    program, lowered = aot.lower_pretraining_step(c, sharding.make_mesh(c.mesh), vocab_size=30522)
+    program, lowered = planner.lower_pretraining_step(c, sharding.make_mesh(c.mesh), vocab_size=30522)
     assert dict(program.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     planned, pretrained = _canonical_symbols(lowered.as_text()), _canonical_symbols(ran["hlo"])
     assert "while" in planned  # the micro-batch scan (and the layer scan) are in the program
