@@ -1,4 +1,4 @@
-"""Losses, metrics and the pure, jitted train and eval steps.
+"""The pure, jitted train and eval steps (the losses they take are ``bert_jax.losses``).
 
 The model is split once (``graphdef`` + a nested dict of float32 params); the
 steps are plain functions of (state, batch, key) under ``jax.jit`` with explicit
@@ -9,14 +9,8 @@ Public API
 * ``TrainState(step, params, opt_state, skipped_steps)``: a pytree. ``params``
   is a nested dict (str keys, the model's layout); ``skipped_steps`` counts
   updates skipped for non-finite gradients.
-* ``pretraining_loss(params, graphdef, batch, dropout_key, normalizers=None, *,
-  deterministic=False) -> (loss, sums)``: MLM cross-entropy at
-  ``masked_lm_positions`` weighted by ``masked_lm_weights`` (sum / (sum of
-  weights + 1e-5), as Google's BERT) plus mean NSP cross-entropy, in float32.
-  ``sums`` holds additive statistics; ``pretraining_metrics(sums)`` turns them
-  into loss, mlm_loss, nsp_loss, mlm_accuracy, nsp_accuracy.
-* ``PRETRAINING = LossFns(normalizers, loss, metrics)``: what the steps call.
-  Fine-tuning passes its own ``LossFns`` (same signatures).
+* ``loss_fns``: a ``bert_jax.losses.LossFns`` (default ``losses.PRETRAINING``);
+  fine-tuning tasks pass theirs (``losses.CLASSIFICATION``, ...).
 * ``abstract_train_state(model_cfg, opt, mesh, rules)`` -> (graphdef, abstract
   state with shardings, state shardings): no memory touched (AOT planning).
 * ``create_train_state(model_cfg, opt, mesh, rules, seed, *, params=None)`` ->
@@ -53,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -63,10 +57,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bert_jax import config_utils, optim, partitioning, sharding
+from bert_jax.losses import PRETRAINING, LossFns
 from bert_jax.model import BertConfig, BertForPreTraining, params_to_dict
-
-PRETRAINING_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
-                    "masked_lm_weights", "next_sentence_labels")
 
 
 @flax.struct.dataclass
@@ -75,65 +67,6 @@ class TrainState:
     params: Any
     opt_state: Any
     skipped_steps: jax.Array
-
-
-class LossFns(NamedTuple):
-    normalizers: Callable[[dict], dict]          # batch -> scalars computed on the whole batch
-    loss: Callable[..., tuple[jax.Array, dict]]  # (params, graphdef, batch, key, normalizers, deterministic=)
-    metrics: Callable[[dict], dict]              # additive sums -> metrics
-
-
-# ----------------------------------------------------------------------------
-# Pretraining loss
-
-def _check_keys(batch, keys):
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
-
-
-def pretraining_normalizers(batch) -> dict:
-    return {"mlm": jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)) + 1e-5,
-            "nsp": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)}
-
-
-def pretraining_loss(params, graphdef, batch, dropout_key, normalizers=None, *, deterministic=False):
-    _check_keys(batch, PRETRAINING_KEYS)
-    if normalizers is None:
-        normalizers = pretraining_normalizers(batch)
-    model = nnx.merge(graphdef, params)
-    out = model(batch["input_ids"], batch["input_mask"], batch["segment_ids"], batch["masked_lm_positions"],
-                deterministic=deterministic, rngs=None if deterministic else dropout_key)
-    mlm_logits = out["mlm_logits"].astype(jnp.float32)
-    mlm_ids = batch["masked_lm_ids"]
-    weights = batch["masked_lm_weights"].astype(jnp.float32)
-    mlm_nll = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, mlm_ids)
-    nsp_logits = out["nsp_logits"].astype(jnp.float32)
-    nsp_labels = batch["next_sentence_labels"].reshape(-1)
-    nsp_nll = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, nsp_labels)
-    sums = {
-        "mlm_loss_sum": jnp.sum(mlm_nll * weights),
-        "mlm_correct": jnp.sum((jnp.argmax(mlm_logits, -1) == mlm_ids) * weights),
-        "masked_tokens": jnp.sum(weights),
-        "nsp_loss_sum": jnp.sum(nsp_nll),
-        "nsp_correct": jnp.sum(jnp.argmax(nsp_logits, -1) == nsp_labels).astype(jnp.float32),
-        "sequences": jnp.asarray(nsp_labels.shape[0], jnp.float32),
-        "tokens": jnp.sum(batch["input_mask"]).astype(jnp.float32),
-    }
-    loss = sums["mlm_loss_sum"] / normalizers["mlm"] + sums["nsp_loss_sum"] / normalizers["nsp"]
-    return loss, sums
-
-
-def pretraining_metrics(sums) -> dict:
-    mlm_loss = sums["mlm_loss_sum"] / (sums["masked_tokens"] + 1e-5)
-    nsp_loss = sums["nsp_loss_sum"] / sums["sequences"]
-    return {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
-            "mlm_accuracy": sums["mlm_correct"] / (sums["masked_tokens"] + 1e-5),
-            "nsp_accuracy": sums["nsp_correct"] / sums["sequences"],
-            "sequences": sums["sequences"], "tokens": sums["tokens"], "masked_tokens": sums["masked_tokens"]}
-
-
-PRETRAINING = LossFns(pretraining_normalizers, pretraining_loss, pretraining_metrics)
 
 
 # ----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from bert_jax import model as M
-from bert_jax import optim, sharding, train_step as T
+from bert_jax import losses, optim, sharding, train_step as T
 from test_sharding import FAST_COMPILE, VOCAB, make_batch, tiny_config
 
 NO_DROPOUT = dict(num_hidden_layers=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -29,7 +29,7 @@ def _copy(state):
 def test_pretraining_loss_matches_numpy(setup):
     cfg, _, _, _, graphdef, state, _ = setup
     batch = make_batch(np.random.default_rng(1), batch_size=4)
-    loss, sums = T.pretraining_loss(state.params, graphdef, batch, None, deterministic=True)
+    loss, sums = losses.pretraining_loss(state.params, graphdef, batch, None, deterministic=True)
     out = nnx.merge(graphdef, state.params)(batch["input_ids"], batch["input_mask"], batch["segment_ids"],
                                            batch["masked_lm_positions"])
     logits = np.asarray(out["mlm_logits"], np.float64)
@@ -41,12 +41,12 @@ def test_pretraining_loss_matches_numpy(setup):
     nsp_logp = nsp_logits - np.log(np.exp(nsp_logits).sum(-1, keepdims=True))
     nsp = -nsp_logp[np.arange(4), batch["next_sentence_labels"]].mean()
     np.testing.assert_allclose(float(loss), mlm + nsp, rtol=1e-5)
-    metrics = T.pretraining_metrics(sums)
+    metrics = losses.pretraining_metrics(sums)
     np.testing.assert_allclose(float(metrics["mlm_loss"]), mlm, rtol=1e-5)
     assert float(sums["masked_tokens"]) == w.sum() and float(sums["tokens"]) == batch["input_mask"].sum()
     # Padding predictions (weight 0) do not count, whatever their ids.
     padded = dict(batch, masked_lm_ids=np.where(w > 0, batch["masked_lm_ids"], 0).astype(np.int32))
-    np.testing.assert_allclose(float(T.pretraining_loss(state.params, graphdef, padded, None, deterministic=True)[0]),
+    np.testing.assert_allclose(float(losses.pretraining_loss(state.params, graphdef, padded, None, deterministic=True)[0]),
                                float(loss), rtol=1e-6)
 
 
@@ -101,7 +101,7 @@ def test_dropout_key_depends_on_seed_and_step():
 
     @jax.jit
     def loss_at(base_key, step):
-        return T.pretraining_loss(params, graphdef, batch, jax.random.fold_in(base_key, step))[0]
+        return losses.pretraining_loss(params, graphdef, batch, jax.random.fold_in(base_key, step))[0]
 
     a, b = float(loss_at(jax.random.key(0), 0)), float(loss_at(jax.random.key(0), 0))
     assert a == b  # same seed and step: same dropout
@@ -118,7 +118,7 @@ def test_eval_step_sums_combine_across_batches(setup):
                              evaluate(state.params, {k: v[4:] for k, v in batch.items()})])
     for name in ("loss", "mlm_loss", "mlm_accuracy", "nsp_accuracy", "sequences"):
         assert halves[name] == pytest.approx(whole[name], rel=1e-5), name
-    expected = float(T.pretraining_loss(state.params, graphdef, batch, None, deterministic=True)[0])
+    expected = float(losses.pretraining_loss(state.params, graphdef, batch, None, deterministic=True)[0])
     assert whole["loss"] == pytest.approx(expected, rel=1e-5)
 
 
@@ -139,7 +139,7 @@ def test_missing_batch_key_is_named(setup):
     batch = make_batch(np.random.default_rng(6), batch_size=2)
     del batch["masked_lm_weights"]
     with pytest.raises(KeyError, match="masked_lm_weights"):
-        T.pretraining_loss(state.params, graphdef, batch, None, deterministic=True)
+        losses.pretraining_loss(state.params, graphdef, batch, None, deterministic=True)
 
 
 def test_bfloat16_compute_keeps_float32_params_and_loss():

@@ -1,0 +1,127 @@
+"""Every loss of the codebase: pretraining (MLM + NSP), sequence classification and regression.
+
+A loss is a ``LossFns(normalizers, loss, metrics)``, what ``bert_jax.train_step``'s steps call:
+
+* ``normalizers(batch) -> {name: scalar}``: denominators computed on the *whole* batch, so
+  micro-batches (gradient accumulation) sum to exactly the whole-batch loss.
+* ``loss(params, graphdef, batch, dropout_key, normalizers=None, *, deterministic=False)
+  -> (scalar loss, sums)``: ``sums`` are additive statistics (sums over examples), so
+  evaluation adds them over batches; in float32 whatever the compute dtype.
+* ``metrics(sums) -> {name: scalar}``: loss and accuracies from (added) sums.
+
+The pieces every loss is made of: ``forward`` (merge the params, run the model on Google's
+input names) and ``cross_entropy_sums(logits, labels, weights)``, which serves [B, C]
+logits (NSP, classification), [B, P, V] (MLM at masked positions) and, as they come,
+[B, L, C] token classification (per-token weights) and [B, L] span starts/ends alike.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+class LossFns(NamedTuple):
+    normalizers: Callable[[dict], dict]          # batch -> scalars computed on the whole batch
+    loss: Callable[..., tuple[jax.Array, dict]]  # (params, graphdef, batch, key, normalizers, deterministic=)
+    metrics: Callable[[dict], dict]              # additive sums -> metrics
+
+
+def check_keys(batch, keys) -> None:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
+
+
+def forward(params, graphdef, batch, dropout_key, deterministic: bool, *extra_inputs) -> dict:
+    """The model's outputs on ``input_ids, input_mask, segment_ids`` (+ ``extra_inputs``)."""
+    model = nnx.merge(graphdef, params)
+    return model(batch["input_ids"], batch["input_mask"], batch["segment_ids"], *extra_inputs,
+                 deterministic=deterministic, rngs=None if deterministic else dropout_key)
+
+
+def cross_entropy_sums(logits, labels, weights) -> tuple[jax.Array, jax.Array]:
+    """(sum of weighted negative log-likelihoods, sum of weighted correct argmaxes), float32."""
+    logits = logits.astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.sum(nll * weights), jnp.sum(correct * weights)
+
+
+# ----------------------------------------------------------------------------
+# Pretraining: masked LM (Google's normalisation: sum / (sum of weights + 1e-5)) + mean NSP
+
+PRETRAINING_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
+                    "masked_lm_weights", "next_sentence_labels")
+
+
+def pretraining_normalizers(batch) -> dict:
+    return {"mlm": jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)) + 1e-5,
+            "nsp": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)}
+
+
+def pretraining_loss(params, graphdef, batch, dropout_key, normalizers=None, *, deterministic=False):
+    check_keys(batch, PRETRAINING_KEYS)
+    if normalizers is None:
+        normalizers = pretraining_normalizers(batch)
+    out = forward(params, graphdef, batch, dropout_key, deterministic, batch["masked_lm_positions"])
+    weights = batch["masked_lm_weights"].astype(jnp.float32)
+    mlm_loss_sum, mlm_correct = cross_entropy_sums(out["mlm_logits"], batch["masked_lm_ids"], weights)
+    nsp_labels = batch["next_sentence_labels"].reshape(-1)
+    nsp_loss_sum, nsp_correct = cross_entropy_sums(out["nsp_logits"], nsp_labels, jnp.ones(nsp_labels.shape))
+    sums = {"mlm_loss_sum": mlm_loss_sum, "mlm_correct": mlm_correct, "masked_tokens": jnp.sum(weights),
+            "nsp_loss_sum": nsp_loss_sum, "nsp_correct": nsp_correct,
+            "sequences": jnp.asarray(nsp_labels.shape[0], jnp.float32),
+            "tokens": jnp.sum(batch["input_mask"]).astype(jnp.float32)}
+    loss = sums["mlm_loss_sum"] / normalizers["mlm"] + sums["nsp_loss_sum"] / normalizers["nsp"]
+    return loss, sums
+
+
+def pretraining_metrics(sums) -> dict:
+    mlm_loss = sums["mlm_loss_sum"] / (sums["masked_tokens"] + 1e-5)
+    nsp_loss = sums["nsp_loss_sum"] / sums["sequences"]
+    return {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
+            "mlm_accuracy": sums["mlm_correct"] / (sums["masked_tokens"] + 1e-5),
+            "nsp_accuracy": sums["nsp_correct"] / sums["sequences"],
+            "sequences": sums["sequences"], "tokens": sums["tokens"], "masked_tokens": sums["masked_tokens"]}
+
+
+PRETRAINING = LossFns(pretraining_normalizers, pretraining_loss, pretraining_metrics)
+
+
+# ----------------------------------------------------------------------------
+# Sequence classification (cross-entropy) and regression (squared error, STS-B) over the
+# real rows of a batch (`is_real_example`: fill rows of the last batch weigh 0)
+
+CLASSIFICATION_KEYS = ("input_ids", "input_mask", "segment_ids", "label_ids", "is_real_example")
+
+
+def classification_normalizers(batch) -> dict:
+    return {"examples": jnp.maximum(jnp.sum(batch["is_real_example"].astype(jnp.float32)), 1.0)}
+
+
+def classification_loss(params, graphdef, batch, dropout_key, normalizers=None, *, deterministic=False):
+    check_keys(batch, CLASSIFICATION_KEYS)
+    if normalizers is None:
+        normalizers = classification_normalizers(batch)
+    logits = forward(params, graphdef, batch, dropout_key, deterministic)["logits"].astype(jnp.float32)
+    weights = batch["is_real_example"].astype(jnp.float32)
+    if logits.shape[-1] == 1:  # regression
+        squared_error = jnp.square(logits[:, 0] - batch["label_ids"].astype(jnp.float32))
+        loss_sum, correct = jnp.sum(squared_error * weights), jnp.zeros((), jnp.float32)
+    else:
+        loss_sum, correct = cross_entropy_sums(logits, batch["label_ids"].astype(jnp.int32), weights)
+    sums = {"loss_sum": loss_sum, "correct": correct, "examples": jnp.sum(weights)}
+    return sums["loss_sum"] / normalizers["examples"], sums
+
+
+def classification_metrics(sums) -> dict:
+    examples = jnp.maximum(sums["examples"], 1.0)
+    return {"loss": sums["loss_sum"] / examples, "accuracy": sums["correct"] / examples,
+            "examples": sums["examples"]}
+
+
+CLASSIFICATION = LossFns(classification_normalizers, classification_loss, classification_metrics)
