@@ -1,10 +1,13 @@
-"""The pretraining loop: steps, logging, evaluation, checkpoints, preemption.
+"""The one training loop, for pretraining and every fine-tuning task: steps, logging
+(metrics.jsonl, TensorBoard, progress bar), periodic evaluation, checkpoints, preemption.
 
-`train_loop` knows nothing of files or models: it gets the jitted step functions, the
-host iterators, a `Checkpointer` and a `MetricsWriter` from `bert_jax.pretrain`.
+`train_loop` knows nothing of files, models or tasks: its callers (`bert_jax.pretrain`,
+`bert_jax.sweep`) give it the jitted step, the host batches, an `evaluate` function, a
+`save` function (a `Checkpointer` behind it) and a `MetricsWriter`.
 
-Exact resume: the loop's only state is the train state and the data iterator state,
-and both go into every checkpoint; dropout keys come from (seed, step) inside the step.
+Exact resume: the loop's state is the train state, the data iterator state and its
+`record` (evaluations so far, train loss since the last one), and all three go into
+every checkpoint; dropout keys come from (seed, step) inside the step.
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ class PreemptionWatcher:
     def __init__(self):
         self.multihost = _preemption_sync_manager_running()
         self._signalled = False
+        self._calls = 0
         self._previous = None
         if not self.multihost:
             self._previous = signal.signal(signal.SIGTERM, self._on_signal)
@@ -42,9 +46,12 @@ class PreemptionWatcher:
         self._signalled = True
 
     def reached(self, step: int) -> bool:
-        """Call at every step (multi-host requires every host to call it at every step)."""
+        """Call at every step (multi-host requires every host to call it at every step).
+        JAX's sync point is given the number of calls, which only grows, also across the
+        runs of a fine-tuning sweep whose steps start at 0 again."""
+        self._calls += 1
         if self.multihost:
-            return multihost_utils.reached_preemption_sync_point(step)
+            return multihost_utils.reached_preemption_sync_point(self._calls)
         return self._signalled
 
     def close(self):
@@ -69,12 +76,13 @@ class LoopSettings:
     total_steps: int
     log_every: int
     eval_every: int
-    eval_steps: int
     checkpoint_every: int
     max_nonfinite_steps: int
     global_batch_size: int
-    flops_per_step: float
-    peak_flops_total: float  # all devices together
+    flops_per_step: float = 0.0      # 0: no MFU
+    peak_flops_total: float = 1.0    # all devices together
+    eval_at_start: bool = False      # also evaluate at step 0 of a fresh run
+    progress_metrics: tuple[tuple[str, str], ...] = (("loss", "loss"),)  # (bar label, metric name)
 
 
 def train_loop(
@@ -82,70 +90,95 @@ def train_loop(
     state,
     start_step: int,
     settings: LoopSettings,
-    train_step: Callable,            # (state, global_batch) -> (state, metrics)
-    eval_step: Callable | None,      # (state, global_batch) -> additive sums
-    eval_finish: Callable | None,    # list of sums -> metrics dict (with 'loss')
-    train_batches: Iterator[dict],   # host numpy batches; get_state() for checkpoints
-    eval_batches: Callable[[], Iterator[dict]] | None,  # a fresh held-out iterator
+    train_step: Callable,            # (state, global_batch) -> (state, device metrics)
+    train_batches: Iterator[dict],   # host numpy batches
     to_global: Callable[[dict], dict],
-    save: Callable[..., Any],        # save(step, state, metrics=None, final=False)
+    evaluate: Callable[[Any], dict] | None,  # state -> metrics as floats (with 'loss' for keep_best)
+    save: Callable[..., Any],        # save(step, state, record=, metrics=None, final=False)
     writer,
     preemption: PreemptionWatcher,
+    record: dict | None = None,      # the `record` of the checkpoint resumed from
 ) -> tuple[Any, dict]:
-    """Runs steps start_step+1 .. total_steps. -> (state, summary dict)."""
+    """Runs steps start_step+1 .. total_steps. -> (state, summary dict).
+
+    Train metrics stay on the device until a log line, an evaluation or a checkpoint
+    needs them (then they are fetched together); the host blocks on the step launched
+    MAX_STEPS_IN_FLIGHT steps earlier, so it runs ahead of the device but not unboundedly.
+    `record` (JSON) is what the loop needs to resume exactly, saved with every checkpoint:
+    every evaluation so far and the train loss summed since the last one.
+    """
     step = start_step
-    summary = {"start_step": start_step, "preempted": False}
-    window = _Window()
-    pending = None  # the previous step's device metrics: read one step late, so the
-    #                 host never waits for the step it just launched, and never has more
-    #                 than two steps in flight (see MAX_STEPS_IN_FLIGHT)
-    nonfinite_run = 0
-    last_eval = None
+    record = record or {"evaluations": [], "loss_sum": 0.0, "loss_steps": 0}
+    summary = {"start_step": start_step, "preempted": False, "evaluations": record["evaluations"]}
+    window = _Window(settings)
     window.reset(step)
+    nonfinite_run = 0
+    pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
+
+    def fetch():
+        nonlocal nonfinite_run
+        for (at, _), metrics in zip(pending, jax.device_get([m for _, m in pending])):
+            nonfinite_run = _check_finite(at, metrics, nonfinite_run, settings, writer)
+            window.add(metrics)
+            record["loss_sum"] += float(metrics["loss"])
+            record["loss_steps"] += 1
+        pending.clear()
+
+    def run_evaluation():
+        paused_at = time.perf_counter()
+        fetch()
+        metrics = evaluate(state)
+        writer.write(step, metrics, "eval")
+        writer.message(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        entry = {"step": step, **metrics}
+        if record["loss_steps"]:
+            entry["train_loss"] = record["loss_sum"] / record["loss_steps"]
+        record.update(loss_sum=0.0, loss_steps=0)
+        record["evaluations"].append(entry)
+        summary["eval"] = metrics
+        window.pause(time.perf_counter() - paused_at)
+        return {"eval_loss": metrics["loss"]} if "loss" in metrics else None
+
+    if evaluate is not None and settings.eval_at_start and start_step == 0:
+        run_evaluation()
     while step < settings.total_steps:
         batch = to_global(next(train_batches))
         state, metrics = train_step(state, batch)
         step += 1
+        pending.append((step, metrics))
         if step == start_step + 1:  # the first step compiles: keep it out of the throughput
             jax.block_until_ready(metrics)
             window.start_step, window.start_time = step, time.perf_counter()
-
-        if pending is not None:
-            nonfinite_run = _check_finite(pending, nonfinite_run, settings, writer)
-            window.add(pending)
-        pending = (step, metrics)
+        elif len(pending) >= MAX_STEPS_IN_FLIGHT:
+            jax.block_until_ready(pending[-MAX_STEPS_IN_FLIGHT][1])
 
         if step % settings.log_every == 0 or step == settings.total_steps:
-            nonfinite_run = _check_finite(pending, nonfinite_run, settings, writer)
-            window.add(pending)
-            pending = None
-            logged = window.summary(step, settings)
+            fetch()
+            logged = window.summary(step)
             writer.write(step, logged, "train")
-            writer.progress(step, {"loss": logged["loss"], "mlm_acc": logged.get("mlm_accuracy", float("nan")),
-                                   "seq/s": logged["sequences_per_second"], "mfu": logged["mfu"]})
+            writer.progress(step, {label: logged.get(name, float("nan"))
+                                   for label, name in settings.progress_metrics}
+                            | {"seq/s": logged["sequences_per_second"]}
+                            | ({"mfu": logged["mfu"]} if "mfu" in logged else {}))
             summary["train"] = logged
             window.reset(step)
         else:
             writer.progress(step)
 
         metrics_for_best = None
-        if eval_step is not None and (step % settings.eval_every == 0 or step == settings.total_steps):
-            paused_at = time.perf_counter()
-            last_eval = evaluate(state, eval_step, eval_batches(), to_global, settings.eval_steps, eval_finish)
-            writer.write(step, last_eval, "eval")
-            writer.message(f"step {step}: eval " + ", ".join(f"{k} {v:.4g}" for k, v in last_eval.items()))
-            summary["eval"] = last_eval
-            metrics_for_best = {"eval_loss": last_eval["loss"]}
-            window.pause(time.perf_counter() - paused_at)
+        if evaluate is not None and (step % settings.eval_every == 0 or step == settings.total_steps):
+            metrics_for_best = run_evaluation()
 
         if preemption.reached(step):
             writer.message(f"preemption: saving a checkpoint at step {step} and stopping")
-            save(step, state, metrics=metrics_for_best, final=True)
+            fetch()
+            save(step, state, record=record, metrics=metrics_for_best, final=True)
             summary["preempted"] = True
             break
         if step % settings.checkpoint_every == 0 or step == settings.total_steps:
             paused_at = time.perf_counter()
-            save(step, state, metrics=metrics_for_best, final=step == settings.total_steps)
+            fetch()
+            save(step, state, record=record, metrics=metrics_for_best, final=step == settings.total_steps)
             window.pause(time.perf_counter() - paused_at)
 
     summary["step"] = step
@@ -157,7 +190,7 @@ def train_loop(
 MAX_STEPS_IN_FLIGHT = 4
 
 
-def evaluate(state, eval_step, batches, to_global, max_steps: int, finish: Callable) -> dict:
+def evaluate_sums(state, eval_step, batches, to_global, max_steps: int, finish: Callable) -> dict:
     """Metrics over up to max_steps held-out batches: eval_step returns additive sums
     (device arrays, fetched together at the end); finish(list of sums) -> metrics."""
     sums = []
@@ -170,10 +203,9 @@ def evaluate(state, eval_step, batches, to_global, max_steps: int, finish: Calla
     return finish(jax.device_get(sums))
 
 
-def _check_finite(pending, nonfinite_run, settings, writer) -> int:
-    step, metrics = pending
-    skipped = _as_float(metrics.get("update_skipped", 0.0))
-    if skipped or not math.isfinite(_as_float(metrics.get("loss", 0.0))):
+def _check_finite(step, metrics, nonfinite_run, settings, writer) -> int:
+    skipped = float(np.asarray(metrics.get("update_skipped", 0.0)))
+    if skipped or not math.isfinite(float(np.asarray(metrics.get("loss", 0.0)))):
         nonfinite_run += 1
         writer.message(f"step {step}: non-finite gradients, update skipped ({nonfinite_run} in a row)")
         if nonfinite_run >= settings.max_nonfinite_steps:
@@ -185,21 +217,19 @@ def _check_finite(pending, nonfinite_run, settings, writer) -> int:
     return 0
 
 
-def _as_float(x) -> float:
-    return float(np.asarray(jax.device_get(x)))
-
-
 class _Window:
     """Means of train metrics and throughput between two log lines."""
+
+    def __init__(self, settings: LoopSettings):
+        self.settings = settings
 
     def reset(self, step):
         self.start_step, self.start_time, self.paused = step, time.perf_counter(), 0.0
         self.sums: dict[str, float] = {}
         self.count = 0
 
-    def add(self, pending):
-        _, metrics = pending
-        for k, v in jax.device_get(metrics).items():
+    def add(self, metrics):
+        for k, v in metrics.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(np.asarray(v))
         self.count += 1
 
@@ -207,11 +237,12 @@ class _Window:
         # Time spent in evaluation or checkpointing is not training throughput.
         self.paused += seconds
 
-    def summary(self, step, settings: LoopSettings) -> dict:
+    def summary(self, step) -> dict:
         seconds = max(time.perf_counter() - self.start_time - self.paused, 1e-9)
         steps = step - self.start_step
         out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
         out["steps_per_second"] = steps / seconds
-        out["sequences_per_second"] = steps * settings.global_batch_size / seconds
-        out["mfu"] = settings.flops_per_step * steps / seconds / settings.peak_flops_total
+        out["sequences_per_second"] = steps * self.settings.global_batch_size / seconds
+        if self.settings.flops_per_step:
+            out["mfu"] = self.settings.flops_per_step * steps / seconds / self.settings.peak_flops_total
         return out

@@ -27,7 +27,8 @@ TENSORBOARD_DIR = "tensorboard"
 
 class MetricsWriter:
     def __init__(self, workdir, *, enabled: bool = True, total_steps: int = 0,
-                 initial_step: int = 0, progress_bar: bool = True, flush_secs: float = 30.0):
+                 initial_step: int = 0, progress_bar: bool = True, flush_secs: float = 30.0,
+                 description: str | None = None):
         self.enabled = enabled
         self._tb = None
         self._bar = None
@@ -40,7 +41,7 @@ class MetricsWriter:
         # Appending keeps the history of earlier (preempted) runs of this workdir.
         self._jsonl = paths.open_file(self.workdir / JSONL_FILE, "a")
         if progress_bar:
-            self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
+            self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", desc=description,
                                   dynamic_ncols=True, smoothing=0.1)
 
     def _tensorboard(self):

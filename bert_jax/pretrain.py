@@ -294,7 +294,7 @@ def run(config, workdir) -> dict:
             "jax_version": jax.__version__}
     config_dict = config.to_dict()
 
-    def save(step, state, metrics=None, final=False):
+    def save(step, state, record=None, metrics=None, final=False):  # evaluations: in metrics.jsonl
         ckpt.save(step, state, data_state=train_batches.get_state(), config=config_dict,
                   meta={**meta, "step": step}, metrics=metrics)
         if final:
@@ -307,11 +307,11 @@ def run(config, workdir) -> dict:
     peak_total = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
     settings = loop.LoopSettings(
         total_steps=config.train.steps, log_every=config.train.log_every,
-        eval_every=config.train.eval_every, eval_steps=config.train.eval_steps,
-        checkpoint_every=config.train.checkpoint_every,
+        eval_every=config.train.eval_every, checkpoint_every=config.train.checkpoint_every,
         max_nonfinite_steps=config.train.max_nonfinite_steps,
         global_batch_size=config.train.global_batch_size,
-        flops_per_step=flops_per_step, peak_flops_total=peak_total)
+        flops_per_step=flops_per_step, peak_flops_total=peak_total,
+        progress_metrics=(("loss", "loss"), ("mlm_acc", "mlm_accuracy")))
 
     writer = metrics_writer.MetricsWriter(workdir, enabled=main_process, total_steps=config.train.steps,
                                           initial_step=start_step, progress_bar=config.train.progress_bar)
@@ -322,14 +322,15 @@ def run(config, workdir) -> dict:
                    f"vocab {model_config.vocab_size}), mesh {dict(mesh.shape)}, "
                    f"{jax.process_count()} process(es); peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     preemption = loop.PreemptionWatcher()
+    to_global = lambda b: sharding.make_global_batch(b, mesh, rules)  # noqa: E731
     try:
         state, summary = loop.train_loop(
             state=state, start_step=start_step, settings=settings,
             train_step=lambda s, b: step_fn(s, b, base_key),
-            eval_step=(lambda s, b: eval_fn(s.params, b)) if eval_batches is not None else None,
-            eval_finish=train_step_lib.eval_metrics,
-            eval_batches=eval_batches,
-            to_global=lambda b: sharding.make_global_batch(b, mesh, rules),
+            evaluate=(lambda s: loop.evaluate_sums(s, lambda s, b: eval_fn(s.params, b), eval_batches(), to_global,
+                                                   config.train.eval_steps, train_step_lib.eval_metrics))
+            if eval_batches is not None else None,
+            to_global=to_global,
             train_batches=train_batches, save=save, writer=writer, preemption=preemption)
     finally:
         preemption.close()

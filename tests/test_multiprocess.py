@@ -127,23 +127,24 @@ def test_loop_and_evaluation_block_every_few_steps():
     from bert_jax import loop, metrics_writer
 
     train, evals = _InFlight(), _InFlight()
-    settings = loop.LoopSettings(total_steps=80, log_every=50, eval_every=40, eval_steps=60,
-                                    checkpoint_every=1000, max_nonfinite_steps=3, global_batch_size=1,
-                                    flops_per_step=1.0, peak_flops_total=1.0)
+    settings = loop.LoopSettings(total_steps=80, log_every=50, eval_every=40,
+                                 checkpoint_every=1000, max_nonfinite_steps=3, global_batch_size=1,
+                                 flops_per_step=1.0, peak_flops_total=1.0)
     preemption = loop.PreemptionWatcher()
     try:
         _, summary = loop.train_loop(
             state=0, start_step=0, settings=settings,
             train_step=lambda state, batch: (state + 1, {"loss": train.dispatch(), "update_skipped": train.dispatch()}),
-            eval_step=lambda state, batch: {"loss": evals.dispatch()},
-            eval_finish=lambda sums: {"loss": 0.0}, eval_batches=lambda: iter(range(100)),
+            evaluate=lambda state: loop.evaluate_sums(state, lambda state, batch: {"loss": evals.dispatch()},
+                                                      iter(range(100)), lambda b: b, 60, lambda sums: {"loss": 0.0}),
             train_batches=iter(range(1000)), to_global=lambda b: b, save=lambda *a, **k: None,
             writer=metrics_writer.MetricsWriter(None, enabled=False), preemption=preemption)
     finally:
         preemption.close()
     assert summary["step"] == 80 and evals.dispatched == 2 * 60
-    # Two values per train step: the step just launched and the one before it.
-    assert train.most <= 2 * 2, train.most
+    # Two values per train step, read every log_every steps; the loop blocks on the step
+    # launched MAX_STEPS_IN_FLIGHT steps earlier.
+    assert train.most <= 2 * loop.MAX_STEPS_IN_FLIGHT, train.most
     assert evals.most <= loop.MAX_STEPS_IN_FLIGHT, evals.most
 
 

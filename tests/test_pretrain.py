@@ -180,16 +180,16 @@ def test_other_model_in_workdir_is_an_error_and_leaves_it_untouched(prepared, re
 
 def _loop(train_metrics, *, max_nonfinite_steps=3, total_steps=10):
     """train_loop with stand-in steps: metrics for step i are train_metrics(i)."""
-    settings = loop.LoopSettings(total_steps=total_steps, log_every=5, eval_every=100, eval_steps=1,
-                                    checkpoint_every=100, max_nonfinite_steps=max_nonfinite_steps,
-                                    global_batch_size=1, flops_per_step=1.0, peak_flops_total=1.0)
+    settings = loop.LoopSettings(total_steps=total_steps, log_every=5, eval_every=100,
+                                 checkpoint_every=100, max_nonfinite_steps=max_nonfinite_steps,
+                                 global_batch_size=1, flops_per_step=1.0, peak_flops_total=1.0)
     saved = []
     preemption = loop.PreemptionWatcher()
     try:
         return loop.train_loop(
             state=0, start_step=0, settings=settings,
             train_step=lambda state, batch: (state + 1, train_metrics(state + 1)),
-            eval_step=None, eval_finish=None, eval_batches=None, train_batches=iter(range(100)),
+            evaluate=None, train_batches=iter(range(100)),
             to_global=lambda b: b, save=lambda step, state, **kw: saved.append(step),
             writer=metrics_writer.MetricsWriter(None, enabled=False), preemption=preemption), saved
     finally:
