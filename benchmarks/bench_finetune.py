@@ -8,7 +8,7 @@ Two input shapes:
   fixed   every batch padded to seq_len (GLUE's usual max_seq_length=128), both frameworks
   mrpc    MRPC-like pairs (the real sample in ../shared/data/glue_format_samples/MRPC, tokenized
           with the MiniLM WordPiece vocabulary): ours pads each batch to the smallest of a few bucket
-          lengths (bert_jax.data.glue), PyTorch to the longest row of the batch (dynamic padding)
+          lengths (bert_jax.tasks.glue_data), PyTorch to the longest row of the batch (dynamic padding)
 Prints one line per shape with both numbers and the ratio ours / PyTorch.
 """
 from __future__ import annotations
@@ -24,9 +24,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bert_jax import finetune, sharding  # noqa: E402
-from bert_jax.data import glue  # noqa: E402
+from bert_jax import losses, sharding, sweep  # noqa: E402
+from bert_jax import model as bert_model  # noqa: E402
+from bert_jax import train_step as train_step_lib  # noqa: E402
 from bert_jax.model import BertConfig  # noqa: E402
+from bert_jax.tasks import glue_data as glue  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MRPC_SAMPLE = ROOT.parent / "shared" / "data" / "glue_format_samples" / "MRPC" / "train.tsv"
@@ -52,28 +54,38 @@ def fixed_features(n: int, seq_len: int, vocab_size: int) -> glue.Features:
     return glue.Features(ids, np.full(n, seq_len // 2, np.int32), rng.integers(0, 2, n).astype(np.int32))
 
 
-class _Tok:
-    pad_id = 0
+class _Task:
+    """The members of a task (bert_jax.tasks) that the compiled steps need: MRPC-sized classification."""
+    loss_fns = losses.CLASSIFICATION
+    steps_per_epoch = 100
+
+    def model(self, model_config, rngs):
+        return bert_model.BertForSequenceClassification(model_config, 2, rngs=rngs)
+
+    def predict_outputs(self, params, graphdef, batch):
+        return losses.forward(params, graphdef, batch, None, True)["logits"]
+
+
+class _Pretrained:
+    def __init__(self, config):
+        self.config = config
 
 
 def bench_ours(cfg: BertConfig, batches: list[dict], steps: int, batch_size: int) -> float:
     c = finetune_config(batch_size)
-    data = finetune.TaskData(glue.get_task("mrpc"), fixed_features(batch_size, 16, 100), {}, {})
-    pretrained = finetune.Pretrained(cfg, {}, _Tok(), None, "bench")
     mesh = sharding.make_mesh({"data": -1})
-    runner = finetune.Runner(data, pretrained, c, mesh, sharding.DEFAULT_RULES)
-    from bert_jax import model as bert_model
-    params = bert_model.init_params(runner.model_config, seed=0, head="classification", num_labels=2)
-    _, state, _ = finetune.train_step_lib.create_train_state(
-        runner.model_config, runner.optimizer(2e-5), mesh, sharding.DEFAULT_RULES, 0, params=params,
-        model_fn=runner.model_fn)
+    tuner = sweep.FineTuning(_Task(), _Pretrained(cfg), c, mesh, sharding.DEFAULT_RULES)
+    params = bert_model.init_params(tuner.model_config, seed=0, head="classification", num_labels=2)
+    _, state, _ = train_step_lib.create_train_state(
+        tuner.model_config, tuner.optimizer(2e-5), mesh, sharding.DEFAULT_RULES, 0, params=params,
+        model_fn=tuner.model_fn)
     key = jax.random.key(0)
     for batch in batches:  # compile every shape first
-        state, metrics = runner.train_step(state, runner._global(batch), key)
+        state, metrics = tuner.train_step(state, tuner.global_batch(batch), key)
     jax.block_until_ready(metrics)
     start = time.perf_counter()
     for i in range(steps):
-        state, metrics = runner.train_step(state, runner._global(batches[i % len(batches)]), key)
+        state, metrics = tuner.train_step(state, tuner.global_batch(batches[i % len(batches)]), key)
         if i % 4 == 3:
             jax.block_until_ready(metrics)
     jax.block_until_ready(metrics)

@@ -1,9 +1,11 @@
-"""The pretraining config: one schema for every configs/*.py file.
+"""The config schemas: pretraining (every configs/bert_*.py, configs/demo.py) and fine-tuning
+(configs/glue.py). Both share the `mesh` and `distributed` sections and their checks.
 
-Each config file is `get_config(arg='')` returning `pretrain_config(preset)` with a
-few sizes changed. The returned ConfigDict is locked, so a typo in a config file or
-on the command line (`--config.train.stpes=10`) is an error, not a silent default;
-`validate` then checks the values that ml_collections cannot type-check.
+Each config file is `get_config(arg='')` returning `pretrain_config(preset)` (or
+`finetune_config()`) with a few values changed. The returned ConfigDict is locked, so a
+typo in a config file or on the command line (`--config.train.stpes=10`) is an error, not
+a silent default; `validate` / `validate_finetune` then check the values that
+ml_collections cannot type-check.
 
     python -m bert_jax.pretrain --config configs/bert_base.py --workdir DIR
     python -m bert_jax.pretrain --config configs/bert_base.py:phase2 --workdir DIR2 \
@@ -11,39 +13,67 @@ on the command line (`--config.train.stpes=10`) is an error, not a silent defaul
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
 
 from ml_collections import config_dict
 
+from bert_jax.model import BertConfig
+
 PRESETS = ("tiny", "mini", "small", "medium", "base", "large")
 DATA_SOURCES = ("demo", "text", "prepared", "tfrecord", "tfds")
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "polynomial", "constant")
-# Keys of `model` that are passed to BertConfig.preset as overrides when set.
-MODEL_OVERRIDES = ("vocab_size", "max_position_embeddings", "hidden_dropout_prob",
-                   "attention_probs_dropout_prob", "dtype", "param_dtype",
-                   "remat_policy", "scan_layers", "attention_impl", "matmul_impl")
+# Every BertConfig field is a `model` key: set, it overrides the preset's value.
+MODEL_OVERRIDES = tuple(f.name for f in dataclasses.fields(BertConfig))
+# Pretraining's own defaults for some of them; the others are None (the preset's).
+_MODEL_DEFAULTS = {
+    "max_position_embeddings": 512,         # phase 2 (seq 512) needs all 512
+    "dtype": "float32",                     # compute dtype; 'bfloat16' on accelerators
+    "param_dtype": "float32",
+    "remat_policy": "none",                 # see bert_jax.model for the names
+    "scan_layers": False,
+    "attention_impl": "auto",               # auto | xla | cudnn | explicit
+    "matmul_impl": "auto",                  # auto | xla | f32_out (bf16 matmuls, f32 outputs and
+                                            # weight grads; auto: f32_out on CPU; bert_jax/matmul.py)
+}
+
+
+def model_section(preset: str) -> config_dict.ConfigDict:
+    m = config_dict.ConfigDict()
+    m.preset = preset                       # tiny/mini/small/medium/base/large
+    for field in dataclasses.fields(BertConfig):
+        m[field.name] = _MODEL_DEFAULTS.get(field.name, config_dict.placeholder(type(field.default)))
+    return m
+
+
+def mesh_section() -> config_dict.ConfigDict:
+    """Device counts per mesh axis (bert_jax.sharding.make_mesh), shared by every job."""
+    m = config_dict.ConfigDict()
+    m.data = -1                             # -1: all devices left over
+    m.fsdp = 1
+    m.tensor = 1
+    m.slices = 1                            # multi-slice TPU (DCN) data parallelism
+    return m
+
+
+def distributed_section() -> config_dict.ConfigDict:
+    """jax.distributed settings (bert_jax.distributed.initialize), shared by every job."""
+    d = config_dict.ConfigDict()
+    d.coordinator_address = ""              # '' with num_processes 0: auto / single
+    d.num_processes = 0
+    d.process_id = -1
+    d.initialize = "auto"                   # auto | always | never
+    return d
 
 
 def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     """Defaults follow BERT's recipe (Devlin et al. 2018, Google's run_pretraining.py)."""
     c = config_dict.ConfigDict()
 
-    c.model = config_dict.ConfigDict()
-    c.model.preset = preset                 # tiny/mini/small/medium/base/large
-    c.model.vocab_size = config_dict.placeholder(int)  # None: the tokenizer's size
-    c.model.max_position_embeddings = 512   # phase 2 (seq 512) needs all 512
-    c.model.hidden_dropout_prob = config_dict.placeholder(float)   # None: preset's
-    c.model.attention_probs_dropout_prob = config_dict.placeholder(float)
-    c.model.dtype = "float32"               # compute dtype; 'bfloat16' on accelerators
-    c.model.param_dtype = "float32"
-    c.model.remat_policy = "none"           # see bert_jax.model for the names
-    c.model.scan_layers = False
-    c.model.attention_impl = "auto"         # auto | xla | cudnn | explicit
-    c.model.matmul_impl = "auto"            # auto | xla | f32_out (bf16 matmuls, f32 outputs and
-                                            # weight grads; auto: f32_out on CPU; bert_jax/matmul.py)
+    c.model = model_section(preset)
 
     c.data = config_dict.ConfigDict()
     c.data.source = "text"                  # demo | text | prepared | tfrecord | tfds
@@ -99,17 +129,8 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     c.optimizer.eps = 1e-6
     c.optimizer.clip_norm = 1.0             # 0 disables clipping
 
-    c.mesh = config_dict.ConfigDict()
-    c.mesh.data = -1                        # -1: all devices left over
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-    c.mesh.slices = 1                       # multi-slice TPU (DCN) data parallelism
-
-    c.distributed = config_dict.ConfigDict()
-    c.distributed.coordinator_address = ""  # '' with num_processes 0: auto / single
-    c.distributed.num_processes = 0
-    c.distributed.process_id = -1
-    c.distributed.initialize = "auto"       # auto | always | never
+    c.mesh = mesh_section()
+    c.distributed = distributed_section()
     return c
 
 
@@ -133,11 +154,67 @@ def finish(c: config_dict.ConfigDict, arg: str = "") -> config_dict.ConfigDict:
     return c
 
 
+def finetune_config() -> config_dict.ConfigDict:
+    """Fine-tuning with BERT's recipe (Devlin et al. 2018, section 4.1 and appendix A.3); unlocked."""
+    c = config_dict.ConfigDict()
+    c.task = "mrpc"                 # a task name, 'a,b', or 'all' (bert_jax.tasks)
+    c.init_checkpoint = ""          # pretraining workdir/step dir (Orbax), or HF / Google / .npz weights
+    c.init_format = "auto"          # auto | orbax | hf | tf | npz
+    c.tokenizer = ""                # '' : the one that comes with init_checkpoint
+    c.glue_dir = ""                 # GLUE's TSV layout: GLUE_DIR/MRPC/train.tsv, ...
+    c.tfds_data_dir = ""            # else TFDS glue/<task> prepared here ('' : TFDS default)
+    c.skip_bad_rows = False         # drop rows with a wrong column count (with a warning)
+
+    c.max_seq_length = 128
+    c.batch_size = 32               # global, over all hosts and devices
+    c.eval_batch_size = 64
+    c.num_epochs = 3.0
+    c.warmup_fraction = 0.1
+    c.learning_rates = (2e-5,)      # the sweep; the paper picks the best of 5e-5, 4e-5, 3e-5, 2e-5 on dev
+    c.seeds = (0,)                  # every (learning rate, seed) is one run; mean/std over seeds
+    c.weight_decay = 0.01
+    c.clip_norm = 1.0
+    c.dropout = 0.1                 # hidden and attention dropout
+    c.dtype = "float32"             # compute dtype ('bfloat16' on accelerators); params stay float32
+    c.eval_every_steps = 0          # 0: evaluate at the end of every epoch
+    c.eval_before_training = False  # also evaluate at step 0 (the untrained head's baseline)
+    c.checkpoint_every_steps = 0    # 0: at every evaluation (a preempted run resumes from there)
+    c.log_every_steps = 20          # metrics.jsonl / TensorBoard / progress bar (device metrics read then)
+    c.max_nonfinite_steps = 10      # consecutive skipped (non-finite) steps before a run stops
+    c.max_train_examples = 0        # 0: all (a cap is for smoke tests)
+    c.smallest_bucket = 16          # inputs padded to 16, 32, 64, ... max_seq_length tokens
+
+    c.write_predictions = True      # submission files of the chosen run
+    c.save_checkpoint = True        # the chosen run's fine-tuned params (Orbax)
+    c.progress_bar = True
+
+    c.mesh = mesh_section()
+    c.distributed = distributed_section()
+    return c
+
+
+def validate_finetune(c: config_dict.ConfigDict) -> None:
+    """Value checks of a fine-tuning config, with messages naming the key."""
+    check = _checker(c)
+    check(len(c.learning_rates) > 0 and all(lr > 0 for lr in c.learning_rates), "learning_rates",
+          "needs one or more positive values")
+    check(len(c.seeds) > 0, "seeds", "needs one or more seeds")
+    for key in ("learning_rates", "seeds"):
+        check(len(set(c[key])) == len(c[key]), key, "must not repeat a value (each run has its own directory)")
+    check(c.num_epochs > 0, "num_epochs", "must be > 0")
+    check(0 <= c.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
+    check(0 <= c.dropout < 1, "dropout", "must be in [0, 1)")
+    check(c.max_seq_length >= 8, "max_seq_length", "must be >= 8")
+    for key in ("batch_size", "eval_batch_size", "log_every_steps", "max_nonfinite_steps"):
+        check(c[key] >= 1, key, "must be >= 1")
+    for key in ("eval_every_steps", "checkpoint_every_steps", "max_train_examples"):
+        check(c[key] >= 0, key, "must be >= 0")
+    _validate_shared(c, check)
+
+
 def validate(c: config_dict.ConfigDict) -> None:
-    """Value checks with messages naming the key."""
-    def check(ok, key, msg):
-        if not ok:
-            raise ValueError(f"config.{key}: {msg} (got {_get(c, key)!r})")
+    """Value checks of a pretraining config, with messages naming the key."""
+    check = _checker(c)
 
     check(c.model.preset in PRESETS, "model.preset", f"must be one of {PRESETS}")
     check(c.data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}")
@@ -157,8 +234,23 @@ def validate(c: config_dict.ConfigDict) -> None:
           f"exceeds model.max_position_embeddings={c.model.max_position_embeddings}")
     check(c.data.max_predictions_per_seq <= c.data.max_seq_length,
           "data.max_predictions_per_seq", "exceeds data.max_seq_length")
+    _validate_shared(c, check)
+
+
+def _validate_shared(c, check) -> None:
+    """The `mesh` and `distributed` sections, the same in every job's config."""
+    for axis in ("data", "fsdp", "tensor"):
+        check(c.mesh[axis] == -1 or c.mesh[axis] >= 1, f"mesh.{axis}", "must be >= 1, or -1 for the devices left over")
+    check(c.mesh.slices >= 1, "mesh.slices", "must be >= 1")
     check(c.distributed.initialize in ("auto", "always", "never"), "distributed.initialize",
           "must be auto, always or never")
+
+
+def _checker(c):
+    def check(ok, key, msg):
+        if not ok:
+            raise ValueError(f"config.{key}: {msg} (got {_get(c, key)!r})")
+    return check
 
 
 def _get(c, dotted):

@@ -6,9 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from bert_jax import convert, finetune
+from bert_jax import convert, finetune, sweep
 from bert_jax import model as bert_model
-from bert_jax.data import glue
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FILLER = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "big", "small",
@@ -51,8 +50,12 @@ def write_polarity_task(out_dir: pathlib.Path, n_train: int, n_dev: int, n_test:
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    """A tiny randomly initialised 'pretrained' model with its own small WordPiece vocab."""
-    d = tmp_path_factory.mktemp("tiny_ckpt")
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"))
+
+
+def make_tiny_checkpoint(d: pathlib.Path) -> pathlib.Path:
+    """A tiny randomly initialised 'pretrained' model with its own small WordPiece vocab, in d."""
+    d.mkdir(parents=True, exist_ok=True)
     vocab = SPECIALS + FILLER + ["good", "bad", "meh"]
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
     cfg = bert_model.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
@@ -67,12 +70,12 @@ def tiny_checkpoint(tmp_path_factory):
 def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_path, monkeypatch):
     runners = []
 
-    class RecordingRunner(finetune.Runner):
+    class RecordingFineTuning(sweep.FineTuning):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             runners.append(self)
 
-    monkeypatch.setattr(finetune, "Runner", RecordingRunner)
+    monkeypatch.setattr(sweep, "FineTuning", RecordingFineTuning)
     write_polarity_task(tmp_path / "data", n_train=160, n_dev=64, n_test=24)
     c = config(task="continuation", glue_dir=str(tmp_path / "data"), init_checkpoint=str(tiny_checkpoint / "orbax"),
                max_seq_length=16, batch_size=16, eval_batch_size=32, num_epochs=3.0,
@@ -83,7 +86,7 @@ def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_pat
     # Four runs at two learning rates, one input bucket: the train step compiled once.
     assert runners[0].train_step._cache_size() == 1
     entry = json.loads((workdir / "results.json").read_text())["tasks"]["continuation"]
-    assert entry == json.loads(json.dumps(finetune._clean_nan(results["tasks"]["continuation"])))
+    assert entry == json.loads(json.dumps(sweep.clean_nan(results["tasks"]["continuation"])))
     assert len(entry["runs"]) == 4
     for run in entry["runs"]:
         # step 0 plus one evaluation per epoch, each with every dev metric
@@ -110,7 +113,7 @@ def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_pat
 
 
 def test_bad_inputs_fail_clearly(tiny_checkpoint, tmp_path):
-    with pytest.raises(ValueError, match="unknown GLUE task 'mrcp'"):
+    with pytest.raises(ValueError, match="unknown task 'mrcp'"):
         finetune.run(config(task="mrcp", init_checkpoint=str(tiny_checkpoint)), tmp_path / "w1")
     with pytest.raises(ValueError, match="config.learning_rates"):
         finetune.run(config(learning_rates=(), init_checkpoint=str(tiny_checkpoint)), tmp_path / "w2")

@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from bert_jax.data import glue
+from bert_jax import tasks
+from bert_jax.tasks import glue_data as glue
 
 BOM = "\ufeff"
 
@@ -128,9 +129,10 @@ def test_real_format_samples(shared_data):
 
 
 def test_bad_input_messages(glue_dir, tmp_path):
-    with pytest.raises(ValueError, match="unknown GLUE task 'mrcp'"):
-        glue.resolve_tasks("rte,mrcp")
-    assert [x.name for x in glue.resolve_tasks("all")] == list(glue.GLUE_TASKS)
+    with pytest.raises(ValueError, match="unknown task 'mrcp'"):
+        tasks.resolve("rte,mrcp")
+    assert tasks.resolve("all") == [("glue", name) for name in glue.GLUE_TASKS]
+    assert tasks.resolve("SST-2,ax") == [("glue", "sst2"), ("glue", "mnli")]
     os.remove(glue_dir / "RTE/dev.tsv")
     with pytest.raises(FileNotFoundError, match=r"RTE.*'dev'.*RTE/dev.tsv"):
         glue.load_task(glue.get_task("rte"), glue_dir=str(glue_dir))

@@ -1,4 +1,5 @@
-"""GLUE tasks: registry, readers (GLUE's TSV layout and TFDS), featurisation, batching.
+"""GLUE data: the task registry, readers (GLUE's TSV layout and TFDS), featurisation,
+batching and submission files (`bert_jax.tasks.glue` makes the fine-tuning task of them).
 
 Readers return a `GlueSplit`: parallel lists of texts, integer label ids (float scores
 for STS-B) or None for test files, and the `index` column used in submission files.
@@ -98,21 +99,18 @@ GLUE_TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnl
 _ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "ax": "mnli", "mnli-m": "mnli", "mnli-mm": "mnli"}
 
 
-def get_task(name: str) -> GlueTask:
+def canonical_name(name: str) -> str | None:
+    """'MRPC', 'sst-2', 'ax' -> the task's key in TASKS; None for a name that is no GLUE task."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
-    if key not in TASKS:
-        raise ValueError(f"unknown GLUE task {name!r}; known tasks: {', '.join(TASKS)} "
-                         "(or 'all' for the nine GLUE tasks)")
+    return key if key in TASKS else None
+
+
+def get_task(name: str) -> GlueTask:
+    key = canonical_name(name)
+    if key is None:
+        raise ValueError(f"unknown GLUE task {name!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[key]
-
-
-def resolve_tasks(spec: str) -> list[GlueTask]:
-    """'mrpc', 'rte,mrpc' or 'all' -> tasks."""
-    names = GLUE_TASKS if spec.strip().lower() == "all" else [s for s in spec.split(",") if s.strip()]
-    if not names:
-        raise ValueError("config.task is empty; give a task name such as 'mrpc' or 'all'")
-    return [get_task(n) for n in names]
 
 
 @dataclasses.dataclass
