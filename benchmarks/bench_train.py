@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax import model as M
+from bert_jax import hardware
 from bert_jax import optim, sharding, train_step as T
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -60,14 +61,6 @@ def make_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict
         masked_lm_weights=np.ones((batch_size, PREDICTIONS), np.float32),
         next_sentence_labels=rng.integers(0, 2, batch_size).astype(np.int32),
     )
-
-
-def train_flops_per_sequence(cfg: M.BertConfig, seq_len: int, predictions: int = PREDICTIONS) -> float:
-    h, i, v, t = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, seq_len
-    per_token_layer = 2 * (4 * h * h + 2 * h * i) + 2 * 2 * t * h  # QKV+out, FFN, QK^T and AV
-    forward = cfg.num_hidden_layers * t * per_token_layer + 2 * h * h  # + pooler
-    forward += predictions * (2 * h * h + 2 * h * v) + 2 * 2 * h  # MLM transform + tied decoder, NSP
-    return 3.0 * forward
 
 
 def matmul_peak(dtype, n: int = 2048, repeats: int = 10) -> float:
@@ -190,7 +183,7 @@ def main():
     batch = make_batch(args.batch, args.seq, cfgs[names[0]].vocab_size)
     rows = []
     for name, cfg in cfgs.items():
-        flops = train_flops_per_sequence(cfg, args.seq)
+        flops = hardware.pretraining_flops_per_sequence(cfg, args.seq, PREDICTIONS)
         # bfloat16 runs twice: matmul_impl auto (float32-output matmuls with a custom VJP on
         # CPU, bert_jax/matmul.py) and xla (plain bf16 dots), to show what that path is worth.
         for label, dtype, matmul_impl in VARIANTS:
@@ -209,7 +202,7 @@ def main():
     if not args.no_hf_flax:
         dtypes = ["float32"] + (["bfloat16"] if args.hf_flax_bf16 else [])
         for (name, dtype), r in bench_hf_flax(cfgs, batch, args.steps, args.warmup, dtypes).items():
-            flops = train_flops_per_sequence(cfgs[name], args.seq)
+            flops = hardware.pretraining_flops_per_sequence(cfgs[name], args.seq, PREDICTIONS)
             rows.append({"config": name, "impl": "hf_flax", **r, "dtype": dtype,
                          "mfu": r["sequences_per_s"] * flops / peak[dtype]})
 
