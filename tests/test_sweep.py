@@ -1,29 +1,50 @@
-"""The fine-tuning sweep resumes: a sweep stopped by SIGTERM in its second run, started again,
-does not train the finished run again, continues the stopped one from its checkpoint and
-writes the results.json of a sweep that was never stopped."""
+"""The fine-tuning sweep resumes: a sweep stopped in its second run (SIGTERM, or kill -9),
+started again, does not train the finished run again, continues the stopped one and writes
+the results.json of a sweep that was never stopped."""
 import json
 import os
+import pathlib
 import signal
+import subprocess
+import sys
+
+import pytest
 
 from bert_jax import finetune, metrics_writer, sweep
 from bert_jax.tasks import glue as glue_task
 from test_finetune import config, make_tiny_checkpoint, write_polarity_task
+from test_pretrain import compilation_cache  # noqa: F401 (every sweep here compiles the same programs)
+
+LEARNING_RATES = (1e-2, 3e-3)
 
 
-def _sweep_config(tmp_path):
-    write_polarity_task(tmp_path / "data", n_train=48, n_dev=16, n_test=8)
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep_inputs")
+    write_polarity_task(root / "data", n_train=48, n_dev=16, n_test=8)
+    make_tiny_checkpoint(root / "ckpt")
+    return root
+
+
+def sweep_config(inputs: pathlib.Path):
     # 3 steps per epoch, 2 epochs per run, 2 runs; an evaluation at step 0 and after every epoch.
-    return config(task="continuation", glue_dir=str(tmp_path / "data"),
-                  init_checkpoint=str(make_tiny_checkpoint(tmp_path / "ckpt") / "orbax"),
+    return config(task="continuation", glue_dir=str(inputs / "data"), init_checkpoint=str(inputs / "ckpt" / "orbax"),
                   max_seq_length=16, batch_size=16, eval_batch_size=16, num_epochs=2.0,
-                  learning_rates=(1e-2, 3e-3), seeds=(0,), log_every_steps=1, progress_bar=False,
+                  learning_rates=LEARNING_RATES, seeds=(0,), log_every_steps=1, progress_bar=False,
                   eval_before_training=True)
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory):
+    """A sweep that was never stopped."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    assert not finetune.run(sweep_config(inputs), workdir)["preempted"]
+    return workdir
 
 
 def _comparable(workdir):
     """results.json without timing, with paths relative to the workdir."""
-    text = (workdir / sweep.RESULTS_FILE).read_text().replace(str(workdir), "WORKDIR")
-    results = json.loads(text)
+    results = json.loads((workdir / sweep.RESULTS_FILE).read_text().replace(str(workdir), "WORKDIR"))
     for entry in results["tasks"].values():
         for run in entry["runs"]:
             del run["train_seconds"]
@@ -34,31 +55,25 @@ def _run_dir(workdir, learning_rate):
     return workdir / "continuation" / "runs" / f"lr={learning_rate:g},seed=0"
 
 
-def test_sigterm_in_second_run_then_resume_equals_uninterrupted_sweep(tmp_path, monkeypatch):
-    c = _sweep_config(tmp_path)
-    reference = tmp_path / "uninterrupted"
-    assert not finetune.run(c, reference)["preempted"]
-
-    # SIGTERM while the second run fetches its second batch of epoch 0 (the third epoch trained).
+def _stop_in_second_run(monkeypatch, epoch_count: int, batch: int, signum: int):
+    """Send `signum` to this process when the `epoch_count`-th epoch trained (run 2's first
+    is the 3rd) fetches its `batch`-th batch."""
     epochs_started = []
     train_batches = glue_task.Glue.train_batches
 
-    def batches_then_sigterm(self, seed, epoch):
+    def batches_then_signal(self, seed, epoch):
         epochs_started.append(epoch)
-        for i, batch in enumerate(train_batches(self, seed, epoch)):
-            if len(epochs_started) == 3 and i == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            yield batch
+        for i, b in enumerate(train_batches(self, seed, epoch)):
+            if len(epochs_started) == epoch_count and i == batch:
+                os.kill(os.getpid(), signum)
+            yield b
 
-    monkeypatch.setattr(glue_task.Glue, "train_batches", batches_then_sigterm)
-    workdir = tmp_path / "stopped"
-    stopped = finetune.run(c, workdir)
-    assert stopped["preempted"] and len(stopped["tasks"]["continuation"]["runs"]) == 1
-    first, second = _run_dir(workdir, 1e-2), _run_dir(workdir, 3e-3)
-    assert (first / sweep.RUN_RESULT).is_file() and not (second / sweep.RUN_RESULT).exists()
-    assert [r["step"] for r in metrics_writer.read_jsonl(second, "train")] == [1, 2]  # saved at step 2
-    first_metrics = (first / metrics_writer.JSONL_FILE).read_text()
+    monkeypatch.setattr(glue_task.Glue, "train_batches", batches_then_signal)
 
+
+def _resume_and_compare(workdir, reference, inputs, monkeypatch):
+    """Run the sweep again on `workdir`: only the second run trains, results equal the reference."""
+    first_metrics = (_run_dir(workdir, LEARNING_RATES[0]) / metrics_writer.JSONL_FILE).read_text()
     trained = []
     train = sweep.FineTuning.train
 
@@ -66,15 +81,53 @@ def test_sigterm_in_second_run_then_resume_equals_uninterrupted_sweep(tmp_path, 
         trained.append(learning_rate)
         return train(self, learning_rate, seed, run_dir, preemption)
 
-    monkeypatch.setattr(glue_task.Glue, "train_batches", train_batches)
     monkeypatch.setattr(sweep.FineTuning, "train", recording_train)
-    assert not finetune.run(c, workdir)["preempted"]
-    assert trained == [3e-3]  # the finished run was read back, not trained again
-    assert (first / metrics_writer.JSONL_FILE).read_text() == first_metrics
-    # The second run continued from its checkpoint at step 2: every step trained once.
-    assert [r["step"] for r in metrics_writer.read_jsonl(second, "train")] == [1, 2, 3, 4, 5, 6]
-    assert [r["step"] for r in metrics_writer.read_jsonl(second, "eval")] == [0, 3, 6]
-    assert not (second / "checkpoints").exists()  # a finished run keeps its result, not its state
+    assert not finetune.run(sweep_config(inputs), workdir)["preempted"]
+    assert trained == [LEARNING_RATES[1]]  # the finished run was read back, not trained again
+    assert (_run_dir(workdir, LEARNING_RATES[0]) / metrics_writer.JSONL_FILE).read_text() == first_metrics
+    assert not (_run_dir(workdir, LEARNING_RATES[1]) / "checkpoints").exists()  # finished: result, no state
     assert _comparable(workdir) == _comparable(reference)
     assert (workdir / "submission" / "continuation.tsv").read_text() == \
         (reference / "submission" / "continuation.tsv").read_text()
+
+
+def test_sigterm_in_second_run_then_resume_equals_uninterrupted_sweep(inputs, reference, tmp_path, monkeypatch):
+    _stop_in_second_run(monkeypatch, epoch_count=3, batch=1, signum=signal.SIGTERM)
+    stopped = finetune.run(sweep_config(inputs), tmp_path)
+    assert stopped["preempted"] and len(stopped["tasks"]["continuation"]["runs"]) == 1
+    first, second = _run_dir(tmp_path, LEARNING_RATES[0]), _run_dir(tmp_path, LEARNING_RATES[1])
+    assert (first / sweep.RUN_RESULT).is_file() and not (second / sweep.RUN_RESULT).exists()
+    assert [r["step"] for r in metrics_writer.read_jsonl(second, "train")] == [1, 2]  # saved at step 2
+    monkeypatch.undo()
+
+    _resume_and_compare(tmp_path, reference, inputs, monkeypatch)
+    # The second run continued from its checkpoint at step 2: every step trained once.
+    assert [r["step"] for r in metrics_writer.read_jsonl(second, "train")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in metrics_writer.read_jsonl(second, "eval")] == [0, 3, 6]
+
+
+KILLED_SWEEP = """
+import pathlib, signal, sys
+import pytest
+import test_sweep
+from bert_jax import finetune
+inputs, workdir = map(pathlib.Path, sys.argv[1:])
+with pytest.MonkeyPatch.context() as monkeypatch:
+    # kill -9 as the second run starts its second epoch (its checkpoint at step 3 may be mid-write)
+    test_sweep._stop_in_second_run(monkeypatch, epoch_count=4, batch=0, signum=signal.SIGKILL)
+    finetune.run(test_sweep.sweep_config(inputs), workdir)
+"""
+
+
+def test_kill_9_in_second_run_then_resume_equals_uninterrupted_sweep(inputs, reference, tmp_path, monkeypatch,
+                                                                     compilation_cache):  # noqa: F811
+    tests = pathlib.Path(__file__).resolve().parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]),
+               JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    killed = subprocess.run([sys.executable, "-c", KILLED_SWEEP, str(inputs), str(tmp_path)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    assert (_run_dir(tmp_path, LEARNING_RATES[0]) / sweep.RUN_RESULT).is_file()
+    assert not (_run_dir(tmp_path, LEARNING_RATES[1]) / sweep.RUN_RESULT).exists()
+    _resume_and_compare(tmp_path, reference, inputs, monkeypatch)
