@@ -84,3 +84,36 @@ def test_model_overrides_only_set_keys():
     assert "hidden_dropout_prob" not in overrides  # the preset's 0.1
     c.model.vocab_size = 8192  # e.g. padded for TPU-friendly shapes
     assert config_utils.model_overrides(c, vocab_size=8000)["vocab_size"] == 8192
+
+
+def test_every_bertconfig_field_is_a_model_key():
+    c = _parse(f"--config={CONFIGS}/bert_tiny.py", "--config.model.num_hidden_layers=3",
+               "--config.model.layer_norm_eps=1e-6")
+    model = BertConfig.preset(c.model.preset, **config_utils.model_overrides(c, 1000))
+    assert (model.num_hidden_layers, model.hidden_size, model.layer_norm_eps) == (3, 128, 1e-6)
+    assert set(config_utils.MODEL_OVERRIDES) == set(BertConfig.__dataclass_fields__)
+
+
+def test_finetune_config_shares_mesh_and_distributed_with_pretraining():
+    glue = config_utils.load_config_file(f"{CONFIGS}/glue.py")
+    config_utils.validate_finetune(glue)
+    base = config_utils.load_config_file(f"{CONFIGS}/bert_base.py")
+    assert glue.mesh.to_dict() == base.mesh.to_dict()
+    assert glue.distributed.to_dict() == base.distributed.to_dict()
+    assert config_utils.load_config_file(f"{CONFIGS}/glue.py:quick").max_seq_length == 64
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("learning_rates", (2e-5, 2e-5), "config.learning_rates: must not repeat"),
+    ("seeds", (), "config.seeds"),
+    ("log_every_steps", 0, "config.log_every_steps"),
+    ("checkpoint_every_steps", -1, "config.checkpoint_every_steps"),
+    ("mesh.tensor", 0, "config.mesh.tensor"),
+    ("distributed.initialize", "sometimes", "config.distributed.initialize"),
+])
+def test_validate_finetune_names_the_key(key, value, match):
+    c = config_utils.load_config_file(f"{CONFIGS}/glue.py")
+    *section, name = key.split(".")
+    (c[section[0]] if section else c)[name] = value
+    with pytest.raises(ValueError, match=match):
+        config_utils.validate_finetune(c)
