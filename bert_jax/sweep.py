@@ -42,6 +42,9 @@ log = logging.getLogger("bert_jax.sweep")
 RESULTS_FILE = "results.json"
 SUBMISSION_DIR = "submission"
 RUN_RESULT = "result.json"
+# The config keys that change what a run computes (with its learning rate, seed and model).
+RUN_KEYS = ("batch_size", "max_seq_length", "smallest_bucket", "num_epochs", "warmup_fraction", "weight_decay",
+            "clip_norm", "max_train_examples", "eval_every_steps", "eval_before_training")
 
 
 class FineTuning:
@@ -105,7 +108,7 @@ class FineTuning:
     def run_key(self, learning_rate: float, seed: int) -> dict:
         """What a run's checkpoint and result must agree on to be resumed or reused."""
         return {"learning_rate": learning_rate, "seed": seed, "total_steps": self.total_steps,
-                "batch_size": self.c.batch_size, "model_config": self.model_config.to_dict()}
+                **{k: self.c[k] for k in RUN_KEYS}, "model_config": self.model_config.to_dict()}
 
     def train(self, learning_rate: float, seed: int, run_dir: epath.Path, preemption) -> tuple[dict, object] | None:
         """One run, resumed from run_dir's checkpoint if it has one -> (record, state), None if preempted."""

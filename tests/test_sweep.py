@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from bert_jax import finetune, metrics_writer, sweep
+from bert_jax import checkpoint, finetune, metrics_writer, sweep
 from bert_jax.tasks import glue as glue_task
 from test_finetune import config, make_tiny_checkpoint, write_polarity_task
 from test_pretrain import compilation_cache  # noqa: F401 (every sweep here compiles the same programs)
@@ -104,6 +104,10 @@ def test_sigterm_in_second_run_then_resume_equals_uninterrupted_sweep(inputs, re
     # The second run continued from its checkpoint at step 2: every step trained once.
     assert [r["step"] for r in metrics_writer.read_jsonl(second, "train")] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in metrics_writer.read_jsonl(second, "eval")] == [0, 3, 6]
+    longer = sweep_config(inputs)
+    longer.num_epochs = 3.0  # another sweep: its runs are not those on disk
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="num_epochs: saved 2.0 vs this sweep 3.0"):
+        finetune.run(longer, tmp_path)
 
 
 KILLED_SWEEP = """
