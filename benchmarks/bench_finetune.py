@@ -26,9 +26,11 @@ import numpy as np  # noqa: E402
 
 from bert_jax import losses, sharding, sweep  # noqa: E402
 from bert_jax import model as bert_model  # noqa: E402
+from bert_jax import params as params_lib  # noqa: E402
 from bert_jax import train_step as train_step_lib  # noqa: E402
 from bert_jax.model import BertConfig  # noqa: E402
 from bert_jax.tasks import glue_data as glue  # noqa: E402
+from bert_jax.weights.hf import config_to_hf  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MRPC_SAMPLE = ROOT.parent / "shared" / "data" / "glue_format_samples" / "MRPC" / "train.tsv"
@@ -75,7 +77,7 @@ def bench_ours(cfg: BertConfig, batches: list[dict], steps: int, batch_size: int
     c = finetune_config(batch_size)
     mesh = sharding.make_mesh({"data": -1})
     tuner = sweep.FineTuning(_Task(), _Pretrained(cfg), c, mesh, sharding.DEFAULT_RULES)
-    params = bert_model.init_params(tuner.model_config, seed=0, head="classification", num_labels=2)
+    params = params_lib.init_params(tuner.model_config, seed=0, head="classification", num_labels=2)
     _, state, _ = train_step_lib.create_train_state(
         tuner.model_config, tuner.optimizer(2e-5), mesh, sharding.DEFAULT_RULES, 0, params=params,
         model_fn=tuner.model_fn)
@@ -107,7 +109,7 @@ def bench_torch(cfg: BertConfig, batches: list[dict], steps: int, batch_size: in
     import torch
     import transformers
 
-    hf_cfg = transformers.BertConfig(**{k: v for k, v in cfg.to_hf_dict().items()
+    hf_cfg = transformers.BertConfig(**{k: v for k, v in config_to_hf(cfg).items()
                                         if k not in ("architectures", "torch_dtype")}, num_labels=2)
     model = transformers.BertForSequenceClassification(hf_cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.01, eps=1e-6)

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bert_jax import model as M  # noqa: E402
+from bert_jax.weights.hf import config_to_hf  # noqa: E402
 
 
 def make_batch(batch, seq, predictions, vocab, seed=0):
@@ -74,7 +75,7 @@ def torch_step(cfg, batch, threads):
     torch.set_num_threads(threads)
     ids, mask, segments, positions, masked_ids, weights, nsp = batch
     hf = transformers.BertForPreTraining(transformers.BertConfig(
-        **{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})).train()
+        **{k: v for k, v in config_to_hf(cfg).items() if k != "architectures"})).train()
     labels = np.full(ids.shape, -100, np.int64)
     np.put_along_axis(labels, positions, masked_ids, axis=1)
     inputs = dict(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),

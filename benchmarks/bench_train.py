@@ -39,6 +39,7 @@ import numpy as np
 from bert_jax import model as M
 from bert_jax import hardware
 from bert_jax import optim, sharding, train_step as T
+from bert_jax.weights.hf import config_to_hf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH_VENV_PY = ROOT / ".cache" / "bench-venv" / "bin" / "python"
@@ -101,7 +102,7 @@ def bench_torch(cfg: M.BertConfig, batch: dict, steps: int, warmup: int) -> dict
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
-    model = transformers.BertForPreTraining(transformers.BertConfig(**cfg.to_hf_dict()))
+    model = transformers.BertForPreTraining(transformers.BertConfig(**config_to_hf(cfg)))
     model.train()
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
@@ -140,7 +141,7 @@ def bench_hf_flax(cfgs: dict, batch: dict, steps: int, warmup: int, dtypes: list
     with tempfile.TemporaryDirectory() as tmp:
         batch_file = os.path.join(tmp, "batch.npz")
         np.savez(batch_file, **batch)
-        job = {"configs": {name: cfg.to_hf_dict() for name, cfg in cfgs.items()}, "batch_file": batch_file,
+        job = {"configs": {name: config_to_hf(cfg) for name, cfg in cfgs.items()}, "batch_file": batch_file,
                "steps": steps, "warmup": warmup, "dtypes": dtypes}
         proc = subprocess.run([str(BENCH_VENV_PY), str(ROOT / "benchmarks" / "hf_flax_train_worker.py"),
                                json.dumps(job)], capture_output=True, text=True,

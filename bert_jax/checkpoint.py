@@ -28,8 +28,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from bert_jax import model as bert_model
+from bert_jax import params as params_lib
 from bert_jax import paths
+from bert_jax.model import BertConfig
 
 CHECKPOINTS_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
@@ -165,7 +166,7 @@ def restore_params(path):
     (unstacked) layout, tokenizer_dir or None). `path`: workdir or step dir."""
     step_dir = resolve_step_dir(path)
     meta = read_json_item(step_dir, META)
-    config = bert_model.BertConfig.from_dict(meta["model_config"])
+    config = BertConfig.from_dict(meta["model_config"])
     state_dir = step_dir / STATE
     tree = ocp.PyTreeCheckpointHandler().metadata(state_dir).tree
     if "params" not in tree:
@@ -175,8 +176,8 @@ def restore_params(path):
     restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
         item={"params": tree["params"]}, restore_args={"params": restore_args},
         partial_restore=True))
-    params = bert_model.params_to_dict(restored["params"])
+    params = params_lib.to_dict(restored["params"])
     if config.scan_layers:
-        params = bert_model.unstack_layers(params, config.num_hidden_layers)
+        params = params_lib.unstack_layers(params, config.num_hidden_layers)
     tokenizer_dir = step_dir.parent.parent / meta.get("tokenizer", {}).get("dir", TOKENIZER_DIR)
     return config, params, (str(tokenizer_dir) if tokenizer_dir.is_dir() else None)

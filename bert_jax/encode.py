@@ -21,19 +21,20 @@ def encode_texts(model_path, texts, fmt: str = "auto", tokenizer_path=None):
     import jax.numpy as jnp
     from flax import nnx
 
-    from bert_jax import convert
     from bert_jax import model as M
+    from bert_jax import params as params_lib
+    from bert_jax import weights
     from bert_jax.tokenizer import load_tokenizer
 
-    cfg, params, _ = convert.load_pretrained(model_path, fmt)
-    tok_dir = tokenizer_path or convert.find_tokenizer_files(model_path)
+    cfg, params, _ = weights.load_pretrained(model_path, fmt)
+    tok_dir = tokenizer_path or weights.find_tokenizer_files(model_path)
     if tok_dir is None:
-        raise convert.ConversionError(f"{model_path}: no tokenizer (vocab.txt, tokenizer.json or a bert_jax "
+        raise weights.ConversionError(f"{model_path}: no tokenizer (vocab.txt, tokenizer.json or a bert_jax "
                                       "tokenizer dir) found with the model; pass --tokenizer")
     tokenizer = load_tokenizer(tok_dir)
-    convert.check_vocab(cfg, tokenizer, str(tok_dir))
+    weights.check_vocab(cfg, tokenizer, str(tok_dir))
     model = M.BertModel(cfg, rngs=nnx.Rngs(0))
-    M.load_params(model, params["bert"])
+    params_lib.load_params(model, params["bert"])
     results = []
     for text in texts:
         if not text or not text.strip():

@@ -6,7 +6,7 @@
         [--config.learning_rates='(5e-5,4e-5,3e-5,2e-5)' --config.seeds='(0,1,2)']
 
 `init_checkpoint`: a pretraining workdir or step dir (Orbax), or a Hugging Face / Google /
-.npz directory (through `bert_jax.convert`); encoder and pooler are restored, the task head
+.npz directory (through `bert_jax.weights`); encoder and pooler are restored, the task head
 is new. The tokenizer comes with the checkpoint (`--config.tokenizer` overrides it).
 
 Every run goes through the training loop pretraining uses (`bert_jax.loop`): metrics.jsonl
@@ -17,10 +17,8 @@ results.json and the outputs are `bert_jax.sweep`'s; tasks are `bert_jax.tasks`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
-import pathlib
 import sys
 
 import jax
@@ -28,37 +26,9 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from bert_jax import checkpoint, config_utils, convert, distributed, loop, paths, sharding, sweep, tasks
-from bert_jax.model import BertConfig
-from bert_jax.tokenizer import load_tokenizer
+from bert_jax import checkpoint, config_utils, distributed, loop, paths, sharding, sweep, tasks, weights
 
 log = logging.getLogger("bert_jax.finetune")
-
-
-@dataclasses.dataclass
-class Pretrained:
-    config: BertConfig
-    encoder: dict          # the `bert` subtree: embeddings, encoder, pooler (numpy)
-    tokenizer: object
-    tokenizer_dir: str | None
-    source: str
-
-
-def load_pretrained_encoder(path: str, fmt: str = "auto", tokenizer_path: str = "") -> Pretrained:
-    """Encoder + pooler weights and the tokenizer that belongs to them; vocab sizes must agree."""
-    if not path:
-        raise ValueError("config.init_checkpoint is required: a pretraining workdir or imported weights")
-    model_config, params, report = convert.load_pretrained(path, fmt)
-    if "bert" not in params:
-        raise ValueError(f"{path}: no encoder ('bert/...') parameters; found {sorted(params)}")
-    tokenizer_dir = tokenizer_path or convert.find_tokenizer_files(path)
-    if tokenizer_dir is None or not pathlib.Path(tokenizer_dir).exists():
-        raise FileNotFoundError(f"{path}: no tokenizer next to the checkpoint (vocab.txt, tokenizer.json, "
-                                "spiece.model or tokenizer/); pass --config.tokenizer=PATH")
-    tokenizer = load_tokenizer(str(tokenizer_dir))
-    convert.check_vocab(model_config, tokenizer, where=f"init_checkpoint={path}, tokenizer={tokenizer_dir}")
-    log.info("init from %s (%s); report %s", path, model_config, report)
-    return Pretrained(model_config, params["bert"], tokenizer, str(tokenizer_dir), str(path))
 
 
 def run(c, workdir) -> dict:
@@ -70,7 +40,7 @@ def run(c, workdir) -> dict:
     workdir = paths.workdir_path(workdir)  # a local directory or a URI (gs://...)
     if jax.process_index() == 0:
         paths.ensure_writable_dir(workdir)
-    pretrained = load_pretrained_encoder(c.init_checkpoint, c.init_format, c.tokenizer)
+    pretrained = weights.load_pretrained_encoder(c.init_checkpoint, c.init_format, c.tokenizer)
     mesh = sharding.make_mesh(c.mesh)
     results = {"config": c.to_dict(), "init_checkpoint": pretrained.source, "tasks": {}}
     path = workdir / sweep.RESULTS_FILE

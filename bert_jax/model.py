@@ -20,19 +20,17 @@ Design notes
   accelerators). Softmax, LayerNorm statistics and logits used by losses are
   float32.
 * ``remat_policy`` and ``scan_layers`` trade memory and compile time; the
-  canonical (exported) param layout is always unstacked: see
-  :func:`unstack_layers` / :func:`stack_layers`.
+  canonical (exported) param layout is always unstacked: see :mod:`bert_jax.params`.
+* The model knows no files: ``config.json`` and the checkpoint formats live in
+  :mod:`bert_jax.weights`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from bert_jax.matmul import f32_einsum
@@ -124,46 +122,6 @@ class BertConfig:
 
     def replace(self, **kw) -> "BertConfig":
         return dataclasses.replace(self, **kw)
-
-    # Hugging Face config.json interop: HF keys are a superset of the model keys;
-    # keys that change the architecture in ways we do not implement are errors.
-    @classmethod
-    def from_hf_dict(cls, d: dict, **overrides) -> "BertConfig":
-        pet = d.get("position_embedding_type", "absolute")
-        if pet != "absolute":
-            raise ValueError(f"config.json: position_embedding_type={pet!r} is not supported (only 'absolute')")
-        if d.get("is_decoder") or d.get("add_cross_attention"):
-            raise ValueError("config.json: decoder/cross-attention BERT variants are not supported")
-        model_type = d.get("model_type", "bert")
-        if model_type != "bert":
-            raise ValueError(f"config.json: model_type={model_type!r}, expected 'bert'")
-        names = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_KEYS)
-        kw = {k: d[k] for k in names if k in d}
-        missing = sorted({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"} - set(kw))
-        if missing:
-            raise ValueError(f"config.json: missing key(s) {missing}")
-        kw.update(overrides)
-        return cls(**kw)
-
-    def to_hf_dict(self) -> dict:
-        d = {k: v for k, v in self.to_dict().items()
-             if k not in RUNTIME_KEYS}
-        d.update(model_type="bert", architectures=["BertForPreTraining"],
-                 position_embedding_type="absolute", pad_token_id=0, torch_dtype="float32")
-        return d
-
-    @classmethod
-    def from_json_file(cls, path, **overrides) -> "BertConfig":
-        with open(path) as f:
-            d = json.load(f)
-        if "model_type" in d or "architectures" in d or "dtype" not in d:
-            return cls.from_hf_dict(d, **overrides)
-        d.update(overrides)
-        return cls.from_dict(d)
-
-    def to_json_file(self, path, hf: bool = True) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_hf_dict() if hf else self.to_dict(), f, indent=2, sort_keys=True)
 
 
 # ----------------------------------------------------------------------------
@@ -492,134 +450,3 @@ class BertForSequenceClassification(nnx.Module):
         pooled = _dropout(out["pooled_output"], self.cfg.hidden_dropout_prob, deterministic, keys[1])
         out["logits"] = self.classifier(pooled.astype(jnp.float32))
         return out
-
-
-# ----------------------------------------------------------------------------
-# Param trees: plain nested dicts of arrays, paths are the checkpoint/export names.
-
-def params_to_dict(state) -> dict:
-    """nnx.State (or nested dict) of Params -> nested dict of arrays (str keys)."""
-    if isinstance(state, nnx.State):
-        pure = nnx.to_pure_dict(state) if hasattr(nnx, "to_pure_dict") else state.to_pure_dict()
-    else:
-        pure = state
-
-    def fix(d):
-        if isinstance(d, dict):
-            return {str(k): fix(v) for k, v in d.items()}
-        return d
-
-    return fix(pure)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        path = f"{prefix}/{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(flatten(v, path))
-        else:
-            out[path] = v
-    return out
-
-
-def unflatten(flat: dict[str, Any]) -> dict:
-    tree: dict = {}
-    for path, v in flat.items():
-        node = tree
-        parts = path.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return tree
-
-
-def unstack_layers(params: dict, num_layers: int) -> dict:
-    """Scanned layout (encoder/layers/<leaf> with a leading layer axis) -> canonical
-    layout (encoder/layers/<i>/<leaf>). Canonical input is returned unchanged."""
-    flat = flatten(params)
-    out = {}
-    for path, v in flat.items():
-        head, sep, tail = path.partition("encoder/layers/")
-        if sep and not tail.split("/")[0].isdigit():
-            for i in range(num_layers):
-                out[f"{head}encoder/layers/{i}/{tail}"] = v[i]
-        else:
-            out[path] = v
-    return unflatten(out)
-
-
-def stack_layers(params: dict, num_layers: int) -> dict:
-    """Canonical layout -> scanned layout (inverse of :func:`unstack_layers`)."""
-    flat = flatten(params)
-    out, stacks = {}, {}
-    for path, v in flat.items():
-        head, sep, tail = path.partition("encoder/layers/")
-        idx, _, leaf = tail.partition("/")
-        if sep and idx.isdigit():
-            stacks.setdefault(f"{head}encoder/layers/{leaf}", {})[int(idx)] = v
-        else:
-            out[path] = v
-    for path, by_idx in stacks.items():
-        if sorted(by_idx) != list(range(num_layers)):
-            raise ValueError(f"stack_layers: {path} has layers {sorted(by_idx)}, expected 0..{num_layers - 1}")
-        xp = jnp if isinstance(by_idx[0], jax.Array) else np
-        out[path] = xp.stack([by_idx[i] for i in range(num_layers)])
-    return unflatten(out)
-
-
-def init_params(cfg: BertConfig, seed: int = 0, head: str = "pretraining", num_labels: int = 2) -> dict:
-    """Fresh canonical params as a nested dict of numpy arrays."""
-    model = build(cfg, head=head, num_labels=num_labels, seed=seed)
-    params = jax.tree.map(np.asarray, params_to_dict(nnx.state(model, nnx.Param)))
-    return unstack_layers(params, cfg.num_hidden_layers) if cfg.scan_layers else params
-
-
-def init_heads(cfg: BertConfig, seed: int = 0) -> dict:
-    """Fresh MLM and NSP head params alone (cheap: no encoder is built), as numpy."""
-    rngs = nnx.Rngs(seed)
-    heads = {"mlm": MaskedLMHead(cfg, rngs),
-             "nsp": dense(cfg, cfg.hidden_size, 2, ("embed", "classes"), rngs, dtype=jnp.float32)}
-    return {name: jax.tree.map(np.asarray, params_to_dict(nnx.state(mod, nnx.Param)))
-            for name, mod in heads.items()}
-
-
-def build(cfg: BertConfig, head: str = "pretraining", num_labels: int = 2, seed: int = 0) -> nnx.Module:
-    if head == "pretraining":
-        return BertForPreTraining(cfg, rngs=nnx.Rngs(seed))
-    if head == "classification":
-        return BertForSequenceClassification(cfg, num_labels, rngs=nnx.Rngs(seed))
-    if head == "encoder":
-        return BertModel(cfg, rngs=nnx.Rngs(seed))
-    raise ValueError(f"unknown head {head!r}; expected pretraining, classification or encoder")
-
-
-def load_params(model: nnx.Module, params: dict, *, strict: bool = True) -> list[str]:
-    """Copies a canonical nested dict of arrays into ``model`` (in place).
-
-    Shapes must match exactly (errors name the parameter). With ``strict=False``
-    parameters absent from ``params`` keep their fresh initialisation, and their
-    paths are returned (e.g. a new task head).
-    """
-    cfg = model.cfg
-    if cfg.scan_layers:
-        params = stack_layers(params, cfg.num_hidden_layers)
-    state = nnx.state(model, nnx.Param)
-    target = flatten(params_to_dict(state))
-    given = flatten(params)
-    unexpected = sorted(set(given) - set(target))
-    if unexpected:
-        raise ValueError(f"parameters not in the model: {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-    missing = sorted(set(target) - set(given))
-    if missing and strict:
-        raise ValueError(f"parameters missing from the checkpoint: {missing[:10]}"
-                         f"{' ...' if len(missing) > 10 else ''}")
-    for path, value in given.items():
-        if tuple(np.shape(value)) != tuple(target[path].shape):
-            raise ValueError(f"parameter {path}: checkpoint shape {tuple(np.shape(value))} != "
-                             f"model shape {tuple(target[path].shape)}")
-    new = dict(target)
-    new.update({p: jnp.asarray(v, dtype=target[p].dtype) for p, v in given.items()})
-    nnx.replace_by_pure_dict(state, unflatten(new))
-    nnx.update(model, state)
-    return missing

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from bert_jax import checkpoint, config_utils, distributed, hardware, metrics_writer, paths, sharding, tokenizer as tokenizer_lib
 from bert_jax import train_step as train_step_lib
 from bert_jax import loop
-from bert_jax.model import stack_layers
+from bert_jax.params import stack_layers
 
 log = logging.getLogger("bert_jax.pretrain")
 

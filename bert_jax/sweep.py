@@ -34,8 +34,8 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bert_jax import checkpoint, convert, distributed, glue_metrics, loop, metrics_writer, optim, partitioning, paths
-from bert_jax import sharding
+from bert_jax import checkpoint, distributed, glue_metrics, loop, metrics_writer, optim, partitioning, paths
+from bert_jax import sharding, weights
 from bert_jax import train_step as train_step_lib
 
 log = logging.getLogger("bert_jax.sweep")
@@ -262,8 +262,8 @@ def save_outputs(tuner: FineTuning, params, workdir: epath.Path) -> dict:
         with tempfile.TemporaryDirectory(prefix="bert_jax_export_") as scratch:
             local_tmp = tmp if paths.is_local(tmp) else epath.Path(scratch) / "checkpoint"
             # Every process calls the Orbax save (it coordinates who writes what).
-            convert.export_orbax(tuner.model_config.replace(dtype="float32"), host_params, local_tmp,
-                                 tokenizer_dir=tuner.pretrained.tokenizer_dir)
+            weights.orbax.save(tuner.model_config.replace(dtype="float32"), host_params, local_tmp,
+                               tokenizer_dir=tuner.pretrained.tokenizer_dir)
             if primary and local_tmp != tmp:
                 paths.copy_tree(local_tmp, tmp)
         _remove(final, "finetune_checkpoint_saved")  # the new one replaces the old once completely written

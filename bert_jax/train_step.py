@@ -58,7 +58,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bert_jax import config_utils, optim, partitioning, sharding
 from bert_jax.losses import PRETRAINING, LossFns
-from bert_jax.model import BertConfig, BertForPreTraining, params_to_dict
+from bert_jax import params as params_lib
+from bert_jax.model import BertConfig, BertForPreTraining
 
 
 @flax.struct.dataclass
@@ -79,7 +80,7 @@ def _default_model_fn(model_cfg):
 def _init_fn(model_fn, opt):
     def init(key, params=None):
         if params is None:
-            params = params_to_dict(nnx.state(model_fn(nnx.Rngs(key)), nnx.Param))
+            params = params_lib.to_dict(nnx.state(model_fn(nnx.Rngs(key)), nnx.Param))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params),
                           skipped_steps=jnp.zeros((), jnp.int32))
     return init

@@ -11,8 +11,9 @@ import torch
 import transformers
 from flax import nnx
 
-from bert_jax import convert, encode
+from bert_jax import convert, encode, weights
 from bert_jax import model as M
+from bert_jax import params as params_lib
 from bert_jax.tokenizer import load_tokenizer
 
 SENTENCES = [
@@ -32,7 +33,7 @@ def minilm_dir():
 
 @pytest.fixture(scope="module")
 def minilm(minilm_dir):
-    cfg, params, report = convert.load_pretrained(minilm_dir)  # format auto-detected
+    cfg, params, report = weights.load_pretrained(minilm_dir)  # format auto-detected
     assert report["initialised"] == ["mlm", "nsp"]  # a BertModel checkpoint: heads made fresh
     return cfg, params
 
@@ -44,7 +45,7 @@ def hf_batch(minilm_dir, sentences):
 
 def run_ours(cfg, params, batch):
     m = M.BertModel(cfg, rngs=nnx.Rngs(0))
-    M.load_params(m, params["bert"])
+    params_lib.load_params(m, params["bert"])
     g, s = nnx.split(m)
     f = jax.jit(lambda s, ids, mask, seg: nnx.merge(g, s)(ids, mask, seg))
     return f(s, batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32),
@@ -73,7 +74,7 @@ def test_real_weights_match_transformers(minilm_dir, minilm):
 
 def test_hf_export_loads_in_transformers(minilm, tmp_path, minilm_dir):
     cfg, params = minilm
-    out = convert.export_hf(cfg, params, tmp_path / "hf", tokenizer_dir=minilm_dir)
+    out = weights.hf.save(cfg, params, tmp_path / "hf", tokenizer_dir=minilm_dir)
     assert (out / "vocab.txt").is_file()
     model, info = transformers.BertForPreTraining.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -81,7 +82,7 @@ def test_hf_export_loads_in_transformers(minilm, tmp_path, minilm_dir):
     with torch.no_grad():
         ref = model.eval()(**{k: torch.tensor(v) for k, v in batch.items()}, output_hidden_states=True)
     m = M.BertForPreTraining(cfg, rngs=nnx.Rngs(0))
-    M.load_params(m, params)
+    params_lib.load_params(m, params)
     g, s = nnx.split(m)
     got = jax.jit(lambda s: nnx.merge(g, s)(batch["input_ids"], batch["attention_mask"],
                                             batch["token_type_ids"]))(s)
@@ -90,39 +91,39 @@ def test_hf_export_loads_in_transformers(minilm, tmp_path, minilm_dir):
                                atol=1e-4, rtol=0)
     np.testing.assert_allclose(got["nsp_logits"], ref.seq_relationship_logits.numpy(), atol=1e-4, rtol=0)
     # And back: our importer reads what we wrote, identically.
-    cfg2, params2, report = convert.load_pretrained(out, "hf")
+    cfg2, params2, report = weights.load_pretrained(out, "hf")
     assert cfg2 == cfg and report == {"initialised": [], "ignored": []}
-    for k, v in M.flatten(params).items():
-        np.testing.assert_array_equal(M.flatten(params2)[k], v, err_msg=k)
+    for k, v in params_lib.flatten(params).items():
+        np.testing.assert_array_equal(params_lib.flatten(params2)[k], v, err_msg=k)
 
 
 def test_npz_and_orbax_round_trips_are_identical(minilm, tmp_path):
     cfg, params = minilm
-    path = convert.export_npz(cfg, params, tmp_path / "bert.npz")
+    path = weights.npz.save(cfg, params, tmp_path / "bert.npz")
     with np.load(path, allow_pickle=False) as z:  # plain numpy, documented flat paths
         assert z["bert/encoder/layers/5/attention/query/kernel"].shape == (384, 384)
         assert json.loads(str(z["__config__"]))["hidden_size"] == 384
-    cfg_n, params_n, _ = convert.load_pretrained(path)
-    out = convert.export_orbax(cfg, params, tmp_path / "orbax")
-    cfg_o, params_o, _ = convert.load_pretrained(out)
+    cfg_n, params_n, _ = weights.load_pretrained(path)
+    out = weights.orbax.save(cfg, params, tmp_path / "orbax")
+    cfg_o, params_o, _ = weights.load_pretrained(out)
     assert cfg_n == cfg and cfg_o == cfg
-    flat = M.flatten(params)
+    flat = params_lib.flatten(params)
     for other in (params_n, params_o):
-        other = M.flatten(other)
+        other = params_lib.flatten(other)
         assert other.keys() == flat.keys()
         for k in flat:
             np.testing.assert_array_equal(other[k], flat[k], err_msg=k)
-    with pytest.raises(convert.ConversionError, match="exists already"):
-        convert.export_orbax(cfg, params, tmp_path / "orbax")  # never overwrites a checkpoint
+    with pytest.raises(weights.ConversionError, match="exists already"):
+        weights.orbax.save(cfg, params, tmp_path / "orbax")  # never overwrites a checkpoint
 
 
 def test_google_tf_checkpoint_import(minilm, tmp_path, minilm_dir):
     tf = pytest.importorskip("tensorflow")
     cfg, params = minilm
-    flat = M.flatten(params)
+    flat = params_lib.flatten(params)
     d = tmp_path / "google"
     d.mkdir()
-    rows = [r for rows in convert.name_map(cfg, "tf").values() for r in rows if not r[0].startswith("classifier")]
+    rows = [r for rows in weights.google_tf.name_map(cfg).values() for r in rows if not r[0].startswith("classifier")]
     with tf.Graph().as_default():
         variables = [tf.compat.v1.get_variable(theirs, initializer=(flat[ours].T if t else flat[ours]))
                      for ours, theirs, t in rows]
@@ -130,16 +131,16 @@ def test_google_tf_checkpoint_import(minilm, tmp_path, minilm_dir):
         with tf.compat.v1.Session() as sess:
             sess.run(tf.compat.v1.global_variables_initializer())
             saver.save(sess, str(d / "bert_model.ckpt"))
-    (d / "bert_config.json").write_text(json.dumps({k: v for k, v in cfg.to_hf_dict().items()
+    (d / "bert_config.json").write_text(json.dumps({k: v for k, v in weights.hf.config_to_hf(cfg).items()
                                                     if k not in ("model_type", "architectures")}))
     shutil.copy(minilm_dir / "vocab.txt", d / "vocab.txt")
-    assert convert.detect_format(d) == "tf"
-    cfg_t, params_t, report = convert.load_pretrained(d)
+    assert weights.detect_format(d) == "tf"
+    cfg_t, params_t, report = weights.load_pretrained(d)
     assert cfg_t == cfg and report["initialised"] == []
     # The Google layout stores the NSP weights as [2, hidden]: check the transposition happened.
     assert params_t["nsp"]["kernel"].shape == (384, 2)
     for k, v in flat.items():
-        np.testing.assert_array_equal(M.flatten(params_t)[k], v, err_msg=k)
+        np.testing.assert_array_equal(params_lib.flatten(params_t)[k], v, err_msg=k)
 
 
 def test_encode_cli_matches_transformers(minilm_dir, tmp_path, capsys):
@@ -172,7 +173,7 @@ def test_cli_and_bad_input(minilm, minilm_dir, tmp_path, capsys):
     # A vocabulary that does not belong to the checkpoint.
     small = tmp_path / "small"
     small.mkdir()
-    convert.export_hf(cfg.replace(vocab_size=30522), params, small)
+    weights.hf.save(cfg.replace(vocab_size=30522), params, small)
     (small / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
     assert convert.main(["--src", str(small), "--dst", str(tmp_path / "y.npz"), "--dst_format", "npz"]) == 2
     assert "tokenizer has 7 tokens but the checkpoint's vocab_size is 30522" in capsys.readouterr().err
@@ -186,20 +187,20 @@ def test_cli_and_bad_input(minilm, minilm_dir, tmp_path, capsys):
     tensors = load_file(str(broken / "model.safetensors"))
     del tensors["bert.encoder.layer.3.attention.self.value.weight"]
     save_file(tensors, str(broken / "model.safetensors"))
-    with pytest.raises(convert.ConversionError, match=r"missing tensor.*layer\.3\.attention\.self\.value\.weight"):
-        convert.load_pretrained(broken, "hf")
+    with pytest.raises(weights.ConversionError, match=r"missing tensor.*layer\.3\.attention\.self\.value\.weight"):
+        weights.load_pretrained(broken, "hf")
     tensors = load_file(str(small / "model.safetensors"))
     tensors["bert.pooler.dense.bias"] = np.zeros(5, np.float32)
     save_file(tensors, str(broken / "model.safetensors"))
-    with pytest.raises(convert.ConversionError, match=r"bert\.pooler\.dense\.bias.*shape \(5,\)"):
-        convert.load_pretrained(broken, "hf")
-    with pytest.raises(convert.ConversionError, match="cannot tell the checkpoint format"):
-        convert.load_pretrained(tmp_path / "small" / "vocab.txt")
-    with pytest.raises(convert.ConversionError, match="no such file"):
-        convert.load_pretrained(tmp_path / "nothing_here")
+    with pytest.raises(weights.ConversionError, match=r"bert\.pooler\.dense\.bias.*shape \(5,\)"):
+        weights.load_pretrained(broken, "hf")
+    with pytest.raises(weights.ConversionError, match="cannot tell the checkpoint format"):
+        weights.load_pretrained(tmp_path / "small" / "vocab.txt")
+    with pytest.raises(weights.ConversionError, match="no such file"):
+        weights.load_pretrained(tmp_path / "nothing_here")
     os.remove(broken / "config.json")
-    with pytest.raises(convert.ConversionError, match="no config.json"):
-        convert.load_pretrained(broken, "hf")
+    with pytest.raises(weights.ConversionError, match="no config.json"):
+        weights.load_pretrained(broken, "hf")
 
 
 def test_fine_tuned_classifier_round_trip(tmp_path):
@@ -207,14 +208,14 @@ def test_fine_tuned_classifier_round_trip(tmp_path):
     torch.manual_seed(0)
     cfg = M.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=48, max_position_embeddings=32)
-    hf_cfg = transformers.BertConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"},
-                                     num_labels=3)
+    hf_cfg = transformers.BertConfig(
+        **{k: v for k, v in weights.hf.config_to_hf(cfg).items() if k != "architectures"}, num_labels=3)
     hf = transformers.BertForSequenceClassification(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "src")
-    cfg2, params, report = convert.load_pretrained(tmp_path / "src")
+    cfg2, params, report = weights.load_pretrained(tmp_path / "src")
     assert report == {"initialised": [], "ignored": []}
     assert set(params) == {"bert", "classifier"} and params["classifier"]["kernel"].shape == (32, 3)
-    out = convert.export_hf(cfg2, params, tmp_path / "dst")
+    out = weights.hf.save(cfg2, params, tmp_path / "dst")
     again, info = transformers.BertForSequenceClassification.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ids = torch.randint(5, 120, (2, 9))
@@ -222,7 +223,7 @@ def test_fine_tuned_classifier_round_trip(tmp_path):
         np.testing.assert_allclose(again.eval()(input_ids=ids).logits.numpy(), hf(input_ids=ids).logits.numpy(),
                                    atol=1e-6)
     ours = M.BertForSequenceClassification(cfg2, 3, rngs=nnx.Rngs(0))
-    M.load_params(ours, params)
+    params_lib.load_params(ours, params)
     with torch.no_grad():
         np.testing.assert_allclose(ours(ids.numpy().astype(np.int32))["logits"], hf(input_ids=ids).logits.numpy(),
                                    atol=1e-4)

@@ -6,8 +6,9 @@ import random
 import numpy as np
 import pytest
 
-from bert_jax import convert, finetune, sweep
+from bert_jax import finetune, sweep, weights
 from bert_jax import model as bert_model
+from bert_jax import params as params_lib
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FILLER = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "big", "small",
@@ -60,9 +61,9 @@ def make_tiny_checkpoint(d: pathlib.Path) -> pathlib.Path:
     (d / "vocab.txt").write_text("\n".join(vocab) + "\n")
     cfg = bert_model.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    params = bert_model.init_params(cfg, seed=0)
-    convert.export_orbax(cfg, params, d / "orbax", tokenizer_dir=d)  # like a pretraining workdir
-    convert.export_npz(cfg, params, d / "npz" / "model.npz")
+    params = params_lib.init_params(cfg, seed=0)
+    weights.orbax.save(cfg, params, d / "orbax", tokenizer_dir=d)  # like a pretraining workdir
+    weights.npz.save(cfg, params, d / "npz" / "model.npz")
     (d / "npz" / "vocab.txt").write_text((d / "vocab.txt").read_text())
     return d
 
@@ -107,8 +108,8 @@ def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_pat
     assert [x.split("\t")[0] for x in lines[1:]] == [str(i) for i in range(24)]
     assert {x.split("\t")[1] for x in lines[1:]} <= {"0", "1"}
 
-    # The chosen run's checkpoint reads back (with its head) through convert, like any other.
-    cfg, params, _ = convert.load_pretrained(workdir / "continuation" / "checkpoint", "orbax")
+    # The chosen run's checkpoint reads back (with its head) through bert_jax.weights, like any other.
+    cfg, params, _ = weights.load_pretrained(workdir / "continuation" / "checkpoint", "orbax")
     assert params["classifier"]["kernel"].shape == (32, 2) and cfg.vocab_size == 28
 
 
@@ -121,8 +122,8 @@ def test_bad_inputs_fail_clearly(tiny_checkpoint, tmp_path):
     other.mkdir()
     (other / "vocab.txt").write_text("\n".join(SPECIALS + ["x", "y"]) + "\n")
     with pytest.raises(ValueError, match=r"tokenizer has 7 tokens but the checkpoint's vocab_size is 28"):
-        finetune.load_pretrained_encoder(str(tiny_checkpoint / "npz"), "auto", str(other / "vocab.txt"))
-    pretrained = finetune.load_pretrained_encoder(str(tiny_checkpoint / "npz"))  # vocab.txt beside the .npz
+        weights.load_pretrained_encoder(str(tiny_checkpoint / "npz"), "auto", str(other / "vocab.txt"))
+    pretrained = weights.load_pretrained_encoder(str(tiny_checkpoint / "npz"))  # vocab.txt beside the .npz
     assert pretrained.tokenizer.vocab_size == pretrained.config.vocab_size == 28
     write_polarity_task(tmp_path / "data", 8, 8, 8)
     (tmp_path / "data" / "dev.tsv").unlink()

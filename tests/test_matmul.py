@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from bert_jax import model as M
+from bert_jax import params as params_lib
 from bert_jax.matmul import f32_einsum
 
 SPECS = [("...k,kn->...n", (3, 5, 8), (8, 6)), ("bpe,ve->bpv", (2, 4, 8), (11, 8)),
@@ -65,7 +66,8 @@ def test_model_f32_out_matches_xla_path_in_bfloat16():
         results[impl] = jax.jit(jax.value_and_grad(loss))(state)
     (l_xla, g_xla), (l_f32, g_f32) = results["xla"], results["f32_out"]
     np.testing.assert_allclose(l_f32, l_xla, rtol=2e-2)
-    flat_xla, flat_f32 = M.flatten(M.params_to_dict(g_xla)), M.flatten(M.params_to_dict(g_f32))
+    flat_xla = params_lib.flatten(params_lib.to_dict(g_xla))
+    flat_f32 = params_lib.flatten(params_lib.to_dict(g_f32))
     for k in flat_xla:
         a, b = np.asarray(flat_xla[k], np.float32), np.asarray(flat_f32[k], np.float32)
         assert flat_f32[k].dtype == jnp.float32, k

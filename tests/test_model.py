@@ -7,8 +7,9 @@ import torch
 import transformers
 from flax import nnx
 
-from bert_jax import convert
 from bert_jax import model as M
+from bert_jax import params as params_lib
+from bert_jax.weights import hf as hf_weights
 
 CFG = M.BertConfig(vocab_size=211, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                    intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.1,
@@ -30,7 +31,8 @@ def make_batch(seed=0, batch=3, length=24, predictions=5, vocab=211):
 def pair(tmp_path_factory):
     """A random-weight HF BertForPreTraining, exported, and our model importing it."""
     torch.manual_seed(0)
-    hf_cfg = transformers.BertConfig(**{k: v for k, v in CFG.to_hf_dict().items() if k != "architectures"})
+    hf_cfg = transformers.BertConfig(**{k: v for k, v in hf_weights.config_to_hf(CFG).items()
+                                        if k != "architectures"})
     hf = transformers.BertForPreTraining(hf_cfg).eval()
     with torch.no_grad():  # non-trivial LayerNorm/bias values so a mix-up cannot hide
         for name, p in hf.named_parameters():
@@ -38,10 +40,10 @@ def pair(tmp_path_factory):
                 p.add_(0.1 * torch.randn_like(p))
     d = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(d)
-    cfg, params, report = convert.load_pretrained(d, "hf")
+    cfg, params, report = hf_weights.load(d)
     assert report["initialised"] == []
     ours = M.BertForPreTraining(cfg, rngs=nnx.Rngs(1))
-    M.load_params(ours, params)
+    params_lib.load_params(ours, params)
     return hf, ours, params, cfg
 
 
@@ -100,7 +102,7 @@ def test_gradients_match_transformers(pair):
         return pretraining_loss_np(o["mlm_logits"], o["nsp_logits"], masked_ids, weights, nsp_labels)
 
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(state)
-    grads = M.flatten(M.params_to_dict(grads))
+    grads = params_lib.flatten(params_lib.to_dict(grads))
 
     hf.zero_grad()
     out = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
@@ -116,7 +118,7 @@ def test_gradients_match_transformers(pair):
     assert abs(float(loss) - float(t_loss.detach())) < 1e-5
     hf_params = dict(hf.named_parameters())
     checked = 0
-    for ours_path, theirs, transpose in [r for rows in convert.name_map(cfg, "hf").values() for r in rows]:
+    for ours_path, theirs, transpose in [r for rows in hf_weights.name_map(cfg).values() for r in rows]:
         if ours_path.startswith("classifier"):
             continue
         g_t = hf_params[theirs].grad.numpy()
@@ -133,7 +135,7 @@ def test_bfloat16_close_to_float32(pair):
     outs = {}
     for dtype in ("float32", "bfloat16"):
         m = M.BertForPreTraining(cfg.replace(dtype=dtype), rngs=nnx.Rngs(0))
-        M.load_params(m, params)
+        params_lib.load_params(m, params)
         g, s = nnx.split(m)
         outs[dtype] = jax.jit(lambda s: nnx.merge(g, s)(ids, mask, segments, positions))(s)
     for key in ("sequence_output", "mlm_logits", "nsp_logits"):
@@ -152,7 +154,7 @@ def test_scan_and_remat_are_the_same_function(pair, overrides):
     _, ours, params, cfg = pair
     ids, mask, segments, positions = make_batch(seed=6)
     variant = M.BertForPreTraining(cfg.replace(**overrides), rngs=nnx.Rngs(0))
-    M.load_params(variant, params)
+    params_lib.load_params(variant, params)
 
     def loss(model_state, graphdef, key):
         o = nnx.merge(graphdef, model_state)(ids, mask, segments, positions, deterministic=False, rngs=key)
@@ -165,8 +167,8 @@ def test_scan_and_remat_are_the_same_function(pair, overrides):
     l_ref, g_ref = grad_fn(ref_s, ref_g, key)
     l_var, g_var = grad_fn(var_s, var_g, key)
     np.testing.assert_allclose(l_var, l_ref, rtol=1e-5)
-    g_ref = M.flatten(M.params_to_dict(g_ref))
-    g_var = M.flatten(M.unstack_layers(M.params_to_dict(g_var), cfg.num_hidden_layers))
+    g_ref = params_lib.flatten(params_lib.to_dict(g_ref))
+    g_var = params_lib.flatten(params_lib.unstack_layers(params_lib.to_dict(g_var), cfg.num_hidden_layers))
     assert g_ref.keys() == g_var.keys()
     for k in g_ref:
         np.testing.assert_allclose(g_var[k], g_ref[k], atol=1e-5, rtol=1e-4, err_msg=k)
@@ -203,8 +205,8 @@ def test_every_param_has_logical_axes():
     m = nnx.eval_shape(lambda: M.BertForPreTraining(M.BertConfig.preset("tiny", scan_layers=True), rngs=nnx.Rngs(0)))
     from bert_jax.partitioning import param_logical_axes
 
-    axes = M.flatten(M.params_to_dict(param_logical_axes(nnx.state(m, nnx.Param))))
-    shapes = M.flatten(M.params_to_dict(nnx.state(m, nnx.Param)))
+    axes = params_lib.flatten(params_lib.to_dict(param_logical_axes(nnx.state(m, nnx.Param))))
+    shapes = params_lib.flatten(params_lib.to_dict(nnx.state(m, nnx.Param)))
     for path, names in axes.items():
         assert len(names) == len(shapes[path].shape), path
         assert any(n is not None for n in names), f"{path} has no logical axis name"
@@ -214,7 +216,7 @@ def test_every_param_has_logical_axes():
 
 def test_config_presets_and_errors():
     assert M.BertConfig.preset("large").intermediate_size == 4096
-    assert M.BertConfig.preset("base").to_hf_dict()["num_hidden_layers"] == 12
+    assert hf_weights.config_to_hf(M.BertConfig.preset("base"))["num_hidden_layers"] == 12
     with pytest.raises(ValueError, match="unknown BERT preset"):
         M.BertConfig.preset("huge")
     with pytest.raises(ValueError, match="unknown key"):
@@ -222,7 +224,8 @@ def test_config_presets_and_errors():
     with pytest.raises(ValueError, match="not divisible"):
         M.BertConfig(hidden_size=10, num_attention_heads=3)
     with pytest.raises(ValueError, match="position_embedding_type"):
-        M.BertConfig.from_hf_dict({**M.BertConfig().to_hf_dict(), "position_embedding_type": "relative_key"})
+        hf_weights.config_from_hf({**hf_weights.config_to_hf(M.BertConfig()),
+                                   "position_embedding_type": "relative_key"})
     tiny = M.BertForPreTraining(M.BertConfig.preset("tiny", vocab_size=50, max_position_embeddings=8),
                                 rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):

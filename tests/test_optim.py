@@ -9,12 +9,14 @@ from flax import nnx
 
 from bert_jax import model as M
 from bert_jax import optim
+from bert_jax import params as params_lib
 
 
 def test_decay_mask_excludes_layer_norm_and_biases():
     cfg = M.BertConfig.preset("tiny", vocab_size=64, hidden_size=16, num_attention_heads=2, intermediate_size=32)
-    params = M.params_to_dict(nnx.state(nnx.eval_shape(lambda: M.BertForPreTraining(cfg, rngs=nnx.Rngs(0))), nnx.Param))
-    flat = M.flatten(optim.decay_mask(params))
+    model = nnx.eval_shape(lambda: M.BertForPreTraining(cfg, rngs=nnx.Rngs(0)))
+    params = params_lib.to_dict(nnx.state(model, nnx.Param))
+    flat = params_lib.flatten(optim.decay_mask(params))
     no_decay = sorted(p for p, decayed in flat.items() if not decayed)
     decay = sorted(p for p, decayed in flat.items() if decayed)
     assert no_decay and all(p.endswith("/bias") or "layer_norm" in p for p in no_decay)
@@ -46,17 +48,17 @@ def test_adamw_matches_torch():
         updates, state = opt.update(g, state, ours)
         ours = optax.apply_updates(ours, updates)
 
-    t = {k: torch.tensor(v, requires_grad=True) for k, v in M.flatten(params).items()}
+    t = {k: torch.tensor(v, requires_grad=True) for k, v in params_lib.flatten(params).items()}
     torch_opt = torch.optim.AdamW(
         [{"params": [t["dense/kernel"]], "weight_decay": 0.1},
          {"params": [t["dense/bias"], t["layer_norm/scale"]], "weight_decay": 0.0}],
         lr=lr, betas=(0.9, 0.999), eps=1e-6)
     for g in grads:
-        for k, v in M.flatten(g).items():
+        for k, v in params_lib.flatten(g).items():
             t[k].grad = torch.tensor(v)
         torch.nn.utils.clip_grad_norm_(list(t.values()), max_norm=1.0)
         torch_opt.step()
-    for k, v in M.flatten(ours).items():
+    for k, v in params_lib.flatten(ours).items():
         np.testing.assert_allclose(np.asarray(v), t[k].detach().numpy(), rtol=1e-5, atol=1e-6, err_msg=k)
 
 

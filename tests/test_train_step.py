@@ -7,6 +7,7 @@ from flax import nnx
 
 from bert_jax import model as M
 from bert_jax import losses, optim, sharding, train_step as T
+from bert_jax import params as params_lib
 from test_sharding import FAST_COMPILE, VOCAB, make_batch, tiny_config
 
 NO_DROPOUT = dict(num_hidden_layers=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -96,7 +97,7 @@ def test_dropout_key_depends_on_seed_and_step():
     cfg = tiny_config(num_hidden_layers=1, hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.0)
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     graphdef, params = nnx.split(M.BertForPreTraining(cfg, rngs=nnx.Rngs(0)))
-    params = M.params_to_dict(params)
+    params = params_lib.to_dict(params)
     batch = make_batch(np.random.default_rng(4), batch_size=4)
 
     @jax.jit
@@ -124,7 +125,7 @@ def test_eval_step_sums_combine_across_batches(setup):
 
 def test_create_train_state_from_params_and_errors(setup):
     cfg, opt, _, mesh, _, _, _ = setup
-    params = M.init_params(cfg, seed=7)
+    params = params_lib.init_params(cfg, seed=7)
     _, state, _ = T.create_train_state(cfg, opt, mesh, params=params, compiler_options=FAST_COMPILE)
     np.testing.assert_array_equal(np.asarray(state.params["mlm"]["transform"]["kernel"]),
                                   params["mlm"]["transform"]["kernel"])

@@ -283,8 +283,9 @@ def test_tfds_config_keys_are_checked(tfds_corpus_dir, corpus, tmp_path):
 def test_finetune_writes_results_submissions_and_checkpoint_to_a_uri(fake_gcs, tmp_path):
     import test_finetune as ft
 
-    from bert_jax import convert, finetune
+    from bert_jax import finetune, weights
     from bert_jax import model as bert_model
+    from bert_jax import params as params_lib
 
     # A tiny 'pretrained' model with its vocabulary, as tests/test_finetune.py makes it.
     tiny = tmp_path / "tiny"
@@ -293,19 +294,19 @@ def test_finetune_writes_results_submissions_and_checkpoint_to_a_uri(fake_gcs, t
     (tiny / "vocab.txt").write_text("\n".join(vocab) + "\n")
     cfg = bert_model.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
-    initial = bert_model.init_params(cfg, seed=0)
-    convert.export_orbax(cfg, initial, tiny / "orbax", tokenizer_dir=tiny)
-    convert.export_npz(cfg, initial, tiny / "npz" / "model.npz")
+    initial = params_lib.init_params(cfg, seed=0)
+    weights.orbax.save(cfg, initial, tiny / "orbax", tokenizer_dir=tiny)
+    weights.npz.save(cfg, initial, tiny / "npz" / "model.npz")
     shutil.copy(tiny / "vocab.txt", tiny / "npz" / "vocab.txt")
     # The pretrained weights live in the bucket too: Orbax is read in place, npz via a local copy.
     shutil.copytree(tiny, fake_gcs / "bucket" / "pretrained")
     pretrained = f"{SCHEME}://bucket/pretrained"
-    _, from_npz, _ = convert.load_pretrained(f"{pretrained}/npz/model.npz")
+    _, from_npz, _ = weights.load_pretrained(f"{pretrained}/npz/model.npz")
     np.testing.assert_array_equal(from_npz["bert"]["pooler"]["kernel"], initial["bert"]["pooler"]["kernel"])
-    assert (convert.find_tokenizer_files(f"{pretrained}/npz/model.npz") / "vocab.txt").read_text() == \
+    assert (weights.find_tokenizer_files(f"{pretrained}/npz/model.npz") / "vocab.txt").read_text() == \
         (tiny / "vocab.txt").read_text()
     with pytest.raises(FileNotFoundError, match="bucket/pretrained/missing"):
-        convert.load_pretrained(f"{pretrained}/missing")
+        weights.load_pretrained(f"{pretrained}/missing")
     workdir = f"{SCHEME}://bucket/glue"
     ft.write_polarity_task(tmp_path / "data", n_train=32, n_dev=16, n_test=8)
     c = ft.config(task="continuation", glue_dir=str(tmp_path / "data"), init_checkpoint=f"{pretrained}/orbax",
