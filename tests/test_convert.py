@@ -14,6 +14,7 @@ from flax import nnx
 from bert_jax import convert, encode, weights
 from bert_jax import model as M
 from bert_jax import params as params_lib
+from bert_jax.inference import InferenceModel
 from bert_jax.tokenizer import load_tokenizer
 
 SENTENCES = [
@@ -38,6 +39,11 @@ def minilm(minilm_dir):
     return cfg, params
 
 
+@pytest.fixture(scope="module")
+def hf_encoder(minilm_dir):
+    return transformers.BertModel.from_pretrained(str(minilm_dir)).eval()
+
+
 def hf_batch(minilm_dir, sentences):
     tok = transformers.BertTokenizerFast.from_pretrained(str(minilm_dir))
     return tok(sentences, padding=True, return_tensors="np")
@@ -52,7 +58,7 @@ def run_ours(cfg, params, batch):
              batch["token_type_ids"].astype(np.int32))
 
 
-def test_real_weights_match_transformers(minilm_dir, minilm):
+def test_real_weights_match_transformers(minilm_dir, minilm, hf_encoder):
     cfg, params = minilm
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (384, 6, 30522)
     batch = hf_batch(minilm_dir, SENTENCES)
@@ -62,9 +68,8 @@ def test_real_weights_match_transformers(minilm_dir, minilm):
         ids = [tok.cls_id, *tok.encode(text), tok.sep_id]
         n = int(batch["attention_mask"][i].sum())
         assert ids == batch["input_ids"][i, :n].tolist()
-    hf = transformers.BertModel.from_pretrained(str(minilm_dir)).eval()
     with torch.no_grad():
-        ref = hf(**{k: torch.tensor(v) for k, v in batch.items()})
+        ref = hf_encoder(**{k: torch.tensor(v) for k, v in batch.items()})
     got = run_ours(cfg, params, batch)
     valid = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(np.asarray(got["sequence_output"])[valid], ref.last_hidden_state.numpy()[valid],
@@ -143,24 +148,34 @@ def test_google_tf_checkpoint_import(minilm, tmp_path, minilm_dir):
         np.testing.assert_array_equal(params_lib.flatten(params_t)[k], v, err_msg=k)
 
 
-def test_encode_cli_matches_transformers(minilm_dir, tmp_path, capsys):
+def test_encode_cli_matches_transformers(minilm_dir, hf_encoder, tmp_path, capsys):
     out = tmp_path / "hidden.npy"
     assert encode.main(["--model", str(minilm_dir), "--text", SENTENCES[0], "--out", str(out)]) == 0
     hidden = np.load(out)
     batch = hf_batch(minilm_dir, SENTENCES[:1])
     assert hidden.shape == (1, batch["input_ids"].shape[1], 384)
     with torch.no_grad():
-        ref = transformers.BertModel.from_pretrained(str(minilm_dir)).eval()(
-            **{k: torch.tensor(v) for k, v in batch.items()})
+        ref = hf_encoder(**{k: torch.tensor(v) for k, v in batch.items()})
     np.testing.assert_allclose(hidden, ref.last_hidden_state.numpy(), atol=1e-4, rtol=0)
     assert encode.main(["--model", str(minilm_dir), "--text", "   "]) == 2
     assert "empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a flag users cannot type: usage error
+        encode.main(["--model", str(minilm_dir), "--txet", "x"])
+    assert e.value.code == 2 and "txet" in capsys.readouterr().err
 
 
-def test_encode_truncates_long_text(minilm_dir, capsys):
-    [(tokens, hidden)] = encode.encode_texts(minilm_dir, ["word " * 600])
-    assert hidden.shape == (1, 512, 384) and tokens[-1] == "[SEP]"
-    assert "truncated to 510" in capsys.readouterr().err
+def test_inference_batches_match_transformers_and_truncate(minilm_dir, hf_encoder, caplog):
+    encoded = InferenceModel.load(minilm_dir).encode(SENTENCES + ["word " * 600], batch_size=2)
+    batch = hf_batch(minilm_dir, SENTENCES)
+    with torch.no_grad():
+        ref = hf_encoder(**{k: torch.tensor(v) for k, v in batch.items()}).last_hidden_state.numpy()
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(str(minilm_dir))
+    for i, got in enumerate(encoded[:3]):  # padded within two batches of different lengths
+        n = int(batch["attention_mask"][i].sum())
+        assert got.tokens == tokenizer.convert_ids_to_tokens(batch["input_ids"][i, :n].tolist())
+        np.testing.assert_allclose(got.hidden, ref[i, :n], atol=1e-4, rtol=0)
+    assert encoded[3].hidden.shape == (512, 384) and encoded[3].tokens[-1] == "[SEP]"
+    assert "text 3 has 600 tokens; truncated to 510" in caplog.text
 
 
 def test_cli_and_bad_input(minilm, minilm_dir, tmp_path, capsys):
