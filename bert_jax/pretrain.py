@@ -23,9 +23,9 @@ from etils import epath
 from ml_collections import config_flags
 
 from bert_jax import checkpoint, config_utils, distributed, hardware, metrics_writer, paths, sharding, tokenizer as tokenizer_lib
+from bert_jax import params as params_lib
 from bert_jax import train_step as train_step_lib
 from bert_jax import loop
-from bert_jax.params import stack_layers
 
 log = logging.getLogger("bert_jax.pretrain")
 
@@ -220,7 +220,7 @@ def initial_state(config, program: train_step_lib.PretrainingStep, ckpt, latest)
         checkpoint.check_same_model(init_model_config.to_dict(), model_config.to_dict(),
                                     f"train.init_from={config.train.init_from}")
         if model_config.scan_layers:
-            params = stack_layers(params, model_config.num_hidden_layers)
+            params = params_lib.stack_layers(params, model_config.num_hidden_layers)
     state = program.create_state(params)
     if config.train.init_from and config.train.init_optimizer:
         state = state.replace(opt_state=_init_from_opt_state(config.train.init_from, state,
@@ -318,7 +318,7 @@ def run(config, workdir) -> dict:
     if main_process and start_step == 0:
         (workdir / "config.json").write_text(config_utils.to_json(config))  # epath: local or URI
     writer.message(f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: "
-                   f"BERT-{config.model.preset} ({_count_params(state.params) / 1e6:.1f}M params, "
+                   f"BERT-{config.model.preset} ({params_lib.count(state.params) / 1e6:.1f}M params, "
                    f"vocab {model_config.vocab_size}), mesh {dict(mesh.shape)}, "
                    f"{jax.process_count()} process(es); peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     preemption = loop.PreemptionWatcher()
@@ -340,10 +340,6 @@ def run(config, workdir) -> dict:
     summary["workdir"] = str(workdir)
     summary["state"] = state
     return summary
-
-
-def _count_params(params) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 # ----------------------------------------------------------------------------
