@@ -11,6 +11,7 @@ with the export. Exit codes: 0 written, 2 bad input (one line on stderr).
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 from absl import flags
@@ -30,8 +31,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def main(argv=None) -> int:
-    fv = cli.parse(argv, define_flags, __doc__)
-    cli.configure_logging()
+    fv = cli.parse(argv, define_flags, __doc__, prog="python -m bert_jax.convert")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every read at INFO
     try:
         cfg, params, report = weights.load_pretrained(fv.src, fv.src_format)
         found = weights.tokenizer_for(fv.src, cfg, fv.tokenizer)

@@ -11,6 +11,7 @@ Exit codes: 0 done, 2 bad input (one line on stderr).
 """
 from __future__ import annotations
 
+import logging
 import sys
 
 import numpy as np
@@ -31,8 +32,9 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 
 def main(argv=None) -> int:
-    fv = cli.parse(argv, define_flags, __doc__)
-    cli.configure_logging()
+    fv = cli.parse(argv, define_flags, __doc__, prog="python -m bert_jax.encode")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every read at INFO
     try:
         [encoded] = InferenceModel.load(fv.model, fv.format, fv.tokenizer).encode([fv.text])
     except (ValueError, FileNotFoundError) as e:

@@ -1,12 +1,9 @@
 """bert_jax.weights on a tiny model: config.json mapping, every format's round trip and
-detection, heads, the tokenizer that goes with a checkpoint, bad input; bert_jax.cli parsing."""
-import json
-
+detection, heads, the tokenizer that goes with a checkpoint, bad input."""
 import numpy as np
 import pytest
-from absl import flags
 
-from bert_jax import cli, convert, weights
+from bert_jax import convert, weights
 from bert_jax import params as params_lib
 from bert_jax.model import BertConfig
 from bert_jax.weights import hf
@@ -77,19 +74,3 @@ def test_bad_input_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         convert.main(["--src", "x", "--dst", "y", "--dst_format", "safetensors"])
     assert e.value.code == 2 and "--dst_format=safetensors" in capsys.readouterr().err
-
-
-def test_cli_parse_defines_fresh_flags_per_call(capsys):
-    def define(fv):
-        flags.DEFINE_integer("steps", 1, "how many", flag_values=fv)
-
-    assert cli.parse(["--steps=3"], define, "Doc.").steps == 3
-    assert cli.parse([], define, "Doc.").steps == 1  # defined again: no duplicate-flag error
-    for argv in (["--stpes=3"], ["--steps=x"], ["stray"]):
-        with pytest.raises(SystemExit) as e:
-            cli.parse(argv, define, "Doc.")
-        assert e.value.code == 2 and capsys.readouterr().err.startswith("error: ")
-    with pytest.raises(SystemExit) as e:
-        cli.parse(["--help"], define, "The program's doc.")
-    out = capsys.readouterr().out
-    assert e.value.code == 0 and "The program's doc." in out and "--steps" in out
