@@ -1,4 +1,4 @@
-"""Fine-tuning entrypoint: a sweep of (learning rate, seed) runs per task (GLUE today).
+r"""Fine-tuning entrypoint: a sweep of (learning rate, seed) runs per task (GLUE today).
 
     python -m bert_jax.finetune --config configs/glue.py --workdir DIR \
         --config.task=mrpc --config.init_checkpoint=PATH \
@@ -22,13 +22,12 @@ import logging
 import sys
 
 import jax
-from absl import app, flags
-from absl import logging as absl_logging
+from absl import flags
 from ml_collections import config_flags
 
-from bert_jax import checkpoint, config_utils, distributed, loop, paths, sharding, sweep, tasks, weights
+from bert_jax import cli, config_utils, distributed, loop, paths, sharding, sweep, tasks, weights
 
-log = logging.getLogger("bert_jax.finetune")
+PROG = "python -m bert_jax.finetune"
 
 
 def run(c, workdir) -> dict:
@@ -60,34 +59,45 @@ def run(c, workdir) -> dict:
     return {**results, "preempted": not finished}
 
 
-def define_flags() -> None:
-    """Defines the command-line flags (only when run as a program, so that importing
-    several entrypoints into one process, as the tests do, defines nothing)."""
-    global _CONFIG, _WORKDIR
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config file (configs/glue.py).",
-                                              lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "results.json, submission files, fine-tuned checkpoints.")
+def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
+    # sys_argv: the config file is read while its override flags (--config.KEY=...) are defined.
+    config_flags.DEFINE_config_file("config", None, "fine-tuning config file (configs/glue.py)", flag_values=fv,
+                                    lock_config=True, sys_argv=[PROG, *argv])
+    flags.DEFINE_string("workdir", None, "results.json, submission files, fine-tuned checkpoints, runs",
+                        flag_values=fv)
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
-        absl_logging.set_verbosity(absl_logging.WARNING)
+def main(argv=None) -> int:
+    """Exit status: 0 done (or stopped by SIGTERM, resumable), 1 too many non-finite steps,
+    2 bad input (one line on stderr)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        results = run(_CONFIG.value, _WORKDIR.value)
-    except (checkpoint.CheckpointMismatchError, loop.NonFiniteError) as e:
-        sys.exit(f"error: {e}")
+        fv = cli.parse(argv, lambda fv: define_flags(fv, argv), __doc__, prog=PROG)
+        config = fv.config
+        config.to_dict()  # config_flags defers the error of a file it could not load to here
+    except (AttributeError, KeyError, OSError) as e:  # --config.KEY=... naming no key; no such file
+        while isinstance(e, BaseException) and e.args:
+            e = e.args[0]
+        cli.usage_error(PROG, f"--config: {e}")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
+    try:
+        results = run(config, fv.workdir)
+    except (ValueError, FileNotFoundError) as e:  # bad config, data or workdir (CheckpointMismatchError too)
+        print(f"error: {e}", file=sys.stderr)
+        return cli.USAGE_ERROR
+    except loop.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if results["preempted"]:
-        print(f"preempted: checkpoint saved in {_WORKDIR.value}; run the same command again to resume", flush=True)
-        return
+        print(f"preempted: checkpoint saved in {fv.workdir}; run the same command again to resume", flush=True)
+        return 0
     for name, entry in results["tasks"].items():
         chosen = entry.get("chosen", {})
         print(f"{name}: {entry['primary_metric']}={chosen.get('metrics', {}).get(entry['primary_metric'])} "
               f"(lr={chosen.get('learning_rate')}, seed={chosen.get('seed')})", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    define_flags()
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    sys.exit(main())

@@ -216,3 +216,17 @@ def test_three_way_and_regression_tasks(tiny_checkpoint, tmp_path):
         assert {x.split("\t")[1] for x in lines[1:]} <= {"entailment", "neutral", "contradiction"}
     scores = [float(x.split("\t")[1]) for x in (submission / "STS-B.tsv").read_text().splitlines()[1:]]
     assert len(scores) == 4 and all(0.0 <= x <= 5.0 for x in scores)
+
+
+def test_command_line_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    glue_config = pathlib.Path(__file__).resolve().parents[1] / "configs" / "glue.py"
+    args = [f"--config={glue_config}", f"--workdir={tmp_path / 'w'}", f"--config.init_checkpoint={tiny_checkpoint}"]
+    assert finetune.main([*args, "--config.task=mrcp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config.task: unknown task 'mrcp'") and "\n" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main([*args, "--config.tsak=mrpc"])  # a key that does not exist
+    assert exit_info.value.code == 2 and "tsak" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(args[:1])
+    assert exit_info.value.code == 2 and "--workdir" in capsys.readouterr().err
