@@ -20,6 +20,7 @@ import pathlib
 
 from ml_collections import config_dict
 
+from bert_jax import hardware
 from bert_jax.model import BertConfig
 
 PRESETS = ("tiny", "mini", "small", "medium", "base", "large")
@@ -31,13 +32,14 @@ MODEL_OVERRIDES = tuple(f.name for f in dataclasses.fields(BertConfig))
 # Pretraining's own defaults for some of them; the others are None (the preset's).
 _MODEL_DEFAULTS = {
     "max_position_embeddings": 512,         # phase 2 (seq 512) needs all 512
-    "dtype": "float32",                     # compute dtype; 'bfloat16' on accelerators
+    "dtype": "auto",                        # compute dtype; auto: bfloat16 on accelerators and on CPUs
+                                            # with AVX512-BF16/AMX, else float32 (hardware.compute_choice)
     "param_dtype": "float32",
     "remat_policy": "none",                 # see bert_jax.model for the names
     "scan_layers": False,
     "attention_impl": "auto",               # auto | xla | cudnn | explicit
-    "matmul_impl": "auto",                  # auto | xla | f32_out (bf16 matmuls, f32 outputs and
-                                            # weight grads; auto: f32_out on CPU; bert_jax/matmul.py)
+    "matmul_impl": "auto",                  # auto | xla | f32_out (bf16 matmuls, f32 outputs and weight
+                                            # grads; auto: f32_out on a fast-bf16 CPU; bert_jax/matmul.py)
 }
 
 
@@ -175,7 +177,8 @@ def finetune_config() -> config_dict.ConfigDict:
     c.weight_decay = 0.01
     c.clip_norm = 1.0
     c.dropout = 0.1                 # hidden and attention dropout
-    c.dtype = "float32"             # compute dtype ('bfloat16' on accelerators); params stay float32
+    c.dtype = "auto"                # compute dtype; auto: bfloat16 on accelerators and AVX512-BF16/AMX
+                                    # CPUs, else float32 (hardware.compute_choice); params stay float32
     c.eval_every_steps = 0          # 0: evaluate at the end of every epoch
     c.eval_before_training = False  # also evaluate at step 0 (the untrained head's baseline)
     c.checkpoint_every_steps = 0    # 0: at every evaluation (a preempted run resumes from there)
@@ -263,6 +266,8 @@ def model_overrides(c: config_dict.ConfigDict, vocab_size: int) -> dict:
     """kwargs for BertConfig.preset(c.model.preset, **kwargs); unset keys keep the preset's."""
     overrides = {k: c.model[k] for k in MODEL_OVERRIDES if c.model[k] is not None}
     overrides.setdefault("vocab_size", vocab_size)
+    if overrides.get("dtype") == "auto":
+        overrides["dtype"] = hardware.compute_choice().dtype
     return overrides
 
 

@@ -1,6 +1,7 @@
 """What the hardware offers: one table of accelerator chips (peak FLOP/s, HBM, TPU topology
-rank) for MFU logging and the pod planner, the model FLOPs MFU divides by, and the CPU's
-instruction-set features.
+rank) for MFU logging and the pod planner, the model FLOPs MFU divides by, the CPU's
+instruction-set features, and the compute dtype and matmul path that follow from them
+(`compute_choice`: what `dtype="auto"` and `matmul_impl="auto"` mean on this machine).
 
 Peaks are dense (no sparsity) per chip, from the vendors' data sheets (Cloud TPU system
 architecture pages, NVIDIA data sheets). `peak_fp32_flops` is the rate of float32 matmuls at
@@ -10,6 +11,7 @@ XLA's default precision, the one bert_jax runs them at: one bfloat16 pass on a T
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -74,9 +76,12 @@ def pretraining_flops_per_sequence(model_config, seq_len: int, predictions: int)
     return 3.0 * forward
 
 
-def device_peak_flops(dtype: str = "float32", measure_seconds: float = 0.3) -> tuple[float, str]:
+def device_peak_flops(dtype: str = "float32", f32_out: bool = False,
+                      measure_seconds: float = 0.3) -> tuple[float, str]:
     """Per-device peak FLOP/s for matmuls in `dtype` and where it came from: the table for
-    known accelerators, else a matmul measured here (CPU)."""
+    known accelerators, else a matmul measured here (CPU) in the form the train step runs:
+    `dtype` inputs with a float32 result when `f32_out` (matmul_impl f32_out), else a
+    `dtype` result (XLA's dots)."""
     device = jax.devices()[0]
     kind = getattr(device, "device_kind", "")
     chip = chip_for_device_kind(kind)
@@ -84,15 +89,17 @@ def device_peak_flops(dtype: str = "float32", measure_seconds: float = 0.3) -> t
         return chip.peak_flops(dtype), f"data sheet ({kind})"
     n = 1024
     a = jnp.ones((n, n), dtype)
-    matmul = jax.jit(lambda x: x @ x)
+    out = jnp.float32 if f32_out else None
+    matmul = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=out))
     matmul(a).block_until_ready()
     runs, start = 0, time.perf_counter()
     while time.perf_counter() - start < measure_seconds:
         matmul(a).block_until_ready()
         runs += 1
     seconds = time.perf_counter() - start
+    form = f"{dtype}->float32" if f32_out and jnp.dtype(dtype) != jnp.float32 else dtype
     # A CPU "device" is the whole host; MFU is then per host, against this peak.
-    return 2 * n ** 3 * runs / seconds, f"measured {n}x{n} {dtype} matmul on {kind or device.platform}"
+    return 2 * n ** 3 * runs / seconds, f"measured {n}x{n} {form} matmul on {kind or device.platform}"
 
 
 # ----------------------------------------------------------------------------
@@ -116,3 +123,56 @@ def cpu_features(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+# ----------------------------------------------------------------------------
+# The compute dtype and matmul path: what "auto" means here
+
+# Either gives XLA:CPU a bfloat16 x bfloat16 -> float32 dot faster than its float32 one. Without
+# them (AVX2, AVX-512 without BF16) bfloat16 matmuls are slower than float32 ones.
+FAST_BF16_CPU_FEATURES = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeChoice:
+    dtype: str                 # the compute dtype: "float32" | "bfloat16" | what was asked
+    matmul_impl: str           # "xla" | "f32_out" (BertConfig.matmul_impl, resolved)
+    platform: str              # "cpu" | "gpu" | "tpu"
+    cpu_features: frozenset
+
+    @property
+    def f32_out(self) -> bool:
+        return self.matmul_impl == "f32_out" and jnp.dtype(self.dtype) != jnp.float32
+
+    def describe(self) -> str:
+        """For start-up lines: 'compute float32, XLA matmuls (cpu: avx2)'."""
+        matmuls = f"{self.dtype} x {self.dtype} -> float32 matmuls" if self.f32_out else "XLA matmuls"
+        features = ",".join(sorted(self.cpu_features)) or "none of " + ",".join(CPU_FEATURES)
+        return f"compute {self.dtype}, {matmuls} ({self.platform}; CPU features {features})"
+
+
+@functools.lru_cache(maxsize=1)
+def _host_cpu_features() -> frozenset[str]:  # every model layer asks: read /proc/cpuinfo once
+    return cpu_features()
+
+
+def compute_choice(dtype: str = "auto", matmul_impl: str = "auto", *, platform: str | None = None,
+                   features: frozenset[str] | None = None) -> ComputeChoice:
+    """Resolves `dtype="auto"` and `matmul_impl="auto"` for `platform` (default: jax's default
+    backend) and the CPU's `features` (default: this host's).
+
+    Accelerators: bfloat16 compute with XLA's dots (their matrix units accumulate in float32
+    anyway). A CPU with a fast bfloat16 path (FAST_BF16_CPU_FEATURES): bfloat16 compute with
+    the float32-output matmuls of bert_jax/matmul.py. Any other CPU: float32 with XLA's dots;
+    an explicit bfloat16 there also takes XLA's dots (faster than the float32-output form
+    without the bf16 instructions). Explicit values other than "auto" are kept.
+    """
+    platform = platform or jax.default_backend()
+    features = _host_cpu_features() if features is None else frozenset(features)
+    fast_bf16 = platform != "cpu" or bool(features & FAST_BF16_CPU_FEATURES)
+    if dtype == "auto":
+        dtype = "bfloat16" if fast_bf16 else "float32"
+    if matmul_impl == "auto":
+        low_precision = jnp.dtype(dtype) != jnp.float32
+        matmul_impl = "f32_out" if platform == "cpu" and fast_bf16 and low_precision else "xla"
+    return ComputeChoice(dtype, matmul_impl, platform, features)

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bert_jax import hardware
 from bert_jax.matmul import f32_einsum
 from bert_jax.partitioning import constrain
 
@@ -73,7 +74,9 @@ class BertConfig:
     scan_layers: bool = False
     attention_impl: str = "auto"  # auto | xla | cudnn | explicit
     # auto | xla | f32_out. f32_out: matmuls in `dtype` give float32 outputs and float32 weight
-    # gradients (bert_jax/matmul.py); auto = f32_out on CPU when dtype is not float32, else xla.
+    # gradients (bert_jax/matmul.py); auto = f32_out on a CPU with a fast bfloat16 path when dtype
+    # is not float32, else xla (hardware.compute_choice). Config files' dtype "auto" is resolved
+    # by the same function before a BertConfig is made.
     matmul_impl: str = "auto"
 
     def __post_init__(self):
@@ -138,10 +141,9 @@ def _axes(init, *names):
 
 def f32_matmuls(cfg: BertConfig, dtype=None) -> bool:
     """Whether matmuls computed in ``dtype`` (default: the compute dtype) go through
-    :func:`matmul.f32_einsum`; ``auto`` asks the default backend of this process."""
-    if jnp.dtype(dtype or cfg.dtype) == jnp.float32 or cfg.matmul_impl == "xla":
-        return False
-    return cfg.matmul_impl == "f32_out" or jax.default_backend() == "cpu"
+    :func:`matmul.f32_einsum`; ``auto`` asks :func:`hardware.compute_choice` (this process's
+    backend and CPU)."""
+    return hardware.compute_choice(str(jnp.dtype(dtype or cfg.dtype)), cfg.matmul_impl).f32_out
 
 
 class Dense(nnx.Linear):

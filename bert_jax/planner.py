@@ -295,10 +295,10 @@ def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_
     if isinstance(topology, str):
         topology = parse_topology(topology, num_slices)
     config = _copy_for_topology(config, topology)
-    if config.model.get("matmul_impl", "auto") == "auto":
-        # "auto" means the float32-output matmul path only on a CPU backend (the one this
-        # planner runs on); on the TPU being planned for it means XLA's own dots.
-        config.model.matmul_impl = "xla"
+    # "auto" dtype and matmul path as on the TPU being planned for, not this CPU host.
+    choice = hardware.compute_choice(config.model.dtype or "float32", config.model.matmul_impl or "auto",
+                                     platform="tpu")
+    config.model.dtype, config.model.matmul_impl = choice.dtype, choice.matmul_impl
     if global_batch_size is not None:
         config.train.global_batch_size = int(global_batch_size)
     config_utils.validate(_with_train_path(config))

@@ -300,7 +300,8 @@ def run(config, workdir) -> dict:
         if final:
             ckpt.wait()
 
-    peak, peak_source = hardware.device_peak_flops(model_config.dtype)
+    compute = hardware.compute_choice(model_config.dtype, model_config.matmul_impl)
+    peak, peak_source = hardware.device_peak_flops(model_config.dtype, compute.f32_out)  # the step's matmuls
     flops_per_step = config.train.global_batch_size * hardware.pretraining_flops_per_sequence(
         model_config, config.data.max_seq_length, config.data.max_predictions_per_seq)
     # A CPU device is a share of one host: the measured matmul peak is the host's.
@@ -320,7 +321,8 @@ def run(config, workdir) -> dict:
     writer.message(f"{'resuming at step ' + str(start_step) if start_step else 'starting'}: "
                    f"BERT-{config.model.preset} ({params_lib.count(state.params) / 1e6:.1f}M params, "
                    f"vocab {model_config.vocab_size}), mesh {dict(mesh.shape)}, "
-                   f"{jax.process_count()} process(es); peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+                   f"{jax.process_count()} process(es); {compute.describe()}; "
+                   f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     preemption = loop.PreemptionWatcher()
     to_global = lambda b: sharding.make_global_batch(b, mesh, rules)  # noqa: E731
     try:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 import pathlib
 import tempfile
@@ -34,11 +33,10 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bert_jax import checkpoint, distributed, glue_metrics, loop, metrics_writer, optim, partitioning, paths
-from bert_jax import sharding, weights
+from bert_jax import checkpoint, distributed, glue_metrics, hardware, loop, metrics_writer, optim, partitioning
+from bert_jax import paths, sharding, weights
 from bert_jax import train_step as train_step_lib
 
-log = logging.getLogger("bert_jax.sweep")
 RESULTS_FILE = "results.json"
 SUBMISSION_DIR = "submission"
 RUN_RESULT = "result.json"
@@ -53,7 +51,8 @@ class FineTuning:
     def __init__(self, task, pretrained, c, mesh, rules):
         self.task, self.pretrained, self.c, self.mesh, self.rules = task, pretrained, c, mesh, rules
         self.model_config = pretrained.config.replace(
-            hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.dropout, dtype=c.dtype)
+            hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.dropout,
+            dtype=hardware.compute_choice(c.dtype).dtype)
         if c.max_seq_length > self.model_config.max_position_embeddings:
             raise ValueError(f"config.max_seq_length={c.max_seq_length} exceeds the checkpoint's "
                              f"max_position_embeddings={self.model_config.max_position_embeddings}")
@@ -190,8 +189,10 @@ def _check_same_run(saved: dict, expected: dict, where) -> None:
 def run_sweep(tuner: FineTuning, workdir: epath.Path, results: dict, preemption) -> bool:
     """Every (learning rate, seed) run of tuner.task; results.json after each. -> finished (not preempted)."""
     c, task = tuner.c, tuner.task
-    log.info("%s: %d train examples, %d steps/epoch, %d steps", task.name, task.num_train_examples,
-             task.steps_per_epoch, tuner.total_steps)
+    compute = hardware.compute_choice(tuner.model_config.dtype, tuner.model_config.matmul_impl)
+    if jax.process_index() == 0:  # the start-up line, whatever the logging verbosity
+        print(f"{task.name}: {task.num_train_examples} train examples, {task.steps_per_epoch} steps/epoch, "
+              f"{tuner.total_steps} steps; {compute.describe()}", flush=True)
     entry = results["tasks"][task.name] = {"primary_metric": task.primary_metric, "runs": []}
     for learning_rate, seed in itertools.product(c.learning_rates, c.seeds):
         learning_rate, seed = float(learning_rate), int(seed)

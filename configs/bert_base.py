@@ -8,7 +8,6 @@ from bert_jax import config_utils
 
 def get_config(arg: str = ""):
     c = config_utils.pretrain_config("base")
-    c.model.dtype = "bfloat16"
     c.train.global_batch_size = 256
     c.train.steps = 1_000_000
     c.optimizer.learning_rate = 1e-4

@@ -48,3 +48,50 @@ def test_cpu_features_elsewhere_assume_nothing(tmp_path):
     arm.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm aes\n")  # Linux on ARM: no x86 flags line
     assert hardware.cpu_features(str(arm)) == frozenset()
     assert hardware.cpu_features() <= set(hardware.CPU_FEATURES)  # this host, whatever it is
+
+
+AVX2 = frozenset({"avx2"})
+AVX512 = frozenset({"avx2", "avx512f"})
+BF16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
+AMX = frozenset({"avx2", "avx512f", "amx_tile", "amx_bf16"})
+
+
+@pytest.mark.parametrize("features, dtype, matmul_impl", [
+    (AVX2, "float32", "xla"), (AVX512, "float32", "xla"), (frozenset(), "float32", "xla"),
+    (BF16, "bfloat16", "f32_out"), (AMX, "bfloat16", "f32_out"),
+])
+def test_auto_on_cpu_follows_the_bf16_instructions(features, dtype, matmul_impl):
+    choice = hardware.compute_choice(platform="cpu", features=features)
+    assert (choice.dtype, choice.matmul_impl) == (dtype, matmul_impl)
+    assert choice.f32_out == (matmul_impl == "f32_out")
+    described = choice.describe()
+    assert described.startswith(f"compute {dtype}, ") and "cpu" in described
+    assert all(f in described for f in features)
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+def test_auto_on_accelerators_is_bf16_with_xla_dots(platform):
+    for features in (AVX2, AMX):  # the host CPU does not matter
+        choice = hardware.compute_choice(platform=platform, features=features)
+        assert (choice.dtype, choice.matmul_impl, choice.f32_out) == ("bfloat16", "xla", False)
+
+
+def test_explicit_values_are_kept_and_bf16_on_avx2_takes_xla_dots():
+    assert hardware.compute_choice("bfloat16", platform="cpu", features=AVX2).matmul_impl == "xla"
+    assert hardware.compute_choice("float32", platform="cpu", features=AMX).matmul_impl == "xla"
+    forced = hardware.compute_choice("bfloat16", "f32_out", platform="cpu", features=AVX2)
+    assert forced.f32_out and "bfloat16 x bfloat16 -> float32" in forced.describe()
+    assert not hardware.compute_choice("float32", "f32_out", platform="cpu", features=AMX).f32_out
+    assert hardware.compute_choice("bfloat16", "xla", platform="cpu", features=AMX).matmul_impl == "xla"
+
+
+def test_configs_resolve_auto_through_compute_choice():
+    from bert_jax import config_utils
+    c = config_utils.pretrain_config("tiny")
+    assert c.model.dtype == "auto" and config_utils.finetune_config().dtype == "auto"
+    assert config_utils.model_overrides(c, 100)["dtype"] == hardware.compute_choice().dtype
+
+
+def test_cpu_peak_measures_the_f32_output_form():
+    _, source = hardware.device_peak_flops("bfloat16", f32_out=True, measure_seconds=0.01)
+    assert "bfloat16->float32 matmul" in source

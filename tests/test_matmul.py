@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bert_jax import hardware
 from bert_jax import model as M
 from bert_jax import params as params_lib
 from bert_jax.matmul import f32_einsum
@@ -74,10 +75,10 @@ def test_model_f32_out_matches_xla_path_in_bfloat16():
         assert np.abs(a - b).max() <= 0.05 * np.abs(a).max() + 1e-6, k
 
 
-def test_auto_is_f32_out_on_cpu_only_for_low_precision():
+def test_auto_is_f32_out_only_for_low_precision_on_a_fast_bf16_cpu():
     cfg = M.BertConfig.preset("tiny")
     assert not M.f32_matmuls(cfg)  # float32 compute: nothing to gain
-    assert M.f32_matmuls(cfg.replace(dtype="bfloat16")) == (jax.default_backend() == "cpu")
+    assert M.f32_matmuls(cfg.replace(dtype="bfloat16")) == hardware.compute_choice("bfloat16").f32_out
     assert not M.f32_matmuls(cfg.replace(dtype="bfloat16", matmul_impl="xla"))
     assert M.f32_matmuls(cfg.replace(dtype="bfloat16", matmul_impl="f32_out"))
     with pytest.raises(ValueError, match="matmul_impl"):
