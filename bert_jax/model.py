@@ -19,7 +19,9 @@ Design notes
 * Params are float32 (``param_dtype``); matmuls run in ``dtype`` (bfloat16 on
   accelerators). Softmax, LayerNorm statistics and logits used by losses are
   float32.
-* ``remat_policy`` and ``scan_layers`` trade memory and compile time; the
+* ``remat_policy`` and ``scan_layers`` trade memory and compile time (``full`` saves only
+  each layer's input, ``dots`` every matmul output, ``dots_no_batch`` those without batch
+  dimensions (not attention's), ``attention_out`` only the attention context); the
   canonical (exported) param layout is always unstacked: see :mod:`bert_jax.params`.
 * The model knows no files: ``config.json`` and the checkpoint formats live in
   :mod:`bert_jax.weights`.
@@ -32,6 +34,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from bert_jax import hardware
 from bert_jax.matmul import f32_einsum
@@ -280,7 +283,8 @@ class SelfAttention(nnx.Module):
             impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
             ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
         ctx = constrain(ctx, names).reshape(b, t, cfg.hidden_size)
-        return self.output(ctx)
+        # remat_policy="attention_out" saves this [B, T, H] per layer and recomputes the rest.
+        return self.output(checkpoint_name(ctx, "attention_out"))
 
 
 class Layer(nnx.Module):

@@ -226,3 +226,25 @@ def test_config_presets_and_errors():
                                 rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         tiny(jnp.ones((1, 9), jnp.int32))
+
+
+def test_remat_policies_save_what_they_say(capsys):
+    """The residuals each policy keeps for the backward pass (dropout off, 2 layers)."""
+    cfg = M.BertConfig.preset("tiny", vocab_size=97, max_position_embeddings=32)
+    ids, mask, segments, _ = make_batch(seed=8, batch=2, length=8, vocab=97)
+    hidden = f"[2,8,{cfg.hidden_size}]"
+    saved = {}
+    for policy in M.REMAT_POLICIES:
+        model = M.BertModel(cfg.replace(remat_policy=policy), rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        loss = lambda s: nnx.merge(graphdef, s)(ids, mask, segments)["pooled_output"].sum()  # noqa: E731
+        jax.ad_checkpoint.print_saved_residuals(loss, state)
+        saved[policy] = capsys.readouterr().out.splitlines()
+    named = {p: [r for r in rs if "attention_out" in r] for p, rs in saved.items()}
+    assert len(named["attention_out"]) == cfg.num_hidden_layers
+    assert all(hidden in r for r in named["attention_out"])
+    assert not any(named[p] for p in ("full", "dots", "dots_no_batch"))  # "none" saves everything
+    activations = {p: sum(hidden in r for r in rs) for p, rs in saved.items()}
+    # full: each layer's input (and the output); attention_out: those plus one per layer.
+    assert activations["attention_out"] == activations["full"] + cfg.num_hidden_layers
+    assert activations["full"] < activations["attention_out"] < activations["dots"] <= activations["none"]
