@@ -456,3 +456,38 @@ class BertForSequenceClassification(nnx.Module):
         pooled = _dropout(out["pooled_output"], self.cfg.hidden_dropout_prob, deterministic, keys[1])
         out["logits"] = self.classifier(pooled.astype(jnp.float32))
         return out
+
+
+class BertForTokenClassification(nnx.Module):
+    """BERT + dropout + linear head on every token's output (tagging, NER). The head is
+    `token_classifier` (not `classifier`), so a checkpoint says which head it holds."""
+
+    def __init__(self, cfg: BertConfig, num_labels: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.num_labels = num_labels
+        self.bert = BertModel(cfg, rngs=rngs)
+        self.token_classifier = dense(cfg, cfg.hidden_size, num_labels, ("embed", "classes"), rngs, dtype=jnp.float32)
+
+    def __call__(self, input_ids, input_mask=None, segment_ids=None, *, deterministic=True, rngs=None, **kw):
+        key = _key(rngs)
+        keys = [None, None] if key is None else list(jax.random.split(key, 2))
+        out = self.bert(input_ids, input_mask, segment_ids, deterministic=deterministic, rngs=keys[0], **kw)
+        sequence = _dropout(out["sequence_output"], self.cfg.hidden_dropout_prob, deterministic, keys[1])
+        out["logits"] = self.token_classifier(sequence.astype(jnp.float32))
+        return out
+
+
+class BertForQuestionAnswering(nnx.Module):
+    """BERT + a linear start/end head on every token (extractive QA, SQuAD); no dropout on
+    the head's input, as in Google's run_squad.py and Hugging Face."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.bert = BertModel(cfg, rngs=rngs)
+        self.qa_outputs = dense(cfg, cfg.hidden_size, 2, ("embed", "classes"), rngs, dtype=jnp.float32)
+
+    def __call__(self, input_ids, input_mask=None, segment_ids=None, *, deterministic=True, rngs=None, **kw):
+        out = self.bert(input_ids, input_mask, segment_ids, deterministic=deterministic, rngs=rngs, **kw)
+        logits = self.qa_outputs(out["sequence_output"].astype(jnp.float32))
+        out["start_logits"], out["end_logits"] = logits[..., 0], logits[..., 1]
+        return out
