@@ -1,4 +1,5 @@
-"""Every loss of the codebase: pretraining (MLM + NSP), sequence classification and regression.
+"""Every loss of the codebase: pretraining (MLM + NSP), sequence classification and regression,
+token classification (NER) and spans (extractive QA).
 
 A loss is a ``LossFns(normalizers, loss, metrics)``, what ``bert_jax.train_step``'s steps call:
 
@@ -11,7 +12,7 @@ A loss is a ``LossFns(normalizers, loss, metrics)``, what ``bert_jax.train_step`
 
 The pieces every loss is made of: ``forward`` (merge the params, run the model on Google's
 input names) and ``cross_entropy_sums(logits, labels, weights)``, which serves [B, C]
-logits (NSP, classification), [B, P, V] (MLM at masked positions) and, as they come,
+logits (NSP, classification), [B, P, V] (MLM at masked positions),
 [B, L, C] token classification (per-token weights) and [B, L] span starts/ends alike.
 """
 from __future__ import annotations
@@ -125,3 +126,70 @@ def classification_metrics(sums) -> dict:
 
 
 CLASSIFICATION = LossFns(classification_normalizers, classification_loss, classification_metrics)
+
+
+# ----------------------------------------------------------------------------
+# Token classification (NER): cross-entropy over the labelled tokens of the batch (a word's
+# first sub-token; other sub-tokens, specials, padding and fill rows carry label IGNORE)
+
+IGNORE = -100
+TOKEN_CLASSIFICATION_KEYS = ("input_ids", "input_mask", "segment_ids", "label_ids")
+
+
+def token_classification_normalizers(batch) -> dict:
+    return {"tokens": jnp.maximum(jnp.sum((batch["label_ids"] != IGNORE).astype(jnp.float32)), 1.0)}
+
+
+def token_classification_loss(params, graphdef, batch, dropout_key, normalizers=None, *, deterministic=False):
+    check_keys(batch, TOKEN_CLASSIFICATION_KEYS)
+    if normalizers is None:
+        normalizers = token_classification_normalizers(batch)
+    logits = forward(params, graphdef, batch, dropout_key, deterministic)["logits"]
+    labels = batch["label_ids"].astype(jnp.int32)
+    weights = (labels != IGNORE).astype(jnp.float32)
+    loss_sum, correct = cross_entropy_sums(logits, jnp.maximum(labels, 0), weights)
+    sums = {"loss_sum": loss_sum, "correct": correct, "tokens": jnp.sum(weights)}
+    return sums["loss_sum"] / normalizers["tokens"], sums
+
+
+def token_classification_metrics(sums) -> dict:
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    return {"loss": sums["loss_sum"] / tokens, "accuracy": sums["correct"] / tokens, "tokens": sums["tokens"]}
+
+
+TOKEN_CLASSIFICATION = LossFns(token_classification_normalizers, token_classification_loss,
+                               token_classification_metrics)
+
+
+# ----------------------------------------------------------------------------
+# Spans (extractive QA): the mean of the start and end cross-entropies over the positions
+# of the sequence, per real example (Google's run_squad.py; padding positions excluded)
+
+SPAN_KEYS = ("input_ids", "input_mask", "segment_ids", "start_positions", "end_positions", "is_real_example")
+
+
+def span_loss(params, graphdef, batch, dropout_key, normalizers=None, *, deterministic=False):
+    check_keys(batch, SPAN_KEYS)
+    if normalizers is None:
+        normalizers = classification_normalizers(batch)
+    out = forward(params, graphdef, batch, dropout_key, deterministic)
+    weights = batch["is_real_example"].astype(jnp.float32)
+    padding = batch["input_mask"] == 0  # out of the softmax: the loss does not depend on the padded length
+    sums = {"examples": jnp.sum(weights)}
+    for end in ("start", "end"):
+        logits = jnp.where(padding, -1e9, out[f"{end}_logits"].astype(jnp.float32))
+        sums[f"{end}_loss_sum"], sums[f"{end}_correct"] = cross_entropy_sums(
+            logits, batch[f"{end}_positions"].astype(jnp.int32), weights)
+    loss = (sums["start_loss_sum"] + sums["end_loss_sum"]) / (2 * normalizers["examples"])
+    return loss, sums
+
+
+def span_metrics(sums) -> dict:
+    examples = jnp.maximum(sums["examples"], 1.0)
+    return {"loss": (sums["start_loss_sum"] + sums["end_loss_sum"]) / (2 * examples),
+            "accuracy": (sums["start_correct"] + sums["end_correct"]) / (2 * examples),
+            "start_accuracy": sums["start_correct"] / examples, "end_accuracy": sums["end_correct"] / examples,
+            "examples": sums["examples"]}
+
+
+SPAN = LossFns(classification_normalizers, span_loss, span_metrics)

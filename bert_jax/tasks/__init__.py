@@ -1,6 +1,6 @@
 """Fine-tuning tasks: what a task supplies, and finding tasks by name.
 
-A task (GLUE today, token classification and question answering next) is an object with
+A task (GLUE; NER, `tasks.ner`; SQuAD, `tasks.squad`) is an object with
 the members of `Task` below; `bert_jax.sweep` does everything else the same way for every
 task: the optimizer (learning rate as a state value, one compiled step per sweep), state
 and jitted steps (`bert_jax.train_step`), the shared loop (`bert_jax.loop`: metrics.jsonl,
@@ -17,7 +17,7 @@ few programs compile, and give padding rows zero weight in the loss (GLUE:
 A task module under `bert_jax/tasks/` (listed in `FAMILIES`) exposes
   NAMES: tuple[str, ...]                  its canonical task names (`--config.task=NAME`)
   lookup(name: str) -> str | None         canonical name for a spelling (aliases), else None
-  build(name, config, tokenizer) -> Task  reads and featurizes the data (config: configs/glue.py schema)
+  build(name, config, tokenizer) -> Task  reads and featurizes the data (config: configs/glue.py, ner.py, squad.py)
 
 Task members:
   name: str                      key in results.json, directory in the workdir
@@ -52,7 +52,7 @@ from flax import nnx
 
 from bert_jax.losses import LossFns
 
-FAMILIES = ("glue",)  # modules of bert_jax.tasks, asked in this order
+FAMILIES = ("glue", "ner", "squad")  # modules of bert_jax.tasks, asked in this order
 ALL = "all"           # --config.task=all: the nine GLUE tasks
 
 

@@ -9,14 +9,13 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from bert_jax import glue_metrics, losses
 from bert_jax.model import BertConfig, BertForSequenceClassification
-from bert_jax.tasks import glue_data
+from bert_jax.tasks import glue_data, heads
 
 NAMES = tuple(glue_data.TASKS)
 GLUE_TASKS = glue_data.GLUE_TASKS
@@ -62,11 +61,7 @@ class Glue:
         return BertForSequenceClassification(model_config, self.spec.num_labels, rngs=rngs)
 
     def init_head(self, model_config: BertConfig, seed: int) -> dict:
-        """Initialised like the model's dense layers, from the run's seed."""
-        init = nnx.initializers.truncated_normal(stddev=model_config.initializer_range)
-        kernel = init(jax.random.fold_in(jax.random.key(seed), 1), (model_config.hidden_size, self.spec.num_labels))
-        return {"classifier": {"kernel": np.asarray(kernel, np.float32),
-                               "bias": np.zeros((self.spec.num_labels,), np.float32)}}
+        return {"classifier": heads.dense_init(model_config, self.spec.num_labels, seed)}
 
     def train_batches(self, seed: int, epoch: int) -> Iterator[dict]:
         return glue_data.train_batches(self.train, self.batch_size, self.buckets, self.pad_id,

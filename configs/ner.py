@@ -1,0 +1,31 @@
+"""Named-entity recognition on CoNLL-2003 (bert_jax.tasks.ner).
+
+    python -m bert_jax.finetune --config configs/ner.py --workdir workdirs/ner \
+        --config.init_checkpoint=PRETRAIN_WORKDIR --config.data_dir=CONLL_DIR
+
+CONLL_DIR holds eng.train, eng.testa, eng.testb (or train.txt, dev.txt, test.txt), exactly as
+distributed (IOB1 or IOB2). results.json reports entity f1, precision and recall per split
+(dev picks the run), and predictions in CoNLL format (word gold predicted) go to
+submission/ner_dev.conll and ner_test.conll. `configs/ner.py:quick` is a smoke-test setting.
+"""
+from bert_jax import config_utils
+
+
+def get_config(arg: str = ""):
+    c = config_utils.finetune_config()
+    for key in ("glue_dir", "tfds_data_dir", "skip_bad_rows"):  # GLUE's data keys
+        del c[key]
+    c.task = "ner"
+    c.data_dir = ""                 # eng.train, eng.testa, eng.testb (or train.txt, dev.txt, test.txt)
+    c.labels = ""                   # '' : O + B-/I- of every type in the training file; else 'O,B-PER,I-PER,...'
+    c.doc_stride = 0                # sentences longer than max_seq_length: windows this many sub-tokens
+    #                                 apart (0: half a window)
+    c.learning_rates = (5e-5,)
+    c.num_epochs = 3.0
+    if arg == "quick":
+        c.num_epochs = 1.0
+        c.max_seq_length = 64
+    elif arg:
+        raise ValueError(f"unknown config argument {arg!r}; expected '' or 'quick'")
+    c.lock()
+    return c
