@@ -242,3 +242,32 @@ def test_fine_tuned_classifier_round_trip(tmp_path):
     with torch.no_grad():
         np.testing.assert_allclose(ours(ids.numpy().astype(np.int32))["logits"], hf(input_ids=ids).logits.numpy(),
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("head", ["token_classifier", "qa_outputs"])
+def test_token_heads_export_to_transformers_with_the_same_logits(tmp_path, head):
+    cfg = M.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=48, max_position_embeddings=32)
+    ours = (M.BertForTokenClassification(cfg, 5, rngs=nnx.Rngs(0)) if head == "token_classifier"
+            else M.BertForQuestionAnswering(cfg, rngs=nnx.Rngs(0)))
+    params = jax.tree.map(np.asarray, params_lib.to_dict(nnx.state(ours, nnx.Param)))
+    out = weights.hf.save(cfg, params, tmp_path / "hf")
+    architecture = json.loads((out / "config.json").read_text())["architectures"][0]
+    model_class = getattr(transformers, architecture)
+    assert model_class is (transformers.BertForTokenClassification if head == "token_classifier"
+                           else transformers.BertForQuestionAnswering)
+    theirs, info = model_class.from_pretrained(str(out), output_loading_info=True)
+    assert not any(info.values()), info
+    ids = np.random.default_rng(0).integers(5, 120, (2, 9)).astype(np.int32)
+    mine = ours(ids)
+    with torch.no_grad():
+        got = theirs.eval()(input_ids=torch.from_numpy(ids.astype(np.int64)))
+    if head == "token_classifier":
+        np.testing.assert_allclose(got.logits.numpy(), mine["logits"], atol=1e-5)
+    else:
+        np.testing.assert_allclose(got.start_logits.numpy(), mine["start_logits"], atol=1e-5)
+        np.testing.assert_allclose(got.end_logits.numpy(), mine["end_logits"], atol=1e-5)
+    # Through a fine-tuned Orbax checkpoint (what fine-tuning saves): no pretraining heads added.
+    weights.save(cfg, params, tmp_path / "orbax", "orbax")
+    _, again, report = weights.load_pretrained(tmp_path / "orbax")
+    assert report["initialised"] == [] and set(again) == {"bert", head}

@@ -1,6 +1,8 @@
 """Hugging Face BERT: ``config.json`` <-> :class:`BertConfig`, and ``model.safetensors`` (or
 ``pytorch_model.bin``, read with torch when installed) <-> our params, with or without the
 ``bert.`` prefix, with or without the MLM/NSP heads, or with a sequence-classification head.
+Token-classification and question-answering heads are exported (transformers'
+``BertForTokenClassification`` / ``BertForQuestionAnswering``), not imported.
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
 LEAVES = {"dense": (("kernel", "weight", True), ("bias", "bias", False)),
           "norm": (("scale", "weight", False), ("bias", "bias", False)),
           "embedding": (("embedding", "weight", False),)}
+# Our fine-tuned token heads -> their module and architecture (built without the pooler).
+TOKEN_HEADS = {"token_classifier": ("classifier", "BertForTokenClassification"),
+               "qa_outputs": ("qa_outputs", "BertForQuestionAnswering")}
 
 
 # ----------------------------------------------------------------------------
@@ -105,14 +110,16 @@ def load(path, seed: int = 0) -> Imported:
 
 def save(cfg: BertConfig, params: dict, out_dir, tokenizer_dir=None) -> pathlib.Path:
     """``config.json`` + ``model.safetensors`` that transformers' ``BertForPreTraining``
-    (``BertForSequenceClassification`` for a fine-tuned tree) loads without warnings."""
+    (``BertForSequenceClassification``, ``BertForTokenClassification`` or
+    ``BertForQuestionAnswering`` for a fine-tuned tree) loads without warnings."""
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flat = params_lib.flatten(params)
     tensors = {}
-    for rows in name_map(cfg).values():
+    token_heads = [spell([(ours, theirs, "dense")], LEAVES, ".") for ours, (theirs, _) in TOKEN_HEADS.items()]
+    for rows in [*name_map(cfg).values(), *token_heads]:
         if not any(ours in flat for ours, _, _ in rows):
             continue
         for ours, theirs, transpose in rows:
@@ -121,13 +128,18 @@ def save(cfg: BertConfig, params: dict, out_dir, tokenizer_dir=None) -> pathlib.
             arr = np.asarray(flat[ours], dtype=np.float32)
             tensors[theirs] = np.ascontiguousarray(arr.T if transpose else arr)
     hf_cfg = config_to_hf(cfg)
-    if "classifier/kernel" in flat:
-        n = int(np.shape(flat["classifier/bias"])[0])
-        hf_cfg.update(architectures=["BertForSequenceClassification"], num_labels=n,
-                      problem_type="regression" if n == 1 else "single_label_classification")
-        hf_cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(n)}
-        hf_cfg["label2id"] = {f"LABEL_{i}": i for i in range(n)}
-        tensors = {k: v for k, v in tensors.items() if not k.startswith("cls.")}
+    heads = {"classifier": "BertForSequenceClassification", **{ours: arch for ours, (_, arch) in TOKEN_HEADS.items()}}
+    for head, architecture in heads.items():
+        if f"{head}/kernel" not in flat:
+            continue
+        n = int(np.shape(flat[f"{head}/bias"])[0])
+        hf_cfg.update(architectures=[architecture], num_labels=n, id2label={str(i): f"LABEL_{i}" for i in range(n)},
+                      label2id={f"LABEL_{i}": i for i in range(n)})
+        if head == "classifier":
+            hf_cfg["problem_type"] = "regression" if n == 1 else "single_label_classification"
+        # No pretraining heads in a fine-tuned model; transformers builds the token models without a pooler.
+        dropped = ("cls.",) if head == "classifier" else ("cls.", "bert.pooler.")
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(dropped)}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
     if tokenizer_dir is not None:

@@ -49,6 +49,10 @@ MLM_TRANSFORM = (
 )
 
 
+# Task heads (bert_jax.model): sequence classification, token classification, question answering.
+FINE_TUNED_HEADS = ("classifier", "token_classifier", "qa_outputs")
+
+
 class ConversionError(ValueError):
     """Wrong or incomplete input; the message names the file or tensor."""
 
@@ -125,8 +129,8 @@ def assemble(cfg: BertConfig, tensors: dict, groups: dict[str, list[Row]], sourc
 
 def add_fresh_heads(cfg: BertConfig, flat: dict, source: str, seed: int = 0) -> list[str]:
     """Gives flat params of a bare encoder (a ``BertModel`` checkpoint) fresh MLM/NSP heads,
-    in place; a fine-tuned checkpoint (with a classifier) gets none. -> the heads made."""
-    if any(k.startswith("classifier/") for k in flat):
+    in place; a fine-tuned checkpoint (with a task head) gets none. -> the heads made."""
+    if any(k.split("/")[0] in FINE_TUNED_HEADS for k in flat):
         return []
     missing = [head for head in ("mlm", "nsp") if not any(k.startswith(head + "/") for k in flat)]
     if missing:
