@@ -156,16 +156,18 @@ def finish(c: config_dict.ConfigDict, arg: str = "") -> config_dict.ConfigDict:
     return c
 
 
-def finetune_config() -> config_dict.ConfigDict:
-    """Fine-tuning with BERT's recipe (Devlin et al. 2018, section 4.1 and appendix A.3); unlocked."""
+def finetune_config(glue_data: bool = True) -> config_dict.ConfigDict:
+    """Fine-tuning with BERT's recipe (Devlin et al. 2018, section 4.1 and appendix A.3); unlocked.
+    `glue_data=False` leaves out GLUE's data keys (tasks with their own: configs/ner.py, squad.py)."""
     c = config_dict.ConfigDict()
     c.task = "mrpc"                 # a task name, 'a,b', or 'all' (bert_jax.tasks)
     c.init_checkpoint = ""          # pretraining workdir/step dir (Orbax), or HF / Google / .npz weights
     c.init_format = "auto"          # auto | orbax | hf | tf | npz
     c.tokenizer = ""                # '' : the one that comes with init_checkpoint
-    c.glue_dir = ""                 # GLUE's TSV layout: GLUE_DIR/MRPC/train.tsv, ...
-    c.tfds_data_dir = ""            # else TFDS glue/<task> prepared here ('' : TFDS default)
-    c.skip_bad_rows = False         # drop rows with a wrong column count (with a warning)
+    if glue_data:
+        c.glue_dir = ""             # GLUE's TSV layout: GLUE_DIR/MRPC/train.tsv, ...
+        c.tfds_data_dir = ""        # else TFDS glue/<task> prepared here ('' : TFDS default)
+        c.skip_bad_rows = False     # drop rows with a wrong column count (with a warning)
 
     c.max_seq_length = 128
     c.batch_size = 32               # global, over all hosts and devices

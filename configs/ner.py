@@ -12,16 +12,12 @@ from bert_jax import config_utils
 
 
 def get_config(arg: str = ""):
-    c = config_utils.finetune_config()
-    for key in ("glue_dir", "tfds_data_dir", "skip_bad_rows"):  # GLUE's data keys
-        del c[key]
+    c = config_utils.finetune_config(glue_data=False)
     c.task = "ner"
     c.data_dir = ""                 # eng.train, eng.testa, eng.testb (or train.txt, dev.txt, test.txt)
     c.labels = ""                   # '' : O + B-/I- of every type in the training file; else 'O,B-PER,I-PER,...'
-    c.doc_stride = 0                # sentences longer than max_seq_length: windows this many sub-tokens
-    #                                 apart (0: half a window)
+    c.doc_stride = 0                # long sentences: windows this many sub-tokens apart (0: half a window)
     c.learning_rates = (5e-5,)
-    c.num_epochs = 3.0
     if arg == "quick":
         c.num_epochs = 1.0
         c.max_seq_length = 64

@@ -13,9 +13,7 @@ from bert_jax import config_utils
 
 
 def get_config(arg: str = ""):
-    c = config_utils.finetune_config()
-    for key in ("glue_dir", "tfds_data_dir", "skip_bad_rows"):  # GLUE's data keys
-        del c[key]
+    c = config_utils.finetune_config(glue_data=False)
     c.task = "squad"
     c.train_file = ""               # SQuAD JSON: train-v1.1.json / train-v2.0.json
     c.predict_file = ""             # dev-v1.1.json / dev-v2.0.json: evaluated, predictions.json written
