@@ -1,9 +1,11 @@
-r"""Fine-tuning entrypoint: a sweep of (learning rate, seed) runs per task (GLUE today).
+r"""Fine-tuning entrypoint: a sweep of (learning rate, seed) runs per task (GLUE, NER, SQuAD).
 
     python -m bert_jax.finetune --config configs/glue.py --workdir DIR \
         --config.task=mrpc --config.init_checkpoint=PATH \
         [--config.glue_dir=GLUE_DIR | --config.tfds_data_dir=TFDS_DIR] \
         [--config.learning_rates='(5e-5,4e-5,3e-5,2e-5)' --config.seeds='(0,1,2)']
+    python -m bert_jax.finetune --config configs/ner.py --config.data_dir=CONLL_DIR ...
+    python -m bert_jax.finetune --config configs/squad.py --config.train_file=F --config.predict_file=F ...
 
 `init_checkpoint`: a pretraining workdir or step dir (Orbax), or a Hugging Face / Google /
 .npz directory (through `bert_jax.weights`); encoder and pooler are restored, the task head
