@@ -97,8 +97,8 @@ def loader_rate(data_dir, *, worker_count, batches=200, **loader_kw):
     """(sequences per wall second, per CPU second of this process) of the pretraining loader;
     ``loader_kw`` go to ``make_pretraining_loader`` (whole_word_masking, tfds_data_dir, ...)."""
     it = loader.make_pretraining_loader(data_dir, global_batch_size=BATCH, max_seq_length=SEQ_LEN,
-                                        max_predictions_per_seq=PREDICTIONS, seed=0, process_index=0,
-                                        process_count=1, worker_count=worker_count, **loader_kw)
+                                        max_predictions_per_seq=PREDICTIONS, seed=0,
+                                        worker_count=worker_count, **loader_kw)
     for _ in range(5):  # start-up (worker processes, first permutation, opening files) is not throughput
         next(it)
     start, cpu_start = time.perf_counter(), time.process_time()

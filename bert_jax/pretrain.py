@@ -97,8 +97,9 @@ def train_tokenizer_on_corpus(config, output_dir):
 # ----------------------------------------------------------------------------
 # Data
 
-def make_data(config, tok, workdir: epath.Path):
-    """-> (train iterator with get_state/set_state, fresh-eval-iterator factory or None).
+def make_data(config, tok, workdir: epath.Path, host_rows):
+    """-> (train iterator with get_state/set_state, fresh-eval-iterator factory or None);
+    each batch holds the rows `host_rows` (sharding.process_batch_rows) of the global batch.
 
     Text, demo and TFDS text sources are prepared once into workdir/data (instances,
     shards) by `bert_jax.data.prepare`; TFRecords are Google's statically masked instances;
@@ -108,8 +109,7 @@ def make_data(config, tok, workdir: epath.Path):
     d = config.data
     common = dict(global_batch_size=config.train.global_batch_size, max_seq_length=d.max_seq_length,
                   max_predictions_per_seq=d.max_predictions_per_seq, seed=config.train.seed,
-                  whole_word_masking=d.whole_word_masking, process_index=jax.process_index(),
-                  process_count=jax.process_count(), worker_count=d.worker_count)
+                  whole_word_masking=d.whole_word_masking, host_rows=host_rows, worker_count=d.worker_count)
     if d.source == "tfrecord":
         train = loader.make_pretraining_loader(d.train_path, dynamic_masking=False, **common)
         if not d.eval_path:
@@ -279,7 +279,8 @@ def run(config, workdir) -> dict:
     rules = program.rules
     state, start_step, data_state = initial_state(config, program, ckpt, latest)
 
-    train_batches, eval_batches = make_data(config, tok, workdir)
+    host_rows = sharding.process_batch_rows(sharding.batch_sharding(mesh, rules), (config.train.global_batch_size,))
+    train_batches, eval_batches = make_data(config, tok, workdir, host_rows)
     if config.train.eval_steps == 0:
         eval_batches = None
     if data_state is not None:

@@ -27,8 +27,11 @@ axis names to those mesh axes.
 * ``batch_sharding(mesh, rules)``: the sharding of every batch array (dim 0 over
   the batch mesh axes, the rest replicated); ``batch_axes`` names those axes and
   ``check_batch_size(n, mesh, rules)`` raises when n does not divide over them.
-* ``make_global_batch(per_host_batch, mesh, rules)``: numpy dict of this host's
-  rows -> dict of global ``jax.Array`` (``jax.make_array_from_process_local_data``).
+* ``process_batch_rows(batch_sharding, global_shape)``: the global rows of a batch
+  this process loads: those of the batch shards its devices hold (processes holding
+  the same shard load the same rows).
+* ``make_global_batch(host_batch, mesh, rules)``: numpy dict of those rows -> dict
+  of global ``jax.Array`` (``jax.make_array_from_callback``).
 
 A mesh axis that does not divide a parameter dimension is dropped for that
 dimension (e.g. vocab 30522 over tensor=4): the array is replicated along it
@@ -232,18 +235,54 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, rules=DEFAULT_RULES) ->
                          f"{dict((a, mesh.shape[a]) for a in axes)} (product {n})")
 
 
-def make_global_batch(per_host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict:
-    """This host's rows (dict of numpy) -> dict of global jax.Arrays sharded over the batch axes.
+def process_batch_rows(batch_sharding: NamedSharding, global_shape: Sequence[int]) -> np.ndarray:
+    """The global row indices (sorted, int64) of a batch of ``global_shape`` this process loads.
 
-    Every host passes the same number of rows; the global batch is the hosts'
-    rows concatenated in process order.
+    They are the union of the row ranges (dimension 0) of the shards this process's devices
+    hold, read from ``batch_sharding.devices_indices_map(global_shape)``. So the mesh alone
+    decides: processes whose devices hold the same batch shards (a batch replicated over
+    processes, a ``tensor`` axis spanning them) load the same rows, and where the batch axes
+    split the processes they load disjoint rows. ``global_shape`` may be just
+    ``(global_batch_size,)``. ``make_global_batch`` takes this process's rows in this order.
     """
-    if not per_host_batch:
+    shape = tuple(global_shape)
+    held = np.zeros(shape[0], bool)
+    for device, index in batch_sharding.devices_indices_map(shape).items():
+        if device.process_index == jax.process_index():
+            held[index[0]] = True
+    return np.flatnonzero(held)
+
+
+def make_global_batch(host_batch: Mapping[str, np.ndarray], mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """This process's rows (dict of numpy) -> dict of global jax.Arrays sharded over the batch axes.
+
+    ``host_batch`` holds the rows ``process_batch_rows`` names, in that order. The global
+    batch size follows from their number: this process holds a fixed share of the batch
+    shards, each ``global_batch_size / shards`` rows.
+    """
+    if not host_batch:
         raise ValueError("make_global_batch: empty batch")
-    rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in per_host_batch.items()}
+    rows = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in host_batch.items()}
     if None in rows.values() or len(set(rows.values())) != 1:
         raise ValueError(f"make_global_batch: every array needs the same leading batch size, got {rows}")
     local = next(iter(rows.values()))
-    check_batch_size(local * jax.process_count(), mesh, rules)
     sharding = batch_sharding(mesh, rules)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in per_host_batch.items()}
+    shards = math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+    held = len(process_batch_rows(sharding, (shards,)))  # one row per shard: how many this process holds
+    if local * shards % held:
+        raise ValueError(f"make_global_batch: {local} rows on this process do not split over the {held} "
+                         f"(of {shards}) batch shards it holds")
+    global_size = local * shards // held
+    check_batch_size(global_size, mesh, rules)
+    host_rows = process_batch_rows(sharding, (global_size,))
+
+    def one(value):
+        value = np.asarray(value)
+
+        def shard(index):  # a device's global rows -> the same rows of this process's array
+            start, stop, _ = index[0].indices(global_size)
+            first = int(np.searchsorted(host_rows, start))
+            return value[first:first + stop - start]
+        return jax.make_array_from_callback((global_size, *value.shape[1:]), sharding, shard)
+
+    return {k: one(v) for k, v in host_batch.items()}

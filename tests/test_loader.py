@@ -41,9 +41,14 @@ def data_dir(tmp_path_factory, corpus_file, vocab_file):
 
 
 def _loader(data_dir, **kwargs):
-    options = dict(global_batch_size=16, max_seq_length=SEQ_LEN, max_predictions_per_seq=PREDICTIONS, seed=3,
-                   process_index=0, process_count=1)
+    options = dict(global_batch_size=16, max_seq_length=SEQ_LEN, max_predictions_per_seq=PREDICTIONS, seed=3)
     return loader.make_pretraining_loader(data_dir, **{**options, **kwargs})
+
+
+def host_rows(host, hosts, global_batch_size=16):
+    """The rows of host `host` when the batch is split over `hosts` hosts (a data axis across them)."""
+    rows = global_batch_size // hosts
+    return np.arange(host * rows, (host + 1) * rows)
 
 
 def _take(iterator, n):
@@ -64,7 +69,7 @@ def _unmasked(batch):
 
 
 def test_batch_format_matches_spec(data_dir):
-    batch = next(_loader(data_dir, global_batch_size=8, process_count=2))
+    batch = next(_loader(data_dir, global_batch_size=8, host_rows=host_rows(0, 2, 8)))
     spec = loader.batch_spec(4, SEQ_LEN, PREDICTIONS)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
     assert set(np.unique(batch["masked_lm_weights"])) <= {0.0, 1.0}
@@ -80,7 +85,7 @@ def test_same_seed_same_batches(data_dir):
 
 def test_hosts_are_disjoint_cover_the_data_and_match_the_global_batch(data_dir):
     single = list(_loader(data_dir, num_epochs=1))
-    hosts = [list(_loader(data_dir, num_epochs=1, process_index=h, process_count=4)) for h in range(4)]
+    hosts = [list(_loader(data_dir, num_epochs=1, host_rows=host_rows(h, 4))) for h in range(4)]
     assert len(single) == len(hosts[0]) == len(hosts[3]) > 5
     for k, global_batch in enumerate(single):  # host h holds rows [4h, 4h+4) of global batch k
         glued = {name: np.concatenate([h[k][name] for h in hosts]) for name in global_batch}
@@ -110,7 +115,7 @@ def test_state_restores_next_batch_in_a_fresh_process(data_dir, tmp_path):
         import json, sys, numpy as np
         from bert_jax.data import loader
         it = loader.make_pretraining_loader({str(data_dir)!r}, global_batch_size=16, max_seq_length={SEQ_LEN},
-            max_predictions_per_seq={PREDICTIONS}, seed=3, process_index=0, process_count=1)
+            max_predictions_per_seq={PREDICTIONS}, seed=3)
         it.set_state(json.loads(sys.argv[1]))
         np.savez(sys.argv[2], **next(it))
     """)
@@ -122,7 +127,7 @@ def test_state_restores_next_batch_in_a_fresh_process(data_dir, tmp_path):
     fresh = _loader(data_dir)
     fresh.set_state(json.loads(state))
     assert _equal(next(fresh), expected[0])
-    halves = [_loader(data_dir, process_index=h, process_count=2) for h in range(2)]
+    halves = [_loader(data_dir, host_rows=host_rows(h, 2)) for h in range(2)]
     for half in halves:
         half.set_state(json.loads(state))
     glued = [next(h) for h in halves]
@@ -160,8 +165,8 @@ def test_wrong_settings_are_clear_errors(data_dir, tmp_path):
         _loader(data_dir, max_seq_length=128)
     with pytest.raises(ValueError, match="dynamic_masking=True"):
         _loader(data_dir, dynamic_masking=False)
-    with pytest.raises(ValueError, match="not divisible"):
-        _loader(data_dir, global_batch_size=15, process_count=2)
+    with pytest.raises(ValueError, match=r"host_rows must be increasing rows of the global batch \[0, 16\)"):
+        _loader(data_dir, host_rows=[8, 16])
     with pytest.raises(ValueError, match="split 'test'"):
         _loader(data_dir, split="test")
     with pytest.raises(FileNotFoundError, match="metadata.json"):
@@ -191,7 +196,7 @@ def test_google_tfrecord_through_the_same_loader(shared_data):
     path = shared_data / "google_bert_sample" / "tf_examples.tfrecord"
     batches = list(loader.make_pretraining_loader(
         str(path), global_batch_size=20, max_seq_length=128, max_predictions_per_seq=20, seed=0,
-        dynamic_masking=False, num_epochs=1, process_index=0, process_count=1))
+        dynamic_masking=False, num_epochs=1))
     assert len(batches) == 3
     labels = np.concatenate([b["next_sentence_labels"] for b in batches])
     assert labels.sum() == 32  # the file's 32 random-next examples, each read once

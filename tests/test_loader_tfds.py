@@ -7,6 +7,7 @@ import pytest
 
 from bert_jax.data import loader, tfds_corpus
 from bert_jax.data.prepare import prepare
+from test_loader import host_rows
 
 SEQ_LEN, PREDICTIONS, NAME = 64, 10, "synthetic"
 SOURCE = f"tfds:bert_pretraining_corpus/{NAME}"
@@ -32,7 +33,7 @@ def corpora(tmp_path_factory):
 
 def _loader(source, tfds_dir, **kwargs):
     options = dict(global_batch_size=16, max_seq_length=SEQ_LEN, max_predictions_per_seq=PREDICTIONS, seed=5,
-                   process_index=0, process_count=1, tfds_data_dir=str(tfds_dir))
+                   tfds_data_dir=str(tfds_dir))
     return loader.make_pretraining_loader(source, **{**options, **kwargs})
 
 
@@ -55,8 +56,8 @@ def test_tfds_batches_equal_directory_batches_on_two_hosts(corpora):
     steps = instances // 16 + 2
     for options in (dict(), dict(whole_word_masking=True, seed=6)):
         for host in range(2):
-            expected = _take(_loader(prepared, tfds_dir, process_index=host, process_count=2, **options), steps)
-            got = _take(_loader(SOURCE, tfds_dir, process_index=host, process_count=2, **options), steps)
+            expected = _take(_loader(prepared, tfds_dir, host_rows=host_rows(host, 2), **options), steps)
+            got = _take(_loader(SOURCE, tfds_dir, host_rows=host_rows(host, 2), **options), steps)
             for a, b in zip(expected, got):
                 _assert_equal(a, b)
     expected = list(_loader(prepared, tfds_dir, split="eval", global_batch_size=4, num_epochs=1))
@@ -68,7 +69,7 @@ def test_tfds_batches_equal_directory_batches_on_two_hosts(corpora):
 
 def test_tfds_state_resumes_and_is_interchangeable_with_the_directory(corpora):
     prepared, tfds_dir = corpora
-    hosts = [_loader(SOURCE, tfds_dir, process_index=h, process_count=2) for h in range(2)]
+    hosts = [_loader(SOURCE, tfds_dir, host_rows=host_rows(h, 2)) for h in range(2)]
     for host in hosts:
         _take(host, 3)
     state = json.dumps(hosts[0].get_state())
@@ -76,12 +77,12 @@ def test_tfds_state_resumes_and_is_interchangeable_with_the_directory(corpora):
     # A fresh TFDS loader per host resumes with batch 4; so does the prepared directory (same rows, same state).
     for source in (SOURCE, prepared):
         for h in range(2):
-            resumed = _loader(source, tfds_dir, process_index=h, process_count=2)
+            resumed = _loader(source, tfds_dir, host_rows=host_rows(h, 2))
             resumed.set_state(json.loads(state))
             for a, b in zip(expected[h], _take(resumed, 2)):
                 _assert_equal(a, b)
     # Through Grain worker processes (the source is pickled into them) too.
-    workers = _loader(SOURCE, tfds_dir, process_index=1, process_count=2, worker_count=1)
+    workers = _loader(SOURCE, tfds_dir, host_rows=host_rows(1, 2), worker_count=1)
     try:
         workers.set_state(json.loads(state))
         _assert_equal(next(workers), expected[1][0])
@@ -116,7 +117,7 @@ def test_tfds_static_masks_equal_directory_batches(corpora):
             progress=False)
     tfds_corpus.build(static, tfds_dir, "static")
     for host in range(2):
-        options = dict(dynamic_masking=False, process_index=host, process_count=2)
+        options = dict(dynamic_masking=False, host_rows=host_rows(host, 2))
         expected = _take(_loader(static, tfds_dir, **options), 3)
         got = _take(_loader("tfds:bert_pretraining_corpus/static", tfds_dir, **options), 3)
         for a, b in zip(expected, got):

@@ -4,6 +4,9 @@
   every global batch through ``sharding.make_global_batch``; the FSDP x data mesh
   spans both processes, so parameters, gradients and optimizer state cross the
   process boundary. Run as a script, this file is that worker.
+* The same from the pretraining loader on meshes whose batch axes do not separate
+  the processes (a ``tensor`` axis across both, a batch replicated over both): each
+  process loads the rows of the batch shards its devices hold.
 * The training loop never leaves more than a few steps un-awaited (gloo deadlocks).
 * ``python -m bert_jax.pretrain`` as two processes, preempted with SIGTERM (to both,
   or to one), saves one checkpoint at the agreed step and resumes exactly.
@@ -45,19 +48,68 @@ def train(process_index: int, num_processes: int):
     return losses, state.params
 
 
-def _worker(port: int, process_index: int, out: str):
+# Meshes whose batch axes do not separate the two processes (2 devices each).
+LOADER_MESHES = {
+    "tensor_across_processes": {"data": 2, "tensor": 2},  # data within each process, tensor across both
+    "batch_replicated": {"tensor": 4},                   # every device holds the whole batch
+}
+LOADER_BATCH, LOADER_SEQ, LOADER_PREDICTIONS = 8, 32, 5
+
+
+def _loader_mesh(name):
+    """On two processes the devices are ordered so that `tensor` runs across the processes."""
+    import jax
+    from bert_jax import sharding
+
+    devices = jax.devices()[:4]
+    if jax.process_count() == 2:
+        local = [[d for d in devices if d.process_index == p] for p in range(2)]
+        devices = [local[p][i] for i in range(2) for p in range(2)]  # [p0, p1, p0, p1]: tensor is the last axis
+    return sharding.make_mesh(LOADER_MESHES[name], devices=devices)
+
+
+def train_from_loader(mesh_name: str, data_dir: str):
+    """Pretraining steps on batches of the loader: this process reads the rows its devices hold."""
+    import jax
+    from bert_jax import optim, sharding, train_step as T
+    from bert_jax.data import loader
+    from test_sharding import FAST_COMPILE, tiny_config
+
+    vocab_size = loader.read_metadata(data_dir)["vocab_size"]
+    cfg = tiny_config(num_hidden_layers=1, vocab_size=vocab_size, max_position_embeddings=LOADER_SEQ)
+    opt, schedule = optim.make_optimizer({"learning_rate": 1e-2, "warmup_steps": 0, "total_steps": 10})
+    mesh = _loader_mesh(mesh_name)
+    graphdef, state, shardings = T.create_train_state(cfg, opt, mesh, seed=0, compiler_options=FAST_COMPILE)
+    step = T.make_train_step(graphdef, opt, mesh, None, shardings, schedule=schedule, compiler_options=FAST_COMPILE)
+    batches = loader.make_pretraining_loader(
+        data_dir, global_batch_size=LOADER_BATCH, max_seq_length=LOADER_SEQ, max_predictions_per_seq=LOADER_PREDICTIONS,
+        seed=0, host_rows=sharding.process_batch_rows(sharding.batch_sharding(mesh), (LOADER_BATCH,)))
+    losses = []
+    for _ in range(STEPS):
+        state, metrics = step(state, sharding.make_global_batch(next(batches), mesh), jax.random.key(3))
+        losses.append(float(metrics["loss"]))  # blocks every step
+    return losses, state.params
+
+
+def _worker(port: int, process_index: int, out: str, data_dir: str | None):
     import jax
     from jax.experimental import multihost_utils
 
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_index)
     assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
-    losses, params = train(process_index, 2)
-    params = multihost_utils.process_allgather(params, tiled=True)
-    if process_index == 0:
-        flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-        np.savez(out + ".npz", **flat)
-        pathlib.Path(out + ".json").write_text(json.dumps(losses))
+    runs = {name: train_from_loader(name, data_dir) for name in LOADER_MESHES} if data_dir else \
+        {"synthetic": train(process_index, 2)}
+    for name, (losses, params) in runs.items():
+        params = multihost_utils.process_allgather(params, tiled=True)
+        if process_index == 0:
+            np.savez(f"{out}.{name}.npz", **_flat(params))
+            pathlib.Path(f"{out}.{name}.json").write_text(json.dumps(losses))
     jax.distributed.shutdown()
+
+
+def _flat(params) -> dict:
+    import jax
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _free_port() -> int:
@@ -66,14 +118,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
-    import jax
-
-    out = str(tmp_path / "result")
+def _run_workers(out: str, data_dir: str | None = None) -> None:
     port = _free_port()
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, __file__, str(port), str(i), out], env=env,
+    args = [str(data_dir)] if data_dir else []
+    procs = [subprocess.Popen([sys.executable, __file__, str(port), str(i), out, *args], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -84,14 +134,30 @@ def test_two_processes_match_one(tmp_path):
     for i, p in enumerate(procs):
         assert p.returncode == 0, f"worker {i} failed:\n{logs[i][-3000:]}"
 
-    ref_losses, ref_params = train(0, 1)
+
+def _assert_same_run(out: str, ref_losses, ref_params) -> None:
     losses = json.loads(pathlib.Path(out + ".json").read_text())
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
-    got = np.load(out + ".npz")
-    ref = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(ref_params)[0]}
+    got, ref = np.load(out + ".npz"), _flat(ref_params)
     assert sorted(got.files) == sorted(ref)
     for name, value in ref.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_two_processes_match_one(tmp_path):
+    out = str(tmp_path / "result")
+    _run_workers(out)
+    _assert_same_run(out + ".synthetic", *train(0, 1))
+
+
+def test_two_processes_holding_the_same_batch_shards_load_the_same_rows(small_corpus, tmp_path):
+    """A `tensor` axis across both processes, and a batch replicated over both: each process
+    loads the rows of the shards its devices hold (here the whole batch), so the copies agree
+    and the params equal one process's on the same mesh shape."""
+    out = str(tmp_path / "result")
+    _run_workers(out, small_corpus / "data")
+    for name in LOADER_MESHES:
+        _assert_same_run(f"{out}.{name}", *train_from_loader(name, str(small_corpus / "data")))
 
 
 
@@ -306,4 +372,4 @@ def jax_tree_flatten_with_path(tree):
 
 
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)

@@ -108,6 +108,18 @@ def test_batch_sharding_and_global_batch():
     assert global_batch["next_sentence_labels"].shape == (8,)
 
 
+@pytest.mark.parametrize("mesh_cfg", [{"data": 2, "fsdp": 2, "tensor": 2}, {"tensor": 4, "data": 2}, {"tensor": 8}])
+def test_one_process_loads_every_row_and_assembles_the_batch(mesh_cfg):
+    """One process holds every shard (two-process meshes: test_multiprocess)."""
+    mesh = sharding.make_mesh(mesh_cfg)
+    np.testing.assert_array_equal(sharding.process_batch_rows(sharding.batch_sharding(mesh), (8,)), np.arange(8))
+    batch = make_batch(np.random.default_rng(0), batch_size=8)
+    ids = sharding.make_global_batch(batch, mesh)["input_ids"]
+    assert ids.shape == (8, 16)
+    for shard in ids.addressable_shards:
+        np.testing.assert_array_equal(shard.data, batch["input_ids"][shard.index])
+
+
 def test_global_batch_errors():
     mesh = sharding.make_mesh({"data": 4, "fsdp": 2})
     batch = make_batch(np.random.default_rng(0), batch_size=12)

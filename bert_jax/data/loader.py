@@ -11,11 +11,12 @@ Public API (the trainer calls exactly this):
         split="train",                # or "eval" (documents held out by `prepare`)
         dynamic_masking=True,         # False: masks stored by `prepare --static_masking`
         whole_word_masking=False, num_epochs=None,   # None: repeat forever
-        process_index=None, process_count=None,      # default jax.process_index()/count()
+        host_rows=None,               # rows of each global batch this host loads:
+                                      # sharding.process_batch_rows (None: all, one process)
         worker_count=0,               # >0: Grain worker processes (mp_prefetch)
         tokenizer=None,               # optional: checked against the data's vocabulary
         tfds_data_dir=None)           # for "tfds:..." (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
-    batch = next(it)                  # dict of numpy arrays, this host's global_batch/process_count rows
+    batch = next(it)                  # dict of numpy arrays, this host's rows of the global batch
     state = it.get_state()            # small JSON-able dict: store it in the checkpoint
     it.set_state(state)               # continues with exactly the batch that came next
 
@@ -26,9 +27,10 @@ Batch: `input_ids`, `input_mask`, `segment_ids` int32 [B, L]; `masked_lm_positio
 
 How the stream is laid out: the split's instances are shuffled per epoch (a seeded numpy
 permutation per epoch) into one global stream; global batch k is
-stream[k*G:(k+1)*G] and host h gets rows [h*G/P, (h+1)*G/P) of it. So global batch k does not
-depend on the number of hosts or workers, hosts are disjoint and together cover the data, and
-the state is just k (plus a fingerprint checked on restore). Every host gets the same number
+stream[k*G:(k+1)*G] and a host gets the rows `host_rows` of it (the rows of the batch shards its
+devices hold, from the mesh: hosts holding the same shard read the same rows). So global batch k
+does not depend on the number of hosts, the mesh or the workers, and the state is just k (plus a
+fingerprint checked on restore). Every host gets the same number
 of batches (a trailing partial global batch is dropped), so no host waits on a collective alone.
 Dynamic masks depend only on (seed, epoch, instance index) (see masking.py).
 A TFDS conversion holds the directory's rows in the same order, so it gives the same batches,
@@ -133,12 +135,11 @@ class _Shuffle:
 class _ReadBatch:
     """Index k of a global batch -> this host's part of it, as the batch dict. Picklable for workers."""
 
-    def __init__(self, source, shuffle, *, host_batch_size, host_offset, global_batch_size, seed, max_predictions_per_seq, dynamic_masking, whole_word_masking,
-                 masked_lm_prob, masking_vocab):
+    def __init__(self, source, shuffle, *, host_rows, global_batch_size, seed, max_predictions_per_seq,
+                 dynamic_masking, whole_word_masking, masked_lm_prob, masking_vocab):
         self.source = source
         self.shuffle = shuffle
-        self.host_batch_size = host_batch_size
-        self.host_offset = host_offset
+        self.host_rows = host_rows
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.max_predictions_per_seq = max_predictions_per_seq
@@ -148,9 +149,8 @@ class _ReadBatch:
         self.masking_vocab = masking_vocab
 
     def __call__(self, batch_index):
-        # This host's rows of global batch k are stream[k*G + h*G/P : k*G + (h+1)*G/P].
-        first = batch_index * self.global_batch_size + self.host_offset
-        epochs, indices = self.shuffle(np.arange(first, first + self.host_batch_size, dtype=np.int64))
+        # This host's rows of global batch k are stream[k*G + host_rows].
+        epochs, indices = self.shuffle(batch_index * self.global_batch_size + self.host_rows)
         rows = self.source.read(indices)
         if not isinstance(rows, np.ndarray):  # a per-example source (TFRecord): already a batch
             return rows
@@ -204,9 +204,7 @@ class PretrainingLoader:
             state = json.loads(state)
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r} is not {_STATE_VERSION}")
-        for key, value in self._fingerprint.items():
-            if key in ("process_index", "process_count"):
-                continue  # global batch k is the same for any number of hosts
+        for key, value in self._fingerprint.items():  # not the hosts: global batch k is the same on any mesh
             if state.get(key) != value:
                 raise ValueError(f"loader state does not match this loader: {key} is "
                                  f"{state.get(key)!r} in the state, {value!r} here")
@@ -323,19 +321,14 @@ def _resolve_tfrecords(data_dir_or_files) -> list[str] | None:
 def make_pretraining_loader(data_dir_or_files, *, global_batch_size: int, max_seq_length: int,
                             max_predictions_per_seq: int, seed: int, split: str = "train",
                             dynamic_masking: bool = True, whole_word_masking: bool = False,
-                            num_epochs: int | None = None, process_index: int | None = None,
-                            process_count: int | None = None, worker_count: int = 0,
+                            num_epochs: int | None = None, host_rows=None, worker_count: int = 0,
                             tokenizer=None, tfds_data_dir: str | None = None) -> PretrainingLoader:
     """This host's pretraining batches (see the module docstring)."""
-    if process_index is None or process_count is None:
-        import jax  # noqa: PLC0415 (only when the caller did not say which host this is)
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by {process_count} processes")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-    host_batch_size = global_batch_size // process_count
+    host_rows = np.arange(global_batch_size) if host_rows is None else np.asarray(host_rows, np.int64)
+    if host_rows.ndim != 1 or not len(host_rows) or np.any(np.diff(host_rows) <= 0) \
+            or host_rows[0] < 0 or host_rows[-1] >= global_batch_size:
+        raise ValueError(f"host_rows must be increasing rows of the global batch [0, {global_batch_size}), "
+                         "as sharding.process_batch_rows gives them")
 
     settings = dict(max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq,
                     dynamic_masking=dynamic_masking, whole_word_masking=whole_word_masking, tokenizer=tokenizer)
@@ -356,8 +349,7 @@ def make_pretraining_loader(data_dir_or_files, *, global_batch_size: int, max_se
             raise ValueError(f"{num_instances} instances x {num_epochs} epochs do not fill one global batch"
                              f" of {global_batch_size}")
     host_batches = grain.MapDataset.range(num_global_batches).map(_ReadBatch(
-        source, _Shuffle(num_instances, seed), host_batch_size=host_batch_size,
-        host_offset=process_index * host_batch_size, global_batch_size=global_batch_size, seed=seed,
+        source, _Shuffle(num_instances, seed), host_rows=host_rows, global_batch_size=global_batch_size, seed=seed,
         max_predictions_per_seq=max_predictions_per_seq, dynamic_masking=dynamic_masking,
         whole_word_masking=whole_word_masking, masked_lm_prob=masked_lm_prob, masking_vocab=vocab))
 
@@ -366,6 +358,5 @@ def make_pretraining_loader(data_dir_or_files, *, global_batch_size: int, max_se
     fingerprint = {"data": data_hash, "split": split, "num_instances": num_instances, "seed": seed,
                    "global_batch_size": global_batch_size, "max_seq_length": max_seq_length,
                    "max_predictions_per_seq": max_predictions_per_seq, "dynamic_masking": dynamic_masking,
-                   "whole_word_masking": whole_word_masking, "num_epochs": num_epochs,
-                   "process_index": process_index, "process_count": process_count}
+                   "whole_word_masking": whole_word_masking, "num_epochs": num_epochs}
     return PretrainingLoader(host_batches, fingerprint, worker_count=worker_count)
