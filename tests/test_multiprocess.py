@@ -28,7 +28,7 @@ STEPS = 4
 BATCH = 16
 
 
-def train(process_index: int, num_processes: int):
+def train():
     import jax
     from bert_jax import optim, sharding, train_step as T
     from test_sharding import FAST_COMPILE, make_batch, tiny_config
@@ -38,11 +38,11 @@ def train(process_index: int, num_processes: int):
     mesh = sharding.make_mesh(MESH, devices=jax.devices()[:4])
     graphdef, state, shardings = T.create_train_state(cfg, opt, mesh, seed=0, compiler_options=FAST_COMPILE)
     step = T.make_train_step(graphdef, opt, mesh, None, shardings, schedule=schedule, compiler_options=FAST_COMPILE)
-    rows = BATCH // num_processes
+    rows = sharding.process_batch_rows(sharding.batch_sharding(mesh), (BATCH,))  # this process's half
     losses = []
     for i in range(STEPS):
         batch = make_batch(np.random.default_rng(i), batch_size=BATCH)
-        local = {k: v[process_index * rows:(process_index + 1) * rows] for k, v in batch.items()}
+        local = {k: v[rows] for k, v in batch.items()}
         state, metrics = step(state, sharding.make_global_batch(local, mesh), jax.random.key(3))
         losses.append(float(metrics["loss"]))  # blocks every step: un-awaited collectives can deadlock gloo
     return losses, state.params
@@ -98,7 +98,7 @@ def _worker(port: int, process_index: int, out: str, data_dir: str | None):
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_index)
     assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
     runs = {name: train_from_loader(name, data_dir) for name in LOADER_MESHES} if data_dir else \
-        {"synthetic": train(process_index, 2)}
+        {"synthetic": train()}
     for name, (losses, params) in runs.items():
         params = multihost_utils.process_allgather(params, tiled=True)
         if process_index == 0:
@@ -147,7 +147,7 @@ def _assert_same_run(out: str, ref_losses, ref_params) -> None:
 def test_two_processes_match_one(tmp_path):
     out = str(tmp_path / "result")
     _run_workers(out)
-    _assert_same_run(out + ".synthetic", *train(0, 1))
+    _assert_same_run(out + ".synthetic", *train())
 
 
 def test_two_processes_holding_the_same_batch_shards_load_the_same_rows(small_corpus, tmp_path):
