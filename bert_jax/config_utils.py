@@ -98,7 +98,6 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     c.data.whole_word_masking = False
     c.data.dynamic_masking = True           # fresh masks every epoch, from the seed
     c.data.worker_count = 0                 # grain worker processes per host
-    c.data.shuffle_buffer = 0               # unused by random-access sources
 
     c.train = config_dict.ConfigDict()
     c.train.seed = 0

@@ -51,13 +51,6 @@ _NO_DECAY_LEAF = {"bias", "scale"}
 _NO_DECAY_PATH = re.compile(r"layer_?norm|(^|_)ln(_|$)|norm$", re.IGNORECASE)
 
 
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def is_decayed(path: tuple[str, ...]) -> bool:
     """True for weights that get weight decay (kernels, embeddings); False for biases and LayerNorm."""
     if path and path[-1] in _NO_DECAY_LEAF:
@@ -68,7 +61,7 @@ def is_decayed(path: tuple[str, ...]) -> bool:
 def decay_mask(params) -> Any:
     """Boolean tree like ``params``: True where weight decay (and LAMB's trust ratio) applies."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: is_decayed(tuple(_key_name(k) for k in path)), params)
+        lambda path, _: is_decayed(tuple(jax.tree_util.keystr((k,), simple=True) for k in path)), params)
 
 
 def _config(opt_cfg: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -115,15 +115,3 @@ def param_logical_axes(state) -> Any:
         return (None,) * getattr(v, "ndim", 0)
 
     return jax.tree.map(names, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
-
-
-def param_shardings(state, mesh: Mesh, rules: Rules) -> Any:
-    """NamedSharding for every parameter of ``state`` (same tree structure)."""
-
-    def sharding(v):
-        axes = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
-        ndim = (v.get_value() if isinstance(v, nnx.Variable) else v).ndim
-        spec = logical_to_mesh_spec(axes or (None,) * ndim, rules, mesh)
-        return NamedSharding(mesh, spec)
-
-    return jax.tree.map(sharding, state, is_leaf=lambda v: isinstance(v, nnx.Variable))

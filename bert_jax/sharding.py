@@ -26,7 +26,9 @@ axis names to those mesh axes.
   names, mesh, rules)``: the same for params alone or one array.
 * ``batch_sharding(mesh, rules)``: the sharding of every batch array (dim 0 over
   the batch mesh axes, the rest replicated); ``batch_axes`` names those axes and
-  ``check_batch_size(n, mesh, rules)`` raises when n does not divide over them.
+  ``check_batch_size(n, mesh, rules)`` raises when n does not divide over them;
+  ``abstract_batch(batch_size, seq_len, max_predictions, mesh, rules)``: a
+  pretraining batch as sharded ShapeDtypeStructs, for ``.lower``.
 * ``process_batch_rows(batch_sharding, global_shape)``: the global rows of a batch
   this process loads: those of the batch shards its devices hold (processes holding
   the same shard load the same rows).
@@ -49,6 +51,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bert_jax import partitioning
+from bert_jax.data import instances
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -149,20 +152,18 @@ def spec_for(shape: Sequence[int], logical_names, mesh: Mesh, rules, *, where: s
     return PartitionSpec(*fixed)
 
 
-def _key_name(k) -> str | None:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return None
+def _names(path) -> tuple[str, ...]:
+    """A tree path as its key names: ('bert', 'encoder', 'layers', '0', ...)."""
+    return tuple(jax.tree_util.keystr((k,), simple=True) for k in path)
 
 
 def param_shardings(abstract_params, axes, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedSharding tree for ``abstract_params`` (arrays/ShapeDtypeStructs) given ``axes``."""
-    flat_axes = {tuple(_key_name(k) for k in path): names
+    flat_axes = {_names(path): names
                  for path, names in jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_axes)[0]}
 
     def one(path, leaf):
-        names = flat_axes.get(tuple(_key_name(k) for k in path))
+        names = flat_axes.get(_names(path))
         if names is None:
             raise ValueError(f"sharding: no logical axes for parameter {jax.tree_util.keystr(path)}")
         if len(names) != len(leaf.shape):
@@ -185,14 +186,14 @@ def state_shardings(abstract_state, mesh: Mesh, rules=DEFAULT_RULES, *, param_ax
     p_shardings = param_shardings(params, param_axes, mesh, rules)
     by_path = {}
     for path, s in jax.tree_util.tree_flatten_with_path(p_shardings)[0]:
-        by_path[tuple(_key_name(k) for k in path)] = s
+        by_path[_names(path)] = s
     depths = sorted({len(p) for p in by_path}, reverse=True)
-    param_shapes = {tuple(_key_name(k) for k in path): leaf.shape
+    param_shapes = {_names(path): leaf.shape
                     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def one(path, leaf):
-        names = tuple(_key_name(k) for k in path)
+        names = _names(path)
         for depth in depths:
             suffix = names[-depth:]
             if len(names) >= depth and suffix in by_path and param_shapes[suffix] == tuple(leaf.shape):
@@ -233,6 +234,14 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, rules=DEFAULT_RULES) ->
     if global_batch_size % n:
         raise ValueError(f"global batch size {global_batch_size} is not divisible by the batch mesh axes "
                          f"{dict((a, mesh.shape[a]) for a in axes)} (product {n})")
+
+
+def abstract_batch(batch_size: int, seq_len: int, max_predictions: int, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """ShapeDtypeStructs (sharded like real batches) of a pretraining batch, for ``.lower``."""
+    check_batch_size(batch_size, mesh, rules)
+    s = batch_sharding(mesh, rules)
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+            for name, (shape, dtype) in instances.batch_spec(batch_size, seq_len, max_predictions).items()}
 
 
 def process_batch_rows(batch_sharding: NamedSharding, global_shape: Sequence[int]) -> np.ndarray:

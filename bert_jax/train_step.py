@@ -29,8 +29,6 @@ Public API
   ``update_skipped``); the training loop decides when to stop.
 * ``make_eval_step(graphdef, mesh, rules, state_shardings)`` -> jitted
   ``eval(params, batch) -> sums``; combine batches with ``eval_metrics(list)``.
-* ``abstract_batch(batch_size, seq_len, max_predictions, mesh, rules)``:
-  ShapeDtypeStructs (with shardings) of a pretraining batch, for ``.lower``.
 * ``build_pretraining_step(config, model_config, mesh) -> PretrainingStep``: the
   one place a pretraining config becomes optimizer, state shardings and jitted
   train/eval steps. ``bert_jax.pretrain`` runs it and ``bert_jax.aot`` compiles
@@ -240,21 +238,6 @@ def eval_metrics(sums_list, loss_fns: LossFns = PRETRAINING) -> dict:
     return {k: float(v) for k, v in loss_fns.metrics(total).items()}
 
 
-def abstract_batch(batch_size: int, seq_len: int, max_predictions: int, mesh: Mesh, rules=None) -> dict:
-    """ShapeDtypeStructs (sharded like real batches) of a pretraining batch, for ``.lower``."""
-    rules = sharding.DEFAULT_RULES if rules is None else rules
-    sharding.check_batch_size(batch_size, mesh, rules)
-    s = sharding.batch_sharding(mesh, rules)
-    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=s)  # noqa: E731
-    return {"input_ids": spec((batch_size, seq_len), jnp.int32),
-            "input_mask": spec((batch_size, seq_len), jnp.int32),
-            "segment_ids": spec((batch_size, seq_len), jnp.int32),
-            "masked_lm_positions": spec((batch_size, max_predictions), jnp.int32),
-            "masked_lm_ids": spec((batch_size, max_predictions), jnp.int32),
-            "masked_lm_weights": spec((batch_size, max_predictions), jnp.float32),
-            "next_sentence_labels": spec((batch_size,), jnp.int32)}
-
-
 # ----------------------------------------------------------------------------
 # The pretraining program, from a config: shared by pretrain (runs it) and aot (plans it)
 
@@ -292,7 +275,7 @@ class PretrainingStep:
         """(state, batch, key) as sharded ShapeDtypeStructs: ``train_step.lower(*these)``."""
         key = jax.eval_shape(self.base_key)
         key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(self.mesh, PartitionSpec()))
-        batch = abstract_batch(self.global_batch_size, self.seq_len, self.max_predictions, self.mesh, self.rules)
+        batch = sharding.abstract_batch(self.global_batch_size, self.seq_len, self.max_predictions, self.mesh, self.rules)
         return self.abstract_state, batch, key
 
     def create_state(self, params=None) -> TrainState:

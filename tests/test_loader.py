@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from bert_jax.data import loader
+from bert_jax.data import instances, loader
 from bert_jax.data.prepare import prepare
 
 SEQ_LEN, PREDICTIONS = 64, 10
@@ -70,7 +70,7 @@ def _unmasked(batch):
 
 def test_batch_format_matches_spec(data_dir):
     batch = next(_loader(data_dir, global_batch_size=8, host_rows=host_rows(0, 2, 8)))
-    spec = loader.batch_spec(4, SEQ_LEN, PREDICTIONS)
+    spec = instances.batch_spec(4, SEQ_LEN, PREDICTIONS)
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
     assert set(np.unique(batch["masked_lm_weights"])) <= {0.0, 1.0}
     assert batch["masked_lm_weights"].sum() > 0
@@ -113,7 +113,7 @@ def test_state_restores_next_batch_in_a_fresh_process(data_dir, tmp_path):
     expected = _take(it, 2)
     script = textwrap.dedent(f"""
         import json, sys, numpy as np
-        from bert_jax.data import loader
+        from bert_jax.data import instances, loader
         it = loader.make_pretraining_loader({str(data_dir)!r}, global_batch_size=16, max_seq_length={SEQ_LEN},
             max_predictions_per_seq={PREDICTIONS}, seed=3)
         it.set_state(json.loads(sys.argv[1]))
@@ -200,4 +200,4 @@ def test_google_tfrecord_through_the_same_loader(shared_data):
     assert len(batches) == 3
     labels = np.concatenate([b["next_sentence_labels"] for b in batches])
     assert labels.sum() == 32  # the file's 32 random-next examples, each read once
-    assert {k: (v.shape, v.dtype) for k, v in batches[0].items()} == loader.batch_spec(20, 128, 20)
+    assert {k: (v.shape, v.dtype) for k, v in batches[0].items()} == instances.batch_spec(20, 128, 20)

@@ -151,7 +151,7 @@ def _train(mesh_cfg, devices=None):
     _, state, _ = T.create_train_state(cfg, opt, mesh, seed=0, compiler_options=FAST_COMPILE)
     step = T.make_train_step(graphdef, opt, mesh, None, shardings, schedule=schedule)
     # Ahead-of-time compile of the very function we run; its HLO is what we inspect.
-    compiled = step.lower(abstract, T.abstract_batch(16, 16, 4, mesh), jax.random.key(0)).compile(FAST_COMPILE)
+    compiled = step.lower(abstract, sharding.abstract_batch(16, 16, 4, mesh), jax.random.key(0)).compile(FAST_COMPILE)
     initial = jax.tree.map(np.asarray, state.params)
     rng = np.random.default_rng(0)
     losses = []

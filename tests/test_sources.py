@@ -3,8 +3,9 @@ import logging
 
 import pytest
 
-from bert_jax.data import demo_corpus, sources
-from bert_jax.data.sources import SourceStats, documents, sniff_format, split_sentences, text_file_documents
+from bert_jax.data import demo_corpus, sentences, sources
+from bert_jax.data.sentences import split_sentences
+from bert_jax.data.sources import SourceStats, documents, sniff_format, text_file_documents
 
 
 def write(path, data: bytes):
@@ -89,7 +90,7 @@ def test_glob_and_spec_dispatch(tmp_path):
 
 def test_split_sentences_fast_path_agrees_with_pysbd():
     for text in ["no terminator here", "ends with one.", "Dr. Who? Yes!", "e.g. this one is tricky. Ok."]:
-        expected = [s.strip() for s in sources._segmenter("en").segment(text) if s.strip()]
+        expected = [s.strip() for s in sentences._segmenter("en").segment(text) if s.strip()]
         assert split_sentences(text) == expected
 
 

@@ -109,7 +109,7 @@ def test_random_access_source_matches_sequential_and_feeds_grain(sample, tmp_pat
     for name in examples[0]:
         np.testing.assert_array_equal(batch[name], np.stack([examples[i][name] for i in order]))
     with pytest.raises(tfrecord.TFRecordFormatError, match=r"part-0.tfrecord.*\(128, 20\).*expected \(512, 20\)"):
-        tfrecord.BatchReader(str(tmp_path / "part-*.tfrecord"), max_seq_length=512, max_predictions_per_seq=20)
+        tfrecord.TFRecordDataSource(str(tmp_path / "part-*.tfrecord"), max_seq_length=512, max_predictions_per_seq=20)
     source = pickle.loads(pickle.dumps(source))  # grain workers receive it pickled
     batches = list(grain.MapDataset.source(source).batch(20))
     assert len(batches) == 3 and batches[1]["input_ids"].shape == (20, 128)

@@ -32,6 +32,7 @@ import tempfile
 from absl import flags
 
 from bert_jax import cli
+from bert_jax.data.sentences import split_sentences
 
 CLEANING_VERSION = 2  # bump when the cleaning below changes: invalidates caches
 
@@ -134,8 +135,6 @@ def paragraphs(text: str) -> list[str]:
 
 
 def _clean_document(text: str) -> list[str]:
-    from bert_jax.data.sources import split_sentences
-
     return [s for paragraph in paragraphs(text) for s in split_sentences(paragraph)]
 
 

@@ -200,6 +200,18 @@ def _build_rows(tokens, spans, dtype, cls_id, sep_id):
     return rows
 
 
+def batch_spec(batch_size: int, max_seq_length: int, max_predictions_per_seq: int) -> dict:
+    """Shapes and dtypes of a pretraining batch (what the loader yields), for AOT compilation (`jax.ShapeDtypeStruct(*spec[name])`)."""
+    sequence = ((batch_size, max_seq_length), np.dtype(np.int32))
+    predictions = ((batch_size, max_predictions_per_seq), np.dtype(np.int32))
+    return {
+        "input_ids": sequence, "input_mask": sequence, "segment_ids": sequence,
+        "masked_lm_positions": predictions, "masked_lm_ids": predictions,
+        "masked_lm_weights": ((batch_size, max_predictions_per_seq), np.dtype(np.float32)),
+        "next_sentence_labels": ((batch_size,), np.dtype(np.int32)),
+    }
+
+
 def unmasked_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
     """Instance rows -> `input_ids`, `input_mask`, `segment_ids` (int32 [B, L]), `next_sentence_labels`."""
     input_ids = rows["input_ids"].astype(np.int32)

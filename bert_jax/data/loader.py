@@ -20,7 +20,7 @@ Public API (the trainer calls exactly this):
     state = it.get_state()            # small JSON-able dict: store it in the checkpoint
     it.set_state(state)               # continues with exactly the batch that came next
 
-    batch_spec(batch_size, max_seq_length, max_predictions_per_seq) -> {name: (shape, dtype)}
+    instances.batch_spec(batch_size, max_seq_length, max_predictions_per_seq) -> {name: (shape, dtype)}
 
 Batch: `input_ids`, `input_mask`, `segment_ids` int32 [B, L]; `masked_lm_positions`,
 `masked_lm_ids` int32 [B, P]; `masked_lm_weights` float32 [B, P]; `next_sentence_labels` int32 [B].
@@ -56,18 +56,6 @@ VOCAB_TABLES_FILE = instances_lib.VOCAB_TABLES_FILE
 _STATE_VERSION = 1
 TFDS_PREFIX = "tfds:"
 _MASK_PURPOSE = 0x6D61736B  # folded into dynamic-mask keys so they never equal shuffle seeds
-
-
-def batch_spec(batch_size: int, max_seq_length: int, max_predictions_per_seq: int) -> dict:
-    """Shapes and dtypes of a batch, for AOT compilation (`jax.ShapeDtypeStruct(*spec[name])`)."""
-    sequence = ((batch_size, max_seq_length), np.dtype(np.int32))
-    predictions = ((batch_size, max_predictions_per_seq), np.dtype(np.int32))
-    return {
-        "input_ids": sequence, "input_mask": sequence, "segment_ids": sequence,
-        "masked_lm_positions": predictions, "masked_lm_ids": predictions,
-        "masked_lm_weights": ((batch_size, max_predictions_per_seq), np.dtype(np.float32)),
-        "next_sentence_labels": ((batch_size,), np.dtype(np.int32)),
-    }
 
 
 class InstanceShards:
@@ -301,7 +289,7 @@ def _tfrecord_source(paths, split, max_seq_length, max_predictions_per_seq, dyna
         raise ValueError("Google TFRecords hold statically masked instances; pass dynamic_masking=False")
     if split != "train":
         raise ValueError("TFRecord inputs have no held-out split: pass the eval files with split='train'")
-    return tfrecord.BatchReader(paths, max_seq_length=max_seq_length,
+    return tfrecord.TFRecordDataSource(paths, max_seq_length=max_seq_length,
                                 max_predictions_per_seq=max_predictions_per_seq)
 
 

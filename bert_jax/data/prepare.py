@@ -42,7 +42,7 @@ from bert_jax import cli
 from bert_jax import tokenizer as tokenizer_lib
 from bert_jax.data import instances as instances_lib
 from bert_jax.data import masking
-from bert_jax.data import sources
+from bert_jax.data import sentences, sources
 
 _STATIC_MASK_PURPOSE = 0x737461  # keeps static-mask keys apart from the loader's dynamic ones
 _DOCUMENTS_PER_TASK = 256
@@ -75,7 +75,7 @@ def _tokenize_documents(task):
     lengths, per_document, tokens = [], [], []
     for document in documents:
         if split_paragraphs:
-            document = [s for paragraph in document for s in sources.split_sentences(paragraph)]
+            document = [s for paragraph in document for s in sentences.split_sentences(paragraph)]
         encoded = [ids for ids in tok.encode_batch(document) if ids] if document else []
         counts["empty sentences (no tokens) skipped"] += len(document) - len(encoded)
         if not encoded:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import glob
 import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
+
+from bert_jax.data import demo_corpus
+from bert_jax.data.sentences import split_sentences
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,6 @@ FORMATS = ("sentences", "paragraphs", "auto")
 _WARNINGS_PER_REASON = 5  # log the first few `file:line` per reason and file, count them all
 # A sentence end followed by a capitalised word inside a line: the mark of paragraph lines.
 _INTERIOR_BOUNDARY = re.compile(r"[.!?][\"')\]]*\s+[\"'(\[]?[A-Z]")
-# pysbd splits only at these; a paragraph without one inside is one sentence.
-_TERMINATORS = re.compile(r"[.!?。！？…]")
 
 Document = list  # list[str]: the sentences of one document, in order
 
@@ -75,23 +75,6 @@ class SourceStats:
         for reason, count in sorted(self.skipped.items()):
             text += f"; skipped {count} lines: {reason} (e.g. {', '.join(self.examples.get(reason, [])[:3])})"
         return text
-
-
-@functools.lru_cache(maxsize=None)
-def _segmenter(language: str):
-    import pysbd
-
-    return pysbd.Segmenter(language=language, clean=False)
-
-
-def split_sentences(paragraph: str, language: str = "en") -> list[str]:
-    """Sentences of one paragraph, by pysbd (stripped, empty ones dropped)."""
-    paragraph = paragraph.strip()
-    if not paragraph:
-        return []
-    if not _TERMINATORS.search(paragraph[:-1]):  # pysbd is slow (~50 kB/s); skip the obvious
-        return [paragraph]
-    return [s for s in (s.strip() for s in _segmenter(language).segment(paragraph)) if s]
 
 
 def sniff_format(lines: Sequence[str]) -> str:
@@ -144,7 +127,7 @@ def text_file_documents(
     """Documents of local text files; a document never spans two files.
 
     split=False yields paragraph-format documents as lists of unsplit paragraphs, for a
-    caller that splits them in worker processes with `split_sentences`.
+    caller that splits them in worker processes with `sentences.split_sentences`.
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -256,8 +239,6 @@ def documents(source: str | Sequence[str], *, data_dir: str | None = None, forma
               stats: SourceStats | None = None, **kwargs) -> Iterator[Document]:
     """Dispatch on a source spec: 'demo', 'tfds:NAME[/CONFIG][:SPLIT]', or text files/globs."""
     if isinstance(source, str) and source == "demo":
-        from bert_jax.data import demo_corpus
-
         stats = stats if stats is not None else SourceStats()
         for document in demo_corpus.documents():
             stats.add_document(document)

@@ -220,9 +220,6 @@ class TFRecordDataSource:
         return f"TFRecordDataSource({len(self)} records in {len(self.paths)} files)"
 
 
-BatchReader = TFRecordDataSource  # the name bert_jax.data.loader uses
-
-
 # ---- writing -----------------------------------------------------------------------------
 
 def _check_names(example: dict) -> None:
