@@ -30,6 +30,7 @@ import numpy as np
 
 from bert_jax.data import loader
 from bert_jax.data.prepare import prepare
+from bert_jax.data.sources import DataSource
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "enwiki_sample" / "enwiki_2015_sample.txt"
@@ -93,10 +94,10 @@ def _timed(function):
     return wall, cpu(after_self, before_self), cpu(after_children, before_children)
 
 
-def loader_rate(data_dir, *, worker_count, batches=200, **loader_kw):
-    """(sequences per wall second, per CPU second of this process) of the pretraining loader;
-    ``loader_kw`` go to ``make_pretraining_loader`` (whole_word_masking, tfds_data_dir, ...)."""
-    it = loader.make_pretraining_loader(data_dir, global_batch_size=BATCH, max_seq_length=SEQ_LEN,
+def loader_rate(source: DataSource, *, worker_count, batches=200, **loader_kw):
+    """(sequences per wall second, per CPU second of this process) of the pretraining loader on
+    ``source``; ``loader_kw`` go to ``make_pretraining_loader`` (whole_word_masking, ...)."""
+    it = loader.make_pretraining_loader(source, global_batch_size=BATCH, max_seq_length=SEQ_LEN,
                                         max_predictions_per_seq=PREDICTIONS, seed=0,
                                         worker_count=worker_count, **loader_kw)
     for _ in range(5):  # start-up (worker processes, first permutation, opening files) is not throughput
@@ -134,7 +135,7 @@ def main():
     for name, path, fmt in (("paragraphs", paragraphs, "paragraphs"), ("sentences", sentences, "sentences")):
         for workers in (1, 2):
             out = workdir / f"{name}-{workers}"
-            wall, parent, children = _timed(lambda: prepare(str(path), vocab_file, out, max_seq_length=SEQ_LEN,
+            wall, parent, children = _timed(lambda: prepare(DataSource.text(path), vocab_file, out, max_seq_length=SEQ_LEN,
                                                             workers=workers, input_format=fmt, progress=False))
             metadata = loader.read_metadata(out)
             megabytes = path.stat().st_size / 1e6
@@ -151,9 +152,9 @@ def main():
     print(f"\nloader (length {SEQ_LEN}, {PREDICTIONS} predictions, global batch {BATCH}, dynamic masking)")
     reference = google_reference(data_dir, vocab_file, 3000)
     rates = collections.OrderedDict()
-    rates["worker_count=0 (1 process)"] = loader_rate(data_dir, worker_count=0)
-    rates["worker_count=0, whole-word"] = loader_rate(data_dir, worker_count=0, whole_word_masking=True)
-    rates["worker_count=2 (2 worker processes)"] = loader_rate(data_dir, worker_count=2)
+    rates["worker_count=0 (1 process)"] = loader_rate(DataSource.prepared(data_dir), worker_count=0)
+    rates["worker_count=0, whole-word"] = loader_rate(DataSource.prepared(data_dir), worker_count=0, whole_word_masking=True)
+    rates["worker_count=2 (2 worker processes)"] = loader_rate(DataSource.prepared(data_dir), worker_count=2)
     print(f"  {'Google create_masked_lm_predictions loop (reference)':40s} {'':>16s} {reference:9.0f} seq/CPU-s")
     for name, (rate, per_cpu) in rates.items():
         print(f"  {'loader ' + name:40s} {rate:9.0f} seq/s {per_cpu:9.0f} seq/CPU-s"

@@ -20,10 +20,7 @@ import time
 from bench_loader import BATCH, DEFAULT_TEXT, PREDICTIONS, SEQ_LEN, loader_rate  # benchmarks/ is sys.path[0]
 from bert_jax.data import loader, tfds_corpus
 from bert_jax.data.prepare import prepare
-
-
-def rate(source, tfds_dir, *, worker_count, batches):
-    return loader_rate(source, worker_count=worker_count, batches=batches, tfds_data_dir=str(tfds_dir))
+from bert_jax.data.sources import DataSource
 
 
 def main():
@@ -42,7 +39,7 @@ def main():
         "\n".join(s for line in article.splitlines() for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", line) if s)
         for article in text_path.read_text(encoding="utf-8").split("\n\n")) + "\n", encoding="utf-8")
     prepared, tfds_dir = workdir / "prepared", workdir / "tfds"
-    prepare(str(sentences), vocab_file, prepared, max_seq_length=SEQ_LEN, workers=1, input_format="sentences",
+    prepare(DataSource.text(sentences), vocab_file, prepared, max_seq_length=SEQ_LEN, workers=1, input_format="sentences",
             progress=False)
     start = time.perf_counter()
     tfds_corpus.build(prepared, tfds_dir, "bench")
@@ -51,8 +48,9 @@ def main():
     print(f"{instances} instances; tfds_corpus.build took {time.perf_counter() - start:.1f} s")
     print(f"loader, length {SEQ_LEN}, {PREDICTIONS} predictions, global batch {BATCH}, dynamic masking")
     for worker_count in (0, 2):
-        base = rate(prepared, tfds_dir, worker_count=worker_count, batches=args.batches)
-        tfds = rate("tfds:bert_pretraining_corpus/bench", tfds_dir, worker_count=worker_count, batches=args.batches)
+        base = loader_rate(DataSource.prepared(prepared), worker_count=worker_count, batches=args.batches)
+        tfds = loader_rate(DataSource("tfds_corpus", name="bench", data_dir=str(tfds_dir)), worker_count=worker_count,
+                           batches=args.batches)
         for name, (wall, per_cpu) in (("directory (.npy)", base), ("tfds ArrayRecord", tfds)):
             cpu_text = f"{per_cpu:9.0f} seq/CPU-s" if worker_count == 0 else "(built in workers)"
             print(f"  worker_count={worker_count} {name:18s} {wall:9.0f} seq/s {cpu_text}")

@@ -21,10 +21,10 @@ import pathlib
 from ml_collections import config_dict
 
 from bert_jax import hardware
+from bert_jax.data import sources
 from bert_jax.model import BertConfig
 
 PRESETS = ("tiny", "mini", "small", "medium", "base", "large")
-DATA_SOURCES = ("demo", "text", "prepared", "tfrecord", "tfds")
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "polynomial", "constant")
 # Every BertConfig field is a `model` key: set, it overrides the preset's value.
@@ -78,10 +78,11 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     c.model = model_section(preset)
 
     c.data = config_dict.ConfigDict()
-    c.data.source = "text"                  # demo | text | prepared | tfrecord | tfds
+    c.data.source = "text"                  # demo | text | prepared | tfrecord | tfds: parsed into
+                                            # one bert_jax.data.sources.DataSource (from_config)
     c.data.train_path = ""                  # text files / prepared dir / tfrecord glob
-    c.data.eval_path = ""                   # '' : hold out documents of train_path
-    c.data.eval_fraction = 0.01             # of documents, when eval_path is ''
+    c.data.eval_path = ""                   # tfrecord only: the eval files ('' : no evaluation)
+    c.data.eval_fraction = 0.01             # of a text source's documents, held out for evaluation
     c.data.tfds_name = ""                   # source tfds: bert_pretraining_corpus/NAME (converted
                                             # by bert_jax.data.tfds_corpus) or a text dataset
     c.data.tfds_data_dir = ""               # '' : $TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -221,11 +222,7 @@ def validate(c: config_dict.ConfigDict) -> None:
     check = _checker(c)
 
     check(c.model.preset in PRESETS, "model.preset", f"must be one of {PRESETS}")
-    check(c.data.source in DATA_SOURCES, "data.source", f"must be one of {DATA_SOURCES}")
-    check(c.data.source in ("demo", "tfds") or c.data.train_path, "data.train_path",
-          f"required for data.source={c.data.source!r}")
-    check(c.data.source != "tfds" or c.data.tfds_name, "data.tfds_name",
-          "required for data.source='tfds' (bert_pretraining_corpus/NAME or a TFDS text dataset)")
+    sources.from_config(c.data)  # the data source keys, with messages naming them
     check(c.optimizer.name in OPTIMIZERS, "optimizer.name", f"must be one of {OPTIMIZERS}")
     check(c.optimizer.decay in DECAYS, "optimizer.decay", f"must be one of {DECAYS}")
     for key in ("train.global_batch_size", "train.micro_batches", "train.steps",

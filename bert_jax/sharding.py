@@ -255,6 +255,8 @@ def process_batch_rows(batch_sharding: NamedSharding, global_shape: Sequence[int
     ``(global_batch_size,)``. ``make_global_batch`` takes this process's rows in this order.
     """
     shape = tuple(global_shape)
+    axes = batch_sharding.spec[0] if len(batch_sharding.spec) else None
+    check_batch_size(shape[0], batch_sharding.mesh, (("batch", axes),))
     held = np.zeros(shape[0], bool)
     for device, index in batch_sharding.devices_indices_map(shape).items():
         if device.process_index == jax.process_index():

@@ -10,6 +10,7 @@ import pytest
 
 from bert_jax.data import instances, loader
 from bert_jax.data.prepare import prepare
+from bert_jax.data.sources import DataSource
 
 SEQ_LEN, PREDICTIONS = 64, 10
 
@@ -35,14 +36,14 @@ def corpus_file(tmp_path_factory, vocab_file):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, corpus_file, vocab_file):
     out = tmp_path_factory.mktemp("prepared") / "dynamic"
-    prepare(str(corpus_file), vocab_file, out, max_seq_length=SEQ_LEN, eval_fraction=0.1, workers=1,
+    prepare(DataSource.text(corpus_file), vocab_file, out, max_seq_length=SEQ_LEN, eval_fraction=0.1, workers=1,
             input_format="sentences", progress=False)
     return out
 
 
-def _loader(data_dir, **kwargs):
+def _loader(data_dir, split="train", **kwargs):
     options = dict(global_batch_size=16, max_seq_length=SEQ_LEN, max_predictions_per_seq=PREDICTIONS, seed=3)
-    return loader.make_pretraining_loader(data_dir, **{**options, **kwargs})
+    return loader.make_pretraining_loader(DataSource.prepared(data_dir, split), **{**options, **kwargs})
 
 
 def host_rows(host, hosts, global_batch_size=16):
@@ -113,8 +114,8 @@ def test_state_restores_next_batch_in_a_fresh_process(data_dir, tmp_path):
     expected = _take(it, 2)
     script = textwrap.dedent(f"""
         import json, sys, numpy as np
-        from bert_jax.data import instances, loader
-        it = loader.make_pretraining_loader({str(data_dir)!r}, global_batch_size=16, max_seq_length={SEQ_LEN},
+        from bert_jax.data import loader, sources
+        it = loader.make_pretraining_loader(sources.DataSource.prepared({str(data_dir)!r}), global_batch_size=16, max_seq_length={SEQ_LEN},
             max_predictions_per_seq={PREDICTIONS}, seed=3)
         it.set_state(json.loads(sys.argv[1]))
         np.savez(sys.argv[2], **next(it))
@@ -177,7 +178,7 @@ def test_whole_word_and_static_masking(data_dir, tmp_path, corpus_file, vocab_fi
     batch = next(_loader(data_dir, whole_word_masking=True))
     assert batch["masked_lm_weights"].sum() > 0
     static = tmp_path / "static"
-    prepare(str(corpus_file), vocab_file, static, max_seq_length=SEQ_LEN, workers=1, input_format="sentences",
+    prepare(DataSource.text(corpus_file), vocab_file, static, max_seq_length=SEQ_LEN, workers=1, input_format="sentences",
             static_masking=True, dupe_factor=2, max_predictions_per_seq=PREDICTIONS, progress=False)
     metadata = loader.read_metadata(static)
     assert metadata["splits"]["train"]["instances"] > 1.6 * loader.read_metadata(data_dir)["splits"]["train"]["instances"]
@@ -195,7 +196,7 @@ def test_whole_word_and_static_masking(data_dir, tmp_path, corpus_file, vocab_fi
 def test_google_tfrecord_through_the_same_loader(shared_data):
     path = shared_data / "google_bert_sample" / "tf_examples.tfrecord"
     batches = list(loader.make_pretraining_loader(
-        str(path), global_batch_size=20, max_seq_length=128, max_predictions_per_seq=20, seed=0,
+        DataSource("tfrecord", paths=(path,)), global_batch_size=20, max_seq_length=128, max_predictions_per_seq=20, seed=0,
         dynamic_masking=False, num_epochs=1))
     assert len(batches) == 3
     labels = np.concatenate([b["next_sentence_labels"] for b in batches])

@@ -7,10 +7,10 @@ import pytest
 
 from bert_jax.data import loader, tfds_corpus
 from bert_jax.data.prepare import prepare
+from bert_jax.data.sources import DataSource
 from test_loader import host_rows
 
 SEQ_LEN, PREDICTIONS, NAME = 64, 10, "synthetic"
-SOURCE = f"tfds:bert_pretraining_corpus/{NAME}"
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +25,17 @@ def corpora(tmp_path_factory):
     root = tmp_path_factory.mktemp("tfds_loader")
     (root / "corpus.txt").write_text("\n\n".join(documents) + "\n", encoding="utf-8")
     prepared = root / "prepared"
-    prepare(str(root / "corpus.txt"), vocab_file, prepared, max_seq_length=SEQ_LEN, eval_fraction=0.1, workers=1,
+    prepare(DataSource.text(root / "corpus.txt"), vocab_file, prepared, max_seq_length=SEQ_LEN, eval_fraction=0.1, workers=1,
             input_format="sentences", progress=False)
     tfds_corpus.build(prepared, root / "tfds", NAME)
     return prepared, root / "tfds"
 
 
-def _loader(source, tfds_dir, **kwargs):
-    options = dict(global_batch_size=16, max_seq_length=SEQ_LEN, max_predictions_per_seq=PREDICTIONS, seed=5,
-                   tfds_data_dir=str(tfds_dir))
+def _loader(source, tfds_dir, split="train", **kwargs):
+    """`source`: a prepared directory, or the NAME of a converted corpus in tfds_dir."""
+    source = DataSource("tfds_corpus", name=source, split=split, data_dir=str(tfds_dir)) if isinstance(source, str) \
+        else DataSource.prepared(source, split)
+    options = dict(global_batch_size=16, max_seq_length=SEQ_LEN, max_predictions_per_seq=PREDICTIONS, seed=5)
     return loader.make_pretraining_loader(source, **{**options, **kwargs})
 
 
@@ -51,17 +53,18 @@ def _assert_equal(a, b):
 def test_tfds_batches_equal_directory_batches_on_two_hosts(corpora):
     prepared, tfds_dir = corpora
     instances = loader.read_metadata(prepared)["splits"]["train"]["instances"]
-    assert loader.read_metadata(SOURCE, tfds_data_dir=tfds_dir) == loader.read_metadata(prepared)
+    assert loader.source_metadata(DataSource("tfds_corpus", name=NAME, data_dir=str(tfds_dir))) == \
+        loader.read_metadata(prepared)
     # Past one epoch (re-shuffle and fresh masks), whole-word masking too, eval split too.
     steps = instances // 16 + 2
     for options in (dict(), dict(whole_word_masking=True, seed=6)):
         for host in range(2):
             expected = _take(_loader(prepared, tfds_dir, host_rows=host_rows(host, 2), **options), steps)
-            got = _take(_loader(SOURCE, tfds_dir, host_rows=host_rows(host, 2), **options), steps)
+            got = _take(_loader(NAME, tfds_dir, host_rows=host_rows(host, 2), **options), steps)
             for a, b in zip(expected, got):
                 _assert_equal(a, b)
     expected = list(_loader(prepared, tfds_dir, split="eval", global_batch_size=4, num_epochs=1))
-    got = list(_loader(SOURCE, tfds_dir, split="eval", global_batch_size=4, num_epochs=1))
+    got = list(_loader(NAME, tfds_dir, split="eval", global_batch_size=4, num_epochs=1))
     assert len(got) == len(expected) > 0
     for a, b in zip(expected, got):
         _assert_equal(a, b)
@@ -69,57 +72,57 @@ def test_tfds_batches_equal_directory_batches_on_two_hosts(corpora):
 
 def test_tfds_state_resumes_and_is_interchangeable_with_the_directory(corpora):
     prepared, tfds_dir = corpora
-    hosts = [_loader(SOURCE, tfds_dir, host_rows=host_rows(h, 2)) for h in range(2)]
+    hosts = [_loader(NAME, tfds_dir, host_rows=host_rows(h, 2)) for h in range(2)]
     for host in hosts:
         _take(host, 3)
     state = json.dumps(hosts[0].get_state())
     expected = [_take(host, 2) for host in hosts]
     # A fresh TFDS loader per host resumes with batch 4; so does the prepared directory (same rows, same state).
-    for source in (SOURCE, prepared):
+    for source in (NAME, prepared):
         for h in range(2):
             resumed = _loader(source, tfds_dir, host_rows=host_rows(h, 2))
             resumed.set_state(json.loads(state))
             for a, b in zip(expected[h], _take(resumed, 2)):
                 _assert_equal(a, b)
     # Through Grain worker processes (the source is pickled into them) too.
-    workers = _loader(SOURCE, tfds_dir, host_rows=host_rows(1, 2), worker_count=1)
+    workers = _loader(NAME, tfds_dir, host_rows=host_rows(1, 2), worker_count=1)
     try:
         workers.set_state(json.loads(state))
         _assert_equal(next(workers), expected[1][0])
     finally:
         workers.close()
     with pytest.raises(ValueError, match="seed"):
-        _loader(SOURCE, tfds_dir, seed=99).set_state(json.loads(state))
+        _loader(NAME, tfds_dir, seed=99).set_state(json.loads(state))
 
 
 def test_tfds_source_errors_are_clear(corpora, tmp_path):
     prepared, tfds_dir = corpora
-    with pytest.raises(ValueError, match="must be 'tfds:bert_pretraining_corpus/NAME'"):
-        _loader(f"tfds:wikipedia/{NAME}", tfds_dir)
+    with pytest.raises(ValueError, match="give NAME of bert_pretraining_corpus/NAME"):
+        _loader(f"wikipedia/{NAME}", tfds_dir)
     with pytest.raises(FileNotFoundError, match="'bert_pretraining_corpus/other' is not prepared"):
-        _loader("tfds:bert_pretraining_corpus/other", tfds_dir)
+        _loader("other", tfds_dir)
     with pytest.raises(FileNotFoundError, match=f"'bert_pretraining_corpus/{NAME}' is not prepared"):
-        _loader(SOURCE, tmp_path)
+        _loader(NAME, tmp_path)
     with pytest.raises(ValueError, match="no split 'test'"):
-        _loader(SOURCE, tfds_dir, split="test")
+        _loader(NAME, tfds_dir, split="test")
     with pytest.raises(ValueError, match=f"bert_pretraining_corpus/{NAME} in .* holds max_seq_length=64"):
-        _loader(SOURCE, tfds_dir, max_seq_length=128)
+        _loader(NAME, tfds_dir, max_seq_length=128)
     with pytest.raises(ValueError, match="dynamic_masking=True"):
-        _loader(SOURCE, tfds_dir, dynamic_masking=False)
+        _loader(NAME, tfds_dir, dynamic_masking=False)
 
 
 def test_tfds_static_masks_equal_directory_batches(corpora):
     """Stored masks (--static_masking) come through TFDS unchanged, on 2 hosts."""
     prepared, tfds_dir = corpora
     static = prepared.parent / "static"
-    prepare(str(prepared.parent / "corpus.txt"), str(prepared / "tokenizer"), static, max_seq_length=SEQ_LEN, workers=1,
+    prepare(DataSource.text(prepared.parent / "corpus.txt"), str(prepared / "tokenizer"), static, max_seq_length=SEQ_LEN, workers=1,
             input_format="sentences", static_masking=True, dupe_factor=1, max_predictions_per_seq=PREDICTIONS,
             progress=False)
     tfds_corpus.build(static, tfds_dir, "static")
     for host in range(2):
         options = dict(dynamic_masking=False, host_rows=host_rows(host, 2))
         expected = _take(_loader(static, tfds_dir, **options), 3)
-        got = _take(_loader("tfds:bert_pretraining_corpus/static", tfds_dir, **options), 3)
+        got = _take(_loader("static", tfds_dir, **options), 3)
         for a, b in zip(expected, got):
             _assert_equal(a, b)
         assert got[0]["masked_lm_weights"].sum() > 0

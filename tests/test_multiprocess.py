@@ -73,16 +73,18 @@ def train_from_loader(mesh_name: str, data_dir: str):
     import jax
     from bert_jax import optim, sharding, train_step as T
     from bert_jax.data import loader
+    from bert_jax.data.sources import DataSource
     from test_sharding import FAST_COMPILE, tiny_config
 
     vocab_size = loader.read_metadata(data_dir)["vocab_size"]
+    source = DataSource.prepared(data_dir)
     cfg = tiny_config(num_hidden_layers=1, vocab_size=vocab_size, max_position_embeddings=LOADER_SEQ)
     opt, schedule = optim.make_optimizer({"learning_rate": 1e-2, "warmup_steps": 0, "total_steps": 10})
     mesh = _loader_mesh(mesh_name)
     graphdef, state, shardings = T.create_train_state(cfg, opt, mesh, seed=0, compiler_options=FAST_COMPILE)
     step = T.make_train_step(graphdef, opt, mesh, None, shardings, schedule=schedule, compiler_options=FAST_COMPILE)
     batches = loader.make_pretraining_loader(
-        data_dir, global_batch_size=LOADER_BATCH, max_seq_length=LOADER_SEQ, max_predictions_per_seq=LOADER_PREDICTIONS,
+        source, global_batch_size=LOADER_BATCH, max_seq_length=LOADER_SEQ, max_predictions_per_seq=LOADER_PREDICTIONS,
         seed=0, host_rows=sharding.process_batch_rows(sharding.batch_sharding(mesh), (LOADER_BATCH,)))
     losses = []
     for _ in range(STEPS):

@@ -7,6 +7,7 @@ import pytest
 
 from bert_jax.data import instances, loader
 from bert_jax.data.prepare import main, prepare
+from bert_jax.data.sources import DataSource
 
 SEQ_LEN = 128
 
@@ -69,7 +70,7 @@ def test_output_does_not_depend_on_worker_count(shared_data, vocab_file, tmp_pat
     outputs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        prepare(str(sample), vocab_file, out, workers=workers, static_masking=True, dupe_factor=2,
+        prepare(DataSource.text(sample), vocab_file, out, workers=workers, static_masking=True, dupe_factor=2,
                 progress=False, seed=3)
         outputs.append(out)
     meta = [loader.read_metadata(o) for o in outputs]
@@ -87,22 +88,22 @@ def _corpus(tmp_path, documents, name="corpus.txt"):
 def test_bad_input_is_refused_and_never_damages_existing_output(tmp_path, vocab_file):
     good = _corpus(tmp_path, [["The first document.", "It has two sentences."], ["Another one here.", "Yes."]])
     out = tmp_path / "out"
-    prepare(str(good), vocab_file, out, workers=1, progress=False, input_format="sentences")
+    prepare(DataSource.text(good), vocab_file, out, workers=1, progress=False, input_format="sentences")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
     with pytest.raises(FileExistsError, match="--overwrite"):
-        prepare(str(good), vocab_file, out, workers=1, progress=False)
+        prepare(DataSource.text(good), vocab_file, out, workers=1, progress=False)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(SystemExit, match=f"{empty} is empty"):
         main(["--input", str(empty), "--tokenizer", vocab_file, "--output", str(out), "--overwrite"])
     single = _corpus(tmp_path, [["Only one document.", "With two sentences."]], "single.txt")
     with pytest.raises(ValueError, match="at least 2"):
-        prepare(str(single), vocab_file, out, workers=1, progress=False, overwrite=True)
+        prepare(DataSource.text(single), vocab_file, out, workers=1, progress=False, overwrite=True)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        prepare(str(tmp_path / "missing.txt"), vocab_file, out, workers=1, progress=False, overwrite=True)
+        prepare(DataSource.text(tmp_path / "missing.txt"), vocab_file, out, workers=1, progress=False, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "empty.txt", "out", "single.txt"]
 
-    prepare(str(good), vocab_file, out, workers=1, progress=False, overwrite=True, seed=1)
+    prepare(DataSource.text(good), vocab_file, out, workers=1, progress=False, overwrite=True, seed=1)
     assert json.loads((out / "metadata.json").read_text())["seed"] == 1

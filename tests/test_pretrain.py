@@ -16,6 +16,7 @@ import pytest
 
 from bert_jax import checkpoint, config_utils, loop, metrics_writer, pretrain, tokenizer
 from bert_jax.data import prepare
+from bert_jax.data.sources import DataSource
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = 1000
@@ -54,7 +55,7 @@ def prepare_enwiki(shared_data, tmp, num_lines: int, vocab_size: int, seq_len: i
     corpus.write_text("\n".join(lines[:num_lines]) + "\n")
     tok = tokenizer.train_sentencepiece([str(corpus)], tmp / "tokenizer", vocab_size=vocab_size, lowercase=True)
     tok.save(tmp / "tokenizer")
-    prepare.prepare(str(corpus), tmp / "tokenizer", tmp / "data", max_seq_length=seq_len, eval_fraction=0.05,
+    prepare.prepare(DataSource.text(corpus), tmp / "tokenizer", tmp / "data", max_seq_length=seq_len, eval_fraction=0.05,
                     seed=1, workers=1, progress=False)
     return tmp
 

@@ -5,7 +5,7 @@ import pytest
 
 from bert_jax.data import demo_corpus, sentences, sources
 from bert_jax.data.sentences import split_sentences
-from bert_jax.data.sources import SourceStats, documents, sniff_format, text_file_documents
+from bert_jax.data.sources import DataSource, SourceStats, documents, sniff_format, text_file_documents
 
 
 def write(path, data: bytes):
@@ -83,7 +83,7 @@ def test_glob_and_spec_dispatch(tmp_path):
     write(tmp_path / "b.txt", b"B one.\nB two.\n")
     write(tmp_path / "a.txt", b"A one.\n")
     stats = SourceStats()
-    docs = list(documents(str(tmp_path / "*.txt"), format="sentences", stats=stats))
+    docs = list(documents(DataSource.text(tmp_path / "*.txt"), format="sentences", stats=stats))
     assert docs == [["A one."], ["B one.", "B two."]]  # sorted, one file never joins another
     assert stats.documents == 2
 

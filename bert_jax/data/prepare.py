@@ -43,6 +43,7 @@ from bert_jax import tokenizer as tokenizer_lib
 from bert_jax.data import instances as instances_lib
 from bert_jax.data import masking
 from bert_jax.data import sentences, sources
+from bert_jax.data.sources import DataSource
 
 _STATIC_MASK_PURPOSE = 0x737461  # keeps static-mask keys apart from the loader's dynamic ones
 _DOCUMENTS_PER_TASK = 256
@@ -112,12 +113,12 @@ def _make_shard(task):
             "random_next": int(rows["next_sentence_label"].sum())}
 
 
-def _read_tasks(source, *, input_format, tfds_data_dir, stats):
+def _read_tasks(source: DataSource, *, input_format, stats):
     """Chunks of documents for the tokenizer workers, with whether they still need sentence splitting."""
-    if source == "demo" or source.startswith("tfds:"):
-        stream = ((d, False) for d in sources.documents(source, data_dir=tfds_data_dir, stats=stats))
-    else:
+    if source.kind == "text":
         stream = _text_file_stream(source, input_format, stats)
+    else:
+        stream = ((d, False) for d in sources.documents(source, stats=stats))
     chunk, chunk_needs_split, characters = [], False, 0
     for document, needs_split in stream:
         if chunk and (needs_split != chunk_needs_split or len(chunk) >= _DOCUMENTS_PER_TASK
@@ -131,8 +132,8 @@ def _read_tasks(source, *, input_format, tfds_data_dir, stats):
         yield chunk, chunk_needs_split
 
 
-def _text_file_stream(source, input_format, stats):
-    for path in sources.expand_paths([p for p in source.split(",") if p]):
+def _text_file_stream(source: DataSource, input_format, stats):
+    for path in sources.expand_paths(source.paths):
         file_format = input_format
         if input_format == "auto":
             with open(path, "rb") as f:
@@ -142,11 +143,14 @@ def _text_file_stream(source, input_format, stats):
             yield document, file_format == "paragraphs"
 
 
-def prepare(source: str, tokenizer_path, output_dir, *, max_seq_length=128, short_seq_prob=0.1,
+def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=128, short_seq_prob=0.1,
             eval_fraction=0.0, seed=12345, static_masking=False, dupe_factor=None, max_predictions_per_seq=20,
             masked_lm_prob=0.15, whole_word_masking=False, workers=None, input_format="auto",
-            tfds_data_dir=None, shard_tokens=20_000_000, overwrite=False, progress=True) -> dict:
-    """Runs the whole preparation; returns the metadata written to output_dir/metadata.json."""
+            shard_tokens=20_000_000, overwrite=False, progress=True) -> dict:
+    """Runs the whole preparation of a text source (`sources.DataSource` of kind demo, text or
+    tfds_text); returns the metadata written to output_dir/metadata.json."""
+    if not source.is_text:
+        raise ValueError(f"{source} holds pretraining instances already; prepare reads text")
     output_dir = pathlib.Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{output_dir} exists and is not empty (pass --overwrite to replace it)")
@@ -173,7 +177,7 @@ def prepare(source: str, tokenizer_path, output_dir, *, max_seq_length=128, shor
         tokens, lengths, per_document = [], [], []
         pool = _pool(workers, str(staging / "tokenizer"))
         with tqdm.tqdm(desc="tokenize", unit=" docs", disable=not progress) as bar:
-            tasks = _read_tasks(source, input_format=input_format, tfds_data_dir=tfds_data_dir, stats=stats)
+            tasks = _read_tasks(source, input_format=input_format, stats=stats)
             for flat, sentence_lengths, sentences_per_document, chunk_counts, read in pool.imap(
                     _tokenize_documents, tasks):
                 tokens.append(flat)
@@ -238,7 +242,7 @@ def prepare(source: str, tokenizer_path, output_dir, *, max_seq_length=128, shor
 
         metadata = {
             "format": "bert_jax.pretraining_instances/1",
-            "source": source, "tokenizer": "tokenizer", "tokenizer_kind": tok.kind,
+            "source": source.spec(), "tokenizer": "tokenizer", "tokenizer_kind": tok.kind,
             "vocab_size": tok.vocab_size, "special_ids": list(tok.special_ids), "mask_id": tok.mask_id,
             "cls_id": tok.cls_id, "sep_id": tok.sep_id, "pad_id": tok.pad_id,
             "max_seq_length": max_seq_length, "short_seq_prob": short_seq_prob, "seed": seed,
@@ -343,12 +347,12 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         metadata = prepare(
-            fv.input, fv.tokenizer, fv.output, max_seq_length=fv.max_seq_length,
+            DataSource.parse(fv.input, tfds_data_dir=fv.tfds_data_dir or ""), fv.tokenizer, fv.output, max_seq_length=fv.max_seq_length,
             short_seq_prob=fv.short_seq_prob, eval_fraction=fv.eval_fraction, seed=fv.seed,
             static_masking=fv.static_masking, dupe_factor=fv.dupe_factor,
             max_predictions_per_seq=fv.max_predictions_per_seq, masked_lm_prob=fv.masked_lm_prob,
             whole_word_masking=fv.whole_word_masking, workers=fv.workers, input_format=fv.format,
-            tfds_data_dir=fv.tfds_data_dir, shard_tokens=fv.shard_tokens, overwrite=fv.overwrite)
+            shard_tokens=fv.shard_tokens, overwrite=fv.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"prepare: error: {e}")
     print(summary_text(metadata))

@@ -5,9 +5,12 @@
         ...                                   # document: list[str], one sentence each
     print(stats.summary())                    # documents, sentences, skipped lines and why
 
-    documents("demo")                          # the embedded demo corpus (no download)
-    documents("tfds:wikipedia/20230601.en", data_dir="gs://bucket/tfds")  # prepared TFDS, offline
-    documents("corpus/*.txt")                  # text files
+    documents(DataSource("demo"))              # the embedded demo corpus (no download)
+    documents(DataSource("tfds_text", name="wikipedia/20230601.en", data_dir="gs://bucket/tfds"))  # offline
+    documents(DataSource.text("corpus/*.txt"))  # text files
+
+    DataSource: where pretraining data comes from (text to prepare, or instances to load), one
+    typed value: `from_config(config.data)` for pretraining, `DataSource.parse` for `--input`.
 
 File formats: 'sentences' is Google's (one sentence per line, blank line between documents);
 'paragraphs' is one paragraph per line (blank line between documents), split into sentences
@@ -235,18 +238,145 @@ def _tfds_examples(builder, split: str) -> Iterator[dict]:
         yield from tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False))
 
 
-def documents(source: str | Sequence[str], *, data_dir: str | None = None, format: str = "auto",
-              stats: SourceStats | None = None, **kwargs) -> Iterator[Document]:
-    """Dispatch on a source spec: 'demo', 'tfds:NAME[/CONFIG][:SPLIT]', or text files/globs."""
-    if isinstance(source, str) and source == "demo":
+def documents(source: DataSource, *, format: str = "auto", stats: SourceStats | None = None,
+              **kwargs) -> Iterator[Document]:
+    """The documents of a text source (kind demo, text or tfds_text)."""
+    if source.kind == "demo":
         stats = stats if stats is not None else SourceStats()
         for document in demo_corpus.documents():
             stats.add_document(document)
             yield document
-    elif isinstance(source, str) and source.startswith("tfds:"):
-        name, _, split = source[len("tfds:"):].partition(":")
-        yield from tfds_documents(name, data_dir=data_dir, split=split or "train", stats=stats, **kwargs)
+    elif source.kind == "tfds_text":
+        yield from tfds_documents(source.name, data_dir=source.data_dir or None, split=source.split, stats=stats,
+                                  **kwargs)
+    elif source.kind == "text":
+        yield from text_file_documents(source.paths, format, stats=stats, **kwargs)
     else:
-        if isinstance(source, str):
-            source = [part for part in source.split(",") if part]
-        yield from text_file_documents(source, format, stats=stats, **kwargs)
+        raise ValueError(f"{source} holds pretraining instances, not text")
+
+
+# ----------------------------------------------------------------------------
+# Where pretraining data comes from, as one typed value
+
+TEXT_KINDS = ("demo", "text", "tfds_text")           # text: tokenized into instances by `prepare`
+INSTANCE_KINDS = ("prepared", "tfrecord", "tfds_corpus")   # instances: read by the loader as they are
+TFDS_CORPUS = "bert_pretraining_corpus"                # the dataset of `bert_jax.data.tfds_corpus`
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """One pretraining data source, parsed once (from the config or a flag) and checked here.
+
+    kind      demo (the embedded corpus), text (files), tfds_text (a TFDS text dataset): text,
+              tokenized by `prepare`; prepared (a `prepare` output directory), tfrecord (Google's
+              statically masked TFRecords), tfds_corpus (a prepared directory converted by
+              `tfds_corpus`, read in place): instances
+    paths     text, tfrecord: files or globs; prepared: its directory
+    name      tfds_text: the TFDS name ('wikipedia/20230601.en'); tfds_corpus: NAME of
+              bert_pretraining_corpus/NAME
+    split     tfds_text: the TFDS split read (slices too: 'train[:1%]'); prepared and
+              tfds_corpus: the split of instances ('train', 'eval'); tfrecord: only 'train'
+    data_dir  TFDS data_dir ('' : $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    """
+    kind: str
+    paths: tuple[str, ...] = ()
+    name: str = ""
+    split: str = "train"
+    data_dir: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "paths", tuple(os.fspath(p) for p in self.paths))
+        if self.kind not in TEXT_KINDS + INSTANCE_KINDS:
+            raise ValueError(f"data source kind {self.kind!r}: expected one of {TEXT_KINDS + INSTANCE_KINDS}")
+        if (self.kind in ("text", "tfrecord", "prepared")) != bool(self.paths):
+            raise ValueError(f"{self.kind} data source: paths {'required' if self.paths == () else 'not used'}")
+        if self.kind == "prepared" and len(self.paths) != 1:
+            raise ValueError(f"a prepared data source is one directory, got {list(self.paths)}")
+        if self.kind.startswith("tfds") != bool(self.name):
+            raise ValueError(f"{self.kind} data source: a TFDS name is {'required' if not self.name else 'not used'}")
+        if self.kind == "tfds_corpus" and "/" in self.name:
+            raise ValueError(f"tfds_corpus data source: give NAME of {TFDS_CORPUS}/NAME, got {self.name!r}")
+        if self.kind == "tfrecord" and self.split != "train":
+            raise ValueError("TFRecord inputs have no held-out split: give the eval files as another source")
+
+    @classmethod
+    def text(cls, *paths) -> DataSource:
+        return cls("text", paths=paths)
+
+    @classmethod
+    def prepared(cls, directory, split: str = "train") -> DataSource:
+        return cls("prepared", paths=(directory,), split=split)
+
+    @classmethod
+    def parse(cls, spec: str, *, tfds_data_dir: str = "") -> DataSource:
+        """A text source as `prepare --input` spells it: 'demo', 'tfds:NAME[:SPLIT]', or files/globs
+        (comma-separated)."""
+        if spec == "demo":
+            return cls("demo")
+        if spec.startswith("tfds:"):
+            name, _, split = spec[len("tfds:"):].partition(":")
+            return cls("tfds_text", name=name, split=split or "train", data_dir=tfds_data_dir)
+        return cls("text", paths=tuple(part for part in spec.split(",") if part))
+
+    def spec(self) -> str:
+        """A text source as `parse` reads it (what prepare's metadata.json records)."""
+        if self.kind == "tfds_text":
+            return f"tfds:{self.name}:{self.split}"
+        if self.kind not in ("demo", "text"):
+            raise ValueError(f"{self} is not a text source")
+        return "demo" if self.kind == "demo" else ",".join(self.paths)
+
+    @property
+    def is_text(self) -> bool:
+        return self.kind in TEXT_KINDS
+
+    def with_split(self, split: str) -> DataSource:
+        return dataclasses.replace(self, split=split)
+
+    def __str__(self) -> str:
+        if self.kind == "demo":
+            return "the demo corpus"
+        if self.kind == "tfds_text":
+            return f"TFDS {self.name}[{self.split}]"
+        if self.kind == "tfds_corpus":
+            return f"TFDS {TFDS_CORPUS}/{self.name}[{self.split}]"
+        where = ",".join(self.paths)
+        return f"{where} [{self.split}]" if self.kind == "prepared" else where
+
+
+def from_config(data) -> tuple[DataSource, DataSource | None]:
+    """config.data -> (the source trained on, the evaluation source or None), checked.
+
+    Text sources hold out `data.eval_fraction` of their documents when prepared, so their
+    evaluation source comes from `prepare`'s output (the caller's business); a prepared
+    directory has its 'eval' split and a converted TFDS corpus `data.tfds_eval_split` (either
+    may be absent: no evaluation); TFRecords evaluate on `data.eval_path`.
+    """
+    def require(ok, key, message):
+        if not ok:
+            raise ValueError(f"config.data.{key}: {message} (got {data[key]!r})")
+
+    kinds = ("demo", "text", "prepared", "tfrecord", "tfds")
+    require(data.source in kinds, "source", f"must be one of {kinds}")
+    require(data.source in ("demo", "tfds") or data.train_path, "train_path",
+            f"required for data.source={data.source!r}")
+    require(data.source == "tfrecord" or not data.eval_path, "eval_path",
+            "only for data.source='tfrecord' (text holds out data.eval_fraction of its documents; prepared "
+            "and TFDS corpora have an eval split)")
+    if data.source == "demo":
+        return DataSource("demo"), None
+    if data.source == "text":
+        return DataSource("text", paths=tuple(p for p in data.train_path.split(",") if p)), None
+    if data.source == "prepared":
+        train = DataSource.prepared(data.train_path)
+        return train, train.with_split("eval")
+    if data.source == "tfrecord":
+        return (DataSource("tfrecord", paths=(data.train_path,)),
+                DataSource("tfrecord", paths=(data.eval_path,)) if data.eval_path else None)
+    require(data.tfds_name, "tfds_name", f"required for data.source='tfds' ({TFDS_CORPUS}/NAME or a TFDS text dataset)")
+    dataset, _, name = data.tfds_name.partition("/")
+    if dataset != TFDS_CORPUS:
+        return DataSource("tfds_text", name=data.tfds_name, split=data.tfds_split, data_dir=data.tfds_data_dir), None
+    require(name and "/" not in name, "tfds_name", f"a converted corpus is {TFDS_CORPUS}/NAME")
+    train = DataSource("tfds_corpus", name=name, split=data.tfds_split, data_dir=data.tfds_data_dir)
+    return train, train.with_split(data.tfds_eval_split) if data.tfds_eval_split else None

@@ -1,0 +1,166 @@
+"""Pretraining data behind one call: tokenizer, prepared instances, per-host loaders.
+
+    tokenizer, train_batches, eval_batches = build_pretraining_data(
+        config, workdir, batch_sharding=sharding.batch_sharding(mesh), saved_meta=None)
+
+`config.data` is parsed once into `sources.DataSource` values (`sources.from_config`). Then:
+
+1. Tokenizer: the workdir keeps its own copy in workdir/tokenizer, written once by process 0
+   from `data.tokenizer`, from `train.init_from`'s workdir, or trained (SentencePiece) on the
+   text source. On resume (`saved_meta`, the checkpoint's meta) it must be unchanged.
+2. Text (demo, files, a TFDS text dataset) is prepared once into workdir/data by
+   `bert_jax.data.prepare` (process 0; the others wait); on a URI workdir it is prepared in
+   this host's cache, uploaded, and every host reads a local copy. Instances (a prepared
+   directory, TFRecords, a converted TFDS corpus) are read as they are.
+3. Loaders: every host loads the rows of each global batch that its devices hold
+   (`sharding.process_batch_rows` of `batch_sharding`). `train_batches` has
+   get_state/set_state (exact resume); `eval_batches` is None or a function giving an
+   iterator over the same held-out batches each time.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+
+import jax
+from etils import epath
+
+from bert_jax import checkpoint, distributed, paths, sharding, tokenizer as tokenizer_lib
+from bert_jax.data import loader, prepare, sources
+from bert_jax.data.sources import DataSource
+
+
+def build_pretraining_data(config, workdir: epath.Path, *, batch_sharding, saved_meta: dict | None = None):
+    """-> (tokenizer, train batches, eval-batches factory or None); see the module docstring."""
+    train_source, eval_source = sources.from_config(config.data)
+    tok = prepare_tokenizer(config, train_source, workdir, saved_meta)
+    if train_source.is_text:
+        train_source = DataSource.prepared(prepare_text_data(config, train_source, workdir))
+        eval_source = train_source.with_split("eval")
+    d = config.data
+    host_rows = sharding.process_batch_rows(batch_sharding, (config.train.global_batch_size,))
+    static = train_source.kind == "tfrecord"  # Google's instances carry their masks
+    options = dict(global_batch_size=config.train.global_batch_size, max_seq_length=d.max_seq_length,
+                   max_predictions_per_seq=d.max_predictions_per_seq, seed=config.train.seed,
+                   whole_word_masking=d.whole_word_masking, host_rows=host_rows, worker_count=d.worker_count,
+                   dynamic_masking=d.dynamic_masking and not static, tokenizer=None if static else tok)
+    splits = None if static else loader.source_metadata(train_source)["splits"]
+    if train_source.kind == "tfds_corpus" and train_source.split not in splits:
+        raise ValueError(f"config.data.tfds_split: {d.tfds_name} has no split {train_source.split!r} "
+                         f"(splits: {sorted(splits)})")
+    train = loader.make_pretraining_loader(train_source, **options)
+    if eval_source is None or config.train.eval_steps == 0 or (splits is not None and eval_source.split not in splits):
+        return tok, train, None
+    return tok, train, _replayable(loader.make_pretraining_loader(eval_source, **options))
+
+
+def _replayable(eval_loader):
+    """Each evaluation reads the same held-out batches from the start."""
+    start = eval_loader.get_state()
+
+    def fresh():
+        eval_loader.set_state(start)
+        return eval_loader
+    return fresh
+
+
+# ----------------------------------------------------------------------------
+# Tokenizer: the workdir keeps its own copy, written once
+
+def prepare_tokenizer(config, source: DataSource, workdir: epath.Path, saved_meta: dict | None):
+    """-> Tokenizer loaded from workdir/tokenizer (created on a fresh run from
+    data.tokenizer, from train.init_from's workdir, or trained on the text `source`)."""
+    tokenizer_dir = workdir / checkpoint.TOKENIZER_DIR
+    if saved_meta is not None:  # resuming: exactly the tokenizer the checkpoint was trained with
+        if not tokenizer_dir.is_dir():
+            raise FileNotFoundError(f"{tokenizer_dir}: missing; the checkpoints in {workdir} need it")
+        expected = saved_meta["tokenizer"]["sha256"]
+        if checkpoint.tokenizer_fingerprint(tokenizer_dir) != expected:
+            raise checkpoint.CheckpointMismatchError(
+                f"{tokenizer_dir} changed since the checkpoint was written (sha256 differs from "
+                f"{expected[:12]}...); restore the original tokenizer files")
+        return _load_tokenizer(tokenizer_dir)
+    if jax.process_index() == 0:
+        given = config.data.tokenizer or _init_from_tokenizer(config)
+        with tempfile.TemporaryDirectory(prefix="bert_jax_tokenizer_") as scratch:
+            tok = _load_tokenizer(given) if given else train_tokenizer_on_corpus(config, source, scratch)
+            staging = workdir / (checkpoint.TOKENIZER_DIR + ".tmp")
+            paths.rmtree(staging)
+            with paths.write_dir(staging) as local_staging:
+                tok.save(local_staging)
+        paths.rmtree(tokenizer_dir)  # no checkpoint uses it yet
+        staging.rename(tokenizer_dir)
+    distributed.barrier("tokenizer_written")
+    return _load_tokenizer(tokenizer_dir)
+
+
+def _load_tokenizer(path):
+    """load_tokenizer reads local files: a URI is copied to this host's cache first."""
+    return tokenizer_lib.load_tokenizer(paths.local_copy(path, "tokenizer"))
+
+
+def _init_from_tokenizer(config) -> str:
+    """The tokenizer/ beside train.init_from's checkpoint ('' without init_from)."""
+    if not config.train.init_from:
+        return ""
+    step_dir = checkpoint.resolve_step_dir(config.train.init_from)
+    meta = checkpoint.read_json_item(step_dir, checkpoint.META)
+    tokenizer_dir = step_dir.parent.parent / meta.get("tokenizer", {}).get("dir", checkpoint.TOKENIZER_DIR)
+    if not tokenizer_dir.is_dir():
+        raise FileNotFoundError(f"train.init_from={config.train.init_from}: no tokenizer/ beside the "
+                                "checkpoint; set data.tokenizer")
+    return str(tokenizer_dir)
+
+
+def train_tokenizer_on_corpus(config, source: DataSource, output_dir):
+    if not source.is_text:
+        raise ValueError(f"data.tokenizer is required for data.source={config.data.source!r} "
+                         "(only text sources can train a SentencePiece vocabulary)")
+    d = config.data
+    print(f"training a SentencePiece {d.tokenizer_model_type} vocabulary of {d.tokenizer_vocab_size} on {source}",
+          flush=True)
+    return tokenizer_lib.train_sentencepiece(
+        sentences=(s for document in sources.documents(source) for s in document), output_dir=output_dir,
+        vocab_size=d.tokenizer_vocab_size, model_type=d.tokenizer_model_type, lowercase=d.lowercase,
+        seed=config.train.seed)
+
+
+# ----------------------------------------------------------------------------
+# Text -> workdir/data, once
+
+def prepare_text_data(config, source: DataSource, workdir: epath.Path) -> str:
+    """Tokenize a text `source` into workdir/data once (process 0; the others wait) -> a local
+    directory for the loader. `prepare` writes to a temporary directory and renames it at the
+    end. On a URI workdir it prepares into this host's cache and uploads (metadata.json last,
+    so its presence means complete); every host then reads a local copy of workdir/data."""
+    data_dir = workdir / "data"
+    local_dir = data_dir if paths.is_local(data_dir) else paths.cache_dir(data_dir, "data")
+    if jax.process_index() == 0 and not (data_dir / loader.METADATA_FILE).is_file():
+        d = config.data
+        tokenizer_dir = workdir / checkpoint.TOKENIZER_DIR
+        prepare.prepare(
+            source, tokenizer_dir if paths.is_local(workdir) else paths.local_copy(tokenizer_dir, "tokenizer"),
+            local_dir, max_seq_length=d.max_seq_length, max_predictions_per_seq=d.max_predictions_per_seq,
+            masked_lm_prob=d.masked_lm_prob, short_seq_prob=d.short_seq_prob,
+            eval_fraction=d.eval_fraction, static_masking=not d.dynamic_masking,
+            whole_word_masking=d.whole_word_masking, seed=config.train.seed, overwrite=True,
+            progress=config.train.progress_bar)
+        if local_dir != data_dir:
+            paths.copy_tree(local_dir, data_dir, last=loader.METADATA_FILE)
+    distributed.barrier("data_prepared")
+    if local_dir != data_dir:
+        _download_prepared(data_dir, local_dir)
+    return str(local_dir)
+
+
+def _download_prepared(data_dir: epath.Path, local_dir: epath.Path) -> None:
+    """Refresh this host's copy of workdir/data unless it holds the same metadata.json."""
+    remote_metadata = (data_dir / loader.METADATA_FILE).read_bytes()
+    local_metadata = local_dir / loader.METADATA_FILE
+    if local_metadata.is_file() and local_metadata.read_bytes() == remote_metadata:
+        return
+    staging = local_dir.parent / (local_dir.name + ".download")
+    shutil.rmtree(staging, ignore_errors=True)
+    paths.copy_tree(data_dir, staging, last=loader.METADATA_FILE)
+    shutil.rmtree(local_dir, ignore_errors=True)
+    staging.rename(local_dir)
