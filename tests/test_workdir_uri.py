@@ -19,6 +19,7 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath, register
 
 from bert_jax import checkpoint, config_utils, metrics_writer, paths, pretrain
+from bert_jax.data import pipeline, sources
 from bert_jax.data.sources import DataSource
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -219,7 +220,8 @@ def test_pretrain_on_a_uri_workdir_then_resume(fake_gcs, corpus, tmp_path):
     # Phase 2 (train.init_from) from the URI workdir: its tokenizer is copied into the new workdir.
     phase2 = _text_config(corpus, 1)
     phase2.train.init_from, phase2.data.tokenizer = workdir, ""
-    tok = pretrain.prepare_tokenizer(phase2, paths.workdir_path(tmp_path / "phase2"), saved_meta=None)
+    tok = pipeline.prepare_tokenizer(phase2, sources.from_config(phase2.data)[0], paths.workdir_path(tmp_path / "phase2"),
+                                     saved_meta=None)
     assert tok.vocab_size == 30522
     assert checkpoint.tokenizer_fingerprint(tmp_path / "phase2" / "tokenizer") == \
         checkpoint.tokenizer_fingerprint(tokenizer_dir)
@@ -337,7 +339,7 @@ def test_tfds_text_dataset_is_prepared_into_the_workdir(corpus, tmp_path):
                 tokenizer=str(corpus[1]), eval_fraction=0.0)
     workdir = paths.workdir_path(tmp_path / "run")
     tokenizer.load_tokenizer(corpus[1]).save(workdir / checkpoint.TOKENIZER_DIR)
-    data_dir = pretrain.prepare_text_data(c, workdir)
+    data_dir = pipeline.prepare_text_data(c, sources.from_config(c.data)[0], workdir)
     assert data_dir == str(workdir / "data")
     metadata = loader.read_metadata(data_dir)
     assert metadata["source"] == "tfds:tiny_text_corpus:train"
