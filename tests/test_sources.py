@@ -115,3 +115,60 @@ def test_demo_corpus(tmp_path, monkeypatch):
     assert demo_corpus.documents(limit=8) == docs
     path = demo_corpus.write_text(tmp_path / "demo.txt", docs)
     assert list(text_file_documents(path, "sentences")) == docs
+
+
+# ----------------------------------------------------------------------------
+# DataSource: one typed value from the config or from `prepare --input`
+
+def _data_config(**data):
+    from bert_jax import config_utils
+    c = config_utils.pretrain_config("tiny")
+    c.data.update(data)
+    return c.data
+
+
+@pytest.mark.parametrize("data, train, evaluation", [
+    (dict(source="demo"), DataSource("demo"), None),
+    (dict(source="text", train_path="a.txt,b/*.txt"), DataSource.text("a.txt", "b/*.txt"), None),
+    (dict(source="prepared", train_path="prep"), DataSource.prepared("prep"), DataSource.prepared("prep", "eval")),
+    (dict(source="tfrecord", train_path="t/*.tfrecord", eval_path="e.tfrecord"),
+     DataSource("tfrecord", paths=("t/*.tfrecord",)), DataSource("tfrecord", paths=("e.tfrecord",))),
+    (dict(source="tfds", tfds_name="wikipedia/20230601.en", tfds_split="train[:1%]", tfds_data_dir="gs://b/tfds"),
+     DataSource("tfds_text", name="wikipedia/20230601.en", split="train[:1%]", data_dir="gs://b/tfds"), None),
+    (dict(source="tfds", tfds_name="bert_pretraining_corpus/wiki", tfds_eval_split=""),
+     DataSource("tfds_corpus", name="wiki"), None),
+    (dict(source="tfds", tfds_name="bert_pretraining_corpus/wiki"),
+     DataSource("tfds_corpus", name="wiki"), DataSource("tfds_corpus", name="wiki", split="eval")),
+])
+def test_data_source_from_config(data, train, evaluation):
+    assert sources.from_config(_data_config(**data)) == (train, evaluation)
+
+
+@pytest.mark.parametrize("data, message", [
+    (dict(source="txt"), r"config.data.source: must be one of \('demo', 'text', 'prepared', 'tfrecord', 'tfds'\)"),
+    (dict(source="text"), "config.data.train_path: required for data.source='text'"),
+    (dict(source="tfds"), "config.data.tfds_name: required for data.source='tfds'"),
+    (dict(source="tfds", tfds_name="bert_pretraining_corpus/a/b"), "config.data.tfds_name: a converted corpus is"),
+    (dict(source="prepared", train_path="p", eval_path="e"), "config.data.eval_path: only for data.source='tfrecord'"),
+])
+def test_data_source_config_errors_name_the_key(data, message):
+    with pytest.raises(ValueError, match=message):
+        sources.from_config(_data_config(**data))
+
+
+def test_data_source_parse_and_checks():
+    for spec in ("demo", "tfds:wikipedia/20230601.en:train", "a.txt,b/*.txt"):
+        assert DataSource.parse(spec).spec() == spec
+    assert DataSource.parse("tfds:c4/en", tfds_data_dir="/t") == DataSource("tfds_text", name="c4/en", data_dir="/t")
+    with pytest.raises(ValueError, match="kind 'txt'"):
+        DataSource("txt")
+    with pytest.raises(ValueError, match="text data source: paths required"):
+        DataSource("text")
+    with pytest.raises(ValueError, match="one directory"):
+        DataSource("prepared", paths=("a", "b"))
+    with pytest.raises(ValueError, match="give NAME of bert_pretraining_corpus/NAME"):
+        DataSource("tfds_corpus", name="bert_pretraining_corpus/wiki")
+    with pytest.raises(ValueError, match="no held-out split"):
+        DataSource("tfrecord", paths=("a",), split="eval")
+    with pytest.raises(ValueError, match="holds pretraining instances, not text"):
+        list(documents(DataSource.prepared("p")))

@@ -80,8 +80,11 @@ def prepare_tokenizer(config, source: DataSource, workdir: epath.Path, saved_met
                 f"{tokenizer_dir} changed since the checkpoint was written (sha256 differs from "
                 f"{expected[:12]}...); restore the original tokenizer files")
         return _load_tokenizer(tokenizer_dir)
+    given = config.data.tokenizer or _init_from_tokenizer(config)
+    if not given and not source.is_text:  # on every process, before any waits for process 0
+        raise ValueError(f"data.tokenizer is required for data.source={config.data.source!r} "
+                         "(only text sources can train a SentencePiece vocabulary)")
     if jax.process_index() == 0:
-        given = config.data.tokenizer or _init_from_tokenizer(config)
         with tempfile.TemporaryDirectory(prefix="bert_jax_tokenizer_") as scratch:
             tok = _load_tokenizer(given) if given else train_tokenizer_on_corpus(config, source, scratch)
             staging = workdir / (checkpoint.TOKENIZER_DIR + ".tmp")
@@ -113,9 +116,7 @@ def _init_from_tokenizer(config) -> str:
 
 
 def train_tokenizer_on_corpus(config, source: DataSource, output_dir):
-    if not source.is_text:
-        raise ValueError(f"data.tokenizer is required for data.source={config.data.source!r} "
-                         "(only text sources can train a SentencePiece vocabulary)")
+    """A SentencePiece vocabulary (data.tokenizer_*) trained on the documents of a text source."""
     d = config.data
     print(f"training a SentencePiece {d.tokenizer_model_type} vocabulary of {d.tokenizer_vocab_size} on {source}",
           flush=True)

@@ -14,7 +14,7 @@ layout, convert it once; every host then reads it with `tfds.data_source`:
     tfds.data_source("bert_pretraining_corpus/wiki128", data_dir=...)   # plain TFDS, dict per record
 
 The loader reads it directly, with the same batches as from the prepared directory:
-`make_pretraining_loader("tfds:bert_pretraining_corpus/wiki128", tfds_data_dir="gs://bucket/tfds", ...)`.
+`make_pretraining_loader(DataSource("tfds_corpus", name="wiki128", data_dir="gs://bucket/tfds"), ...)`.
 
 The dataset is `bert_pretraining_corpus/<name>`, one TFDS feature per instance field
 (`bert_jax.data.instances.instance_dtype`: input_ids, num_tokens, first_segment_length,
@@ -33,8 +33,8 @@ import numpy as np
 from absl import flags
 
 from bert_jax import cli
+from bert_jax.data.sources import TFDS_CORPUS as DATASET  # the name TFDS gives BertPretrainingCorpus
 
-DATASET = "bert_pretraining_corpus"
 _METADATA_FILE = "metadata.json"        # of a prepare output directory
 _VOCAB_TABLES_FILE = "vocab_tables.npz"
 
