@@ -24,6 +24,7 @@ from bert_jax.data import pipeline
 from bert_jax import train_step as train_step_lib
 from bert_jax import loop
 
+
 # ----------------------------------------------------------------------------
 # State: resume, phase-2 init, or fresh
 
