@@ -8,12 +8,21 @@ Layout of a workdir:
         state/                   train state: params, optimizer state, step (sharded arrays)
         data_iterator/           the loader's get_state() (JSON), to continue the data order
         config/                  the full ml_collections config (JSON)
-        meta/                    model config, tokenizer dir + sha256, mesh, versions (JSON)
+        meta/                    model config, tokenizer dir + sha256, mesh, versions, and a
+                                 checksum per state array (JSON)
+      damaged_checkpoints/<step>/  checkpoints found damaged on resume, moved here unchanged
       metrics.jsonl, tensorboard/
 
 Every process calls `save`/`restore` (Orbax coordinates; array shards are written by
 the processes that own them). `restore` takes an abstract state whose leaves carry the
 *target* shardings, so a checkpoint written on 8 devices restores onto 2 or 4.
+
+Nothing unresumable is written or resumed: `save` refuses a state with NaN/inf (one
+jitted reduction over the state, which also gives the per-array checksums); `restore`
+verifies what it read (every array readable, finite and matching its checksum, the JSON
+items parsing) and raises `DamagedCheckpointError` naming the step and the array or file;
+`restore_newest_intact` falls back to older checkpoints. An async save that failed is
+raised by `check` (called by the loop at every step) as one `CheckpointSaveError` line.
 
 For fine-tuning and export, `restore_params(path)` reads a workdir (latest step) or a
 step directory and returns `(BertConfig, params as nested dict of numpy, tokenizer_dir)`.
@@ -21,19 +30,24 @@ step directory and returns `(BertConfig, params as nested dict of numpy, tokeniz
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from bert_jax import distributed
 from bert_jax import params as params_lib
 from bert_jax import paths
 from bert_jax.model import BertConfig
 
 CHECKPOINTS_DIR = "checkpoints"
 TOKENIZER_DIR = "tokenizer"
+DAMAGED_DIR = "damaged_checkpoints"
+TMP_MARK = ".orbax-checkpoint-tmp"  # in the name of a step directory still being written
 STATE, DATA, CONFIG, META = "state", "data_iterator", "config", "meta"
 ITEMS = (STATE, DATA, CONFIG, META)
 # BertConfig fields that decide parameter shapes and layout; a resumed run must agree.
@@ -44,6 +58,33 @@ ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_atte
 
 class CheckpointMismatchError(ValueError):
     """The workdir's checkpoint does not belong to this run's model or tokenizer."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint step cannot be resumed: unreadable, non-finite or changed on disk."""
+
+    def __init__(self, step: int, where, reason: str):
+        super().__init__(f"checkpoint at step {step} is damaged ({where}: {reason})")
+        self.step = step
+
+
+class CheckpointSaveError(RuntimeError):
+    """Writing a checkpoint failed (disk full, permission lost, ...)."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """The train state holds NaN or inf: it is not saved."""
+
+
+class _BackgroundSaveErrors(logging.Filter):
+    """Orbax logs a failed async save with a traceback from each of its threads (dozens of
+    lines); the failure reaches the user once, as CheckpointSaveError. Other logs pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "/orbax/checkpoint/" in record.pathname)
+
+
+logging.getLogger("absl").addFilter(_BackgroundSaveErrors())
 
 
 class Checkpointer:
@@ -67,9 +108,19 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             read_only=read_only,
             create=not read_only,
-            cleanup_tmp_directories=not read_only,  # debris of a save that was killed
         )
+        if not read_only:
+            self._remove_unfinished_saves()
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def _remove_unfinished_saves(self) -> None:
+        """Delete the temporary directories of saves that were killed or failed (Orbax's own
+        cleanup runs in the background; this one is done before anything is read or written)."""
+        if jax.process_index() == 0 and self.directory.is_dir():
+            for path in self.directory.iterdir():
+                if TMP_MARK in path.name:
+                    paths.rmtree(path)
+        distributed.barrier("unfinished_saves_removed")
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -79,32 +130,158 @@ class Checkpointer:
 
     def save(self, step: int, state, *, data_state, config: dict, meta: dict,
              metrics: dict | None = None) -> bool:
-        """Starts an (async) save of everything at `step`; False if it already exists."""
+        """Starts an (async) save of everything at `step`; False if it already exists.
+        Raises NonFiniteStateError (nothing written) if the state holds NaN or inf, and
+        CheckpointSaveError if an earlier async save failed."""
+        self.check()
         if step in self._manager.all_steps():
             return False
-        return self._manager.save(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardSave(state),
-            DATA: ocp.args.JsonSave(data_state),
-            CONFIG: ocp.args.JsonSave(config),
-            META: ocp.args.JsonSave(meta),
-        }), metrics=metrics, force=True)
+        finite, sums = jax.device_get(_digest(state))
+        if not finite:
+            last = self._manager.latest_step()
+            raise NonFiniteStateError(
+                f"step {step}: the params or optimizer state hold NaN/inf, so no checkpoint was written; "
+                + (f"the last checkpoint is step {last} in {self.directory}" if last is not None
+                   else f"there is no checkpoint in {self.directory}"))
+        try:
+            return self._manager.save(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardSave(state),
+                DATA: ocp.args.JsonSave(data_state),
+                CONFIG: ocp.args.JsonSave(config),
+                META: ocp.args.JsonSave({**meta, "state_sums": sums.tolist()}),
+            }), metrics=metrics, force=True)
+        except OSError as error:
+            raise self._save_error(error) from None
+
+    def check(self) -> None:
+        """Raise CheckpointSaveError if a finished async save failed (cheap: no waiting)."""
+        try:
+            self._manager.check_for_errors()
+        except Exception as error:  # noqa: BLE001 - whatever the background write raised
+            raise self._save_error(error) from None
+
+    def _save_error(self, error: BaseException) -> CheckpointSaveError:
+        self._manager.reload()  # the failed step is not a checkpoint
+        last = self._manager.latest_step()
+        return CheckpointSaveError(
+            f"saving a checkpoint in {self.directory} failed: {root_cause(error)}; training stopped, "
+            + (f"the last complete checkpoint is step {last}" if last is not None else "no checkpoint was written"))
 
     def restore(self, step: int, abstract_state):
-        """-> (state, data_state). `abstract_state` leaves: ShapeDtypeStruct with sharding."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{
-            STATE: ocp.args.StandardRestore(abstract_state),
-            DATA: ocp.args.JsonRestore(),
-        }))
-        return restored[STATE], restored[DATA]
+        """-> (state, data_state), verified. `abstract_state` leaves: ShapeDtypeStruct with
+        sharding. Raises DamagedCheckpointError naming the step and what is wrong."""
+        step_dir = self.directory / str(step)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{
+                STATE: ocp.args.StandardRestore(abstract_state),
+                DATA: ocp.args.JsonRestore(),
+                META: ocp.args.JsonRestore(),
+            }))
+        except Exception as error:  # noqa: BLE001 - TensorStore, JSON, missing files: all damage
+            raise DamagedCheckpointError(step, step_dir, root_cause(error)) from None
+        state, data_state, meta = restored[STATE], restored[DATA], restored[META]
+        if not isinstance(data_state, dict) or not isinstance(meta, dict):
+            raise DamagedCheckpointError(step, step_dir, f"{DATA}/ or {META}/ does not hold a JSON object")
+        finite, sums = jax.device_get(_digest(state))
+        saved = meta.get("state_sums")
+        if saved is not None and sums.tolist() != saved:
+            paths_ = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(state)]
+            changed = [p for p, a, b in zip(paths_, sums.tolist(), saved) if a != b] or ["the array list"]
+            raise DamagedCheckpointError(step, step_dir / STATE, f"{', '.join(changed[:3])} changed on disk "
+                                         "since it was saved (checksum differs)")
+        if not finite:
+            raise DamagedCheckpointError(step, step_dir / STATE, "NaN/inf in the saved state")
+        return state, data_state
+
+    def restore_newest_intact(self, abstract_state, *, damaged: str = "fallback", message=print):
+        """-> (step, state, data_state) of the newest checkpoint that verifies, or None if
+        there is none. A damaged one is reported in one line and moved, unchanged, to
+        workdir/damaged_checkpoints/ (so it is neither resumed, overwritten nor deleted);
+        damaged='refuse' raises its DamagedCheckpointError instead."""
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return (step, *self.restore(step, abstract_state))
+            except DamagedCheckpointError as error:
+                if damaged == "refuse":
+                    raise DamagedCheckpointError(step, self.directory / str(step), str(error).split(" (", 1)[1][:-1]
+                                                 + "; set train.resume_damaged=fallback to resume from the newest "
+                                                 "intact one") from None
+                moved = self._set_aside(step)
+                message(f"{error}; moved unchanged to {moved}, resuming from an earlier checkpoint")
+        if steps:
+            raise DamagedCheckpointError(steps[-1], self.directory, f"every checkpoint (steps {sorted(steps)}) "
+                                         f"is damaged; they were moved to {self.directory.parent / DAMAGED_DIR}, "
+                                         "start again with another --workdir")
+        return None
+
+    def _set_aside(self, step: int) -> epath.Path:
+        target = self.directory.parent / DAMAGED_DIR / str(step)
+        distributed.barrier(f"damaged_checkpoint_{step}")
+        if jax.process_index() == 0:
+            suffix = 0
+            while target.exists():
+                suffix += 1
+                target = target.parent / f"{step}.{suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        distributed.barrier(f"damaged_checkpoint_{step}_moved")
+        self._manager.reload()
+        return target
+
+    def newest_meta(self) -> dict | None:
+        """The meta item of the newest checkpoint whose meta/ reads (what the model and the
+        tokenizer of a resumed run must match); None without checkpoints."""
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return self.read_json(step, META)
+            except Exception:  # noqa: BLE001 - a damaged one; restore_newest_intact reports it
+                continue
+        if steps:
+            raise DamagedCheckpointError(steps[0], self.directory, f"no checkpoint has a readable {META}/ "
+                                         f"(steps {sorted(steps)}); start again with another --workdir")
+        return None
 
     def read_json(self, step: int, item: str) -> dict:
         return read_json_item(self.directory / str(step), item)
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Wait for the async save in flight; CheckpointSaveError if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001
+            raise self._save_error(error) from None
+        self.check()
 
     def close(self) -> None:
         self._manager.close()
+
+
+@jax.jit
+def _digest(state):
+    """-> (every float array finite, uint32 checksum per array: the sum of its bits as
+    unsigned integers, which any flipped bit changes). One pass over the state, on device."""
+    leaves = jax.tree.leaves(state)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves
+                                if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.bool_(True)]))
+    return finite, jnp.stack([_bit_sum(x) for x in leaves]) if leaves else jnp.zeros(0, jnp.uint32)
+
+
+def _bit_sum(x):
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+    return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
+
+
+def root_cause(error: BaseException) -> str:
+    """The innermost exception of a chain, as one line (TensorStore and Orbax wrap theirs)."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def abstract_with_shardings(abstract_state, shardings):

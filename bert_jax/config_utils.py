@@ -112,7 +112,10 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     c.train.keep = 3                        # latest checkpoints kept
     c.train.keep_best = 0                   # also keep the k best by eval loss
     c.train.async_checkpoints = True
-    c.train.max_nonfinite_steps = 10        # consecutive skipped steps before we stop
+    c.train.max_nonfinite_steps = 10        # consecutive skipped steps before a rollback (or stop)
+    c.train.loss_spike_factor = 0.0         # a loss over this x the recent mean rolls back; 0: off
+    c.train.max_rollbacks = 3               # restores of the last checkpoint on divergence, then stop
+    c.train.resume_damaged = "fallback"     # damaged latest checkpoint: fallback (to an intact one) | refuse
     c.train.init_from = ""                  # phase 2: a phase-1 workdir or step dir
     c.train.init_optimizer = False          # also take the optimizer state from it
     c.train.progress_bar = True
@@ -224,6 +227,10 @@ def validate(c: config_dict.ConfigDict) -> None:
     check(c.model.preset in PRESETS, "model.preset", f"must be one of {PRESETS}")
     sources.from_config(c.data)  # the data source keys, with messages naming them
     check(c.optimizer.name in OPTIMIZERS, "optimizer.name", f"must be one of {OPTIMIZERS}")
+    check(c.train.resume_damaged in ("fallback", "refuse"), "train.resume_damaged", "must be 'fallback' or 'refuse'")
+    check(c.train.max_rollbacks >= 0, "train.max_rollbacks", "must be >= 0")
+    check(c.train.loss_spike_factor == 0 or c.train.loss_spike_factor > 1, "train.loss_spike_factor",
+          "must be 0 (off) or > 1")
     check(c.optimizer.decay in DECAYS, "optimizer.decay", f"must be one of {DECAYS}")
     for key in ("train.global_batch_size", "train.micro_batches", "train.steps",
                 "train.log_every", "train.checkpoint_every", "train.keep",

@@ -8,9 +8,17 @@
 Exact resume: the loop's state is the train state, the data iterator state and its
 `record` (evaluations so far, train loss since the last one), and all three go into
 every checkpoint; dropout keys come from (seed, step) inside the step.
+
+Divergence: `max_nonfinite_steps` consecutive skipped (non-finite) steps, a loss over
+`loss_spike_factor` times the recent mean, or a state too broken to save (the saver raises
+NonFiniteStateError) roll the state back to the last checkpoint (the `rollback` function)
+and training goes on with the batches after the bad ones (the window that led there is
+skipped); after `max_rollbacks` of them the loop stops with NonFiniteError. Checks ride
+on the step metrics the loop fetches anyway, and on the saves.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import signal
@@ -21,9 +29,15 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bert_jax.checkpoint import NonFiniteStateError
+
 
 class NonFiniteError(RuntimeError):
-    """Too many consecutive steps had non-finite gradients."""
+    """Training diverged (non-finite steps, a loss spike) and no rollback was left."""
+
+
+class _Diverged(Exception):
+    """Internal: the steps fetched so far ask for a rollback."""
 
 
 # ----------------------------------------------------------------------------
@@ -83,6 +97,8 @@ class LoopSettings:
     peak_flops_total: float = 1.0    # all devices together
     eval_at_start: bool = False      # also evaluate at step 0 of a fresh run
     progress_metrics: tuple[tuple[str, str], ...] = (("loss", "loss"),)  # (bar label, metric name)
+    max_rollbacks: int = 0           # restores of the last checkpoint on divergence before stopping
+    loss_spike_factor: float = 0.0   # a loss over factor x the recent mean is divergence; 0: off
 
 
 def train_loop(
@@ -98,6 +114,8 @@ def train_loop(
     writer,
     preemption: PreemptionWatcher,
     record: dict | None = None,      # the `record` of the checkpoint resumed from
+    check_saves: Callable[[], None] = lambda: None,  # raises if an async save failed (every step)
+    rollback: Callable[[], tuple[Any, int] | None] | None = None,  # -> (state, step) of the last checkpoint
 ) -> tuple[Any, dict]:
     """Runs steps start_step+1 .. total_steps. -> (state, summary dict).
 
@@ -109,20 +127,47 @@ def train_loop(
     """
     step = start_step
     record = record or {"evaluations": [], "loss_sum": 0.0, "loss_steps": 0}
-    summary = {"start_step": start_step, "preempted": False, "evaluations": record["evaluations"]}
+    summary = {"start_step": start_step, "preempted": False, "evaluations": record["evaluations"],
+               "last_checkpoint": start_step or None, "rollbacks": 0}
     window = _Window(settings)
     window.reset(step)
-    nonfinite_run = 0
+    divergence = _Divergence(settings, writer)
     pending: list[tuple[int, dict]] = []  # (step, device metrics) not yet fetched
 
     def fetch():
-        nonlocal nonfinite_run
-        for (at, _), metrics in zip(pending, jax.device_get([m for _, m in pending])):
-            nonfinite_run = _check_finite(at, metrics, nonfinite_run, settings, writer)
+        fetched = jax.device_get([m for _, m in pending])
+        steps = [at for at, _ in pending]
+        pending.clear()
+        for at, metrics in zip(steps, fetched):
+            divergence.observe(at, metrics)
             window.add(metrics)
             record["loss_sum"] += float(metrics["loss"])
             record["loss_steps"] += 1
+
+    def save_checkpoint(final=False, metrics=None):
+        save(step, state, record=record, metrics=metrics, final=final)
+        summary["last_checkpoint"] = step
+
+    def recover(reason: str):
+        """-> (state, step) of the last checkpoint, or NonFiniteError when none is left."""
         pending.clear()
+        restored = rollback() if rollback is not None and summary["rollbacks"] < settings.max_rollbacks else None
+        if restored is None:
+            last = summary["last_checkpoint"]
+            raise NonFiniteError(
+                f"{reason}; stopping after {summary['rollbacks']} rollback(s) (train.max_rollbacks). Lower the "
+                "learning rate, enable clipping (optimizer.clip_norm) or use float32 compute (model.dtype); "
+                + (f"the last checkpoint is step {last}" if last is not None else "no checkpoint was written"))
+        summary["rollbacks"] += 1
+        restored_state, restored_step = restored
+        writer.message(f"{reason}: rollback {summary['rollbacks']}/{settings.max_rollbacks} to the checkpoint "
+                       f"at step {restored_step}; the batches since are skipped")
+        writer.drop_after(restored_step)
+        record["evaluations"][:] = [e for e in record["evaluations"] if e["step"] <= restored_step]
+        record.update(loss_sum=0.0, loss_steps=0)
+        window.reset(restored_step)
+        divergence.reset()
+        return restored_state, restored_step
 
     def run_evaluation():
         paused_at = time.perf_counter()
@@ -141,10 +186,14 @@ def train_loop(
 
     if evaluate is not None and settings.eval_at_start and start_step == 0:
         run_evaluation()
-    while step < settings.total_steps:
+
+    def _one_step() -> bool:
+        """One step and what follows it (log, evaluation, checkpoint). -> stop (preempted)."""
+        nonlocal state, step
         batch = to_global(next(train_batches))
         state, metrics = train_step(state, batch)
         step += 1
+        check_saves()
         pending.append((step, metrics))
         if step == start_step + 1:  # the first step compiles: keep it out of the throughput
             jax.block_until_ready(metrics)
@@ -154,7 +203,7 @@ def train_loop(
 
         if step % settings.log_every == 0 or step == settings.total_steps:
             fetch()
-            logged = window.summary(step)
+            logged = window.summary(step) | {"rollbacks": summary["rollbacks"]}
             writer.write(step, logged, "train")
             writer.progress(step, {label: logged.get(name, float("nan"))
                                    for label, name in settings.progress_metrics}
@@ -172,14 +221,24 @@ def train_loop(
         if preemption.reached(step):
             writer.message(f"preemption: saving a checkpoint at step {step} and stopping")
             fetch()
-            save(step, state, record=record, metrics=metrics_for_best, final=True)
+            save_checkpoint(final=True, metrics=metrics_for_best)
             summary["preempted"] = True
-            break
+            return True
         if step % settings.checkpoint_every == 0 or step == settings.total_steps:
             paused_at = time.perf_counter()
             fetch()
-            save(step, state, record=record, metrics=metrics_for_best, final=step == settings.total_steps)
+            save_checkpoint(final=step == settings.total_steps, metrics=metrics_for_best)
             window.pause(time.perf_counter() - paused_at)
+        return False
+
+    while step < settings.total_steps:
+        try:
+            stop = _one_step()
+        except (_Diverged, NonFiniteStateError) as error:
+            state, step = recover(str(error))
+            continue
+        if stop:
+            break
 
     summary["step"] = step
     return state, summary
@@ -203,18 +262,36 @@ def evaluate_sums(state, eval_step, batches, to_global, max_steps: int, finish: 
     return finish(jax.device_get(sums))
 
 
-def _check_finite(step, metrics, nonfinite_run, settings, writer) -> int:
-    skipped = float(np.asarray(metrics.get("update_skipped", 0.0)))
-    if skipped or not math.isfinite(float(np.asarray(metrics.get("loss", 0.0)))):
-        nonfinite_run += 1
-        writer.message(f"step {step}: non-finite gradients, update skipped ({nonfinite_run} in a row)")
-        if nonfinite_run >= settings.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"{nonfinite_run} consecutive steps with non-finite gradients (last at step {step}); "
-                "stopping (train.max_nonfinite_steps). Lower the learning rate, enable clipping "
-                "(optimizer.clip_norm) or use float32 compute (model.dtype); the last checkpoint is intact.")
-        return nonfinite_run
-    return 0
+class _Divergence:
+    """Watches the fetched step metrics; raises _Diverged when a rollback is due."""
+
+    def __init__(self, settings: LoopSettings, writer):
+        self.settings, self.writer = settings, writer
+        self.reset()
+
+    def reset(self):
+        self.nonfinite_run = 0
+        self.losses = collections.deque(maxlen=SPIKE_WINDOW)
+
+    def observe(self, step: int, metrics: dict) -> None:
+        loss = float(np.asarray(metrics.get("loss", 0.0)))
+        if float(np.asarray(metrics.get("update_skipped", 0.0))) or not math.isfinite(loss):
+            self.nonfinite_run += 1
+            self.writer.message(f"step {step}: non-finite gradients, update skipped ({self.nonfinite_run} in a row)")
+            if self.nonfinite_run >= self.settings.max_nonfinite_steps:
+                raise _Diverged(f"{self.nonfinite_run} consecutive steps with non-finite gradients (last at step "
+                                f"{step}; train.max_nonfinite_steps)")
+            return
+        self.nonfinite_run = 0
+        factor = self.settings.loss_spike_factor
+        if factor and len(self.losses) == SPIKE_WINDOW and loss > factor * (mean := sum(self.losses) / SPIKE_WINDOW):
+            raise _Diverged(f"step {step}: loss {loss:.4g} is over {factor:g} x the mean {mean:.4g} of the "
+                            f"{SPIKE_WINDOW} steps before (train.loss_spike_factor)")
+        self.losses.append(loss)
+
+
+# Steps whose mean loss a spike is measured against (and needed before one is looked for).
+SPIKE_WINDOW = 20
 
 
 class _Window:

@@ -10,6 +10,9 @@ The workdir may be a URI (gs://...): both files are written through `etils.epath
 (tf.io.gfile for gs://), and tensorboardX gets a writer for that scheme that does the same.
 A GCS object is re-uploaded whole on every flush, so on a URI the JSONL file is flushed at
 most every `flush_secs` (and on close); locally every line is flushed at once, as before.
+
+A run resumed at step s (or rolled back to it) drops the lines after s that an earlier
+run (or the diverged steps) wrote, so the file holds one history, step by step.
 """
 from __future__ import annotations
 
@@ -38,8 +41,10 @@ class MetricsWriter:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._flush_secs = 0.0 if paths.is_local(self.workdir) else flush_secs
         self._flushed_at = time.monotonic()
-        # Appending keeps the history of earlier (preempted) runs of this workdir.
-        self._jsonl = paths.open_file(self.workdir / JSONL_FILE, "a")
+        # Appending keeps the history of earlier (preempted) runs of this workdir, up to the
+        # step resumed from: what a killed run wrote after its last checkpoint is redone.
+        self._jsonl = None
+        self.drop_after(initial_step)
         if progress_bar:
             self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step", desc=description,
                                   dynamic_ncols=True, smoothing=0.1)
@@ -67,6 +72,22 @@ class MetricsWriter:
         tb = self._tensorboard()
         for name, value in scalars.items():
             tb.add_scalar(f"{split}/{name}", value, int(step))
+
+    def drop_after(self, step: int) -> None:
+        """Remove the lines of steps after `step` (all of them at 0: a fresh start)."""
+        if not self.enabled:
+            return
+        path = self.workdir / JSONL_FILE
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            kept = [line for line in lines if step and (_step_of(line) or step + 1) <= step]
+            if len(kept) < len(lines):
+                tmp = path.parent / (JSONL_FILE + ".tmp")
+                tmp.write_text("".join(kept), encoding="utf-8")
+                tmp.replace(path)
+        self._jsonl = paths.open_file(path, "a")
 
     def progress(self, step: int, postfix: dict | None = None) -> None:
         """Move the bar to `step`; postfix is e.g. loss, mlm_acc, seq/s, mfu (ETA is tqdm's)."""
@@ -117,6 +138,14 @@ class _EpathRecordWriterFactory:
 def _register_tensorboard_scheme(scheme: str) -> None:
     from tensorboardX import record_writer  # noqa: PLC0415
     record_writer.register_writer_factory(scheme, _EpathRecordWriterFactory())
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a JSONL line; None for a line cut short by a killed run."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _to_float(v) -> float:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 
 import jax
-import numpy as np
 import optax
 from absl import app, flags
 from absl import logging as absl_logging
@@ -28,12 +27,15 @@ from bert_jax import loop
 # ----------------------------------------------------------------------------
 # State: resume, phase-2 init, or fresh
 
-def initial_state(config, program: train_step_lib.PretrainingStep, ckpt, latest):
-    """-> (state, start_step, data_state or None), laid out as `program` shards it."""
+def initial_state(config, program: train_step_lib.PretrainingStep, ckpt, message):
+    """-> (state, start_step, data_state or None), laid out as `program` shards it: the
+    newest intact checkpoint (damaged ones are reported and set aside), else a fresh state."""
     model_config = program.model_config
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, program.abstract_state)
-        return state, latest, data_state
+    found = ckpt.restore_newest_intact(program.abstract_state, damaged=config.train.resume_damaged,
+                                       message=message)
+    if found is not None:
+        start_step, state, data_state = found
+        return state, start_step, data_state
     params = None
     if config.train.init_from:
         init_model_config, params, _ = checkpoint.restore_params(config.train.init_from)
@@ -49,23 +51,16 @@ def initial_state(config, program: train_step_lib.PretrainingStep, ckpt, latest)
 
 
 def _init_from_opt_state(path, state, shardings):
-    """Phase 2 with init_optimizer: phase 1's moments, step counters reset to 0 so the
-    new warmup and decay start from the beginning."""
+    """Phase 2 with init_optimizer: phase 1's moments and Adam's bias-correction count;
+    the schedule's count is reset to 0 so the new warmup and decay start from the beginning."""
     step_dir = checkpoint.resolve_step_dir(path)
     source = checkpoint.Checkpointer(step_dir.parent.parent, read_only=True)
     abstract = checkpoint.abstract_with_shardings(jax.eval_shape(lambda: state), shardings)
     restored, _ = source.restore(int(step_dir.name), abstract)
     source.close()
-    return optax.tree_utils.tree_set(restored.opt_state, count=np.zeros((), np.int32)) \
-        if _has_count(restored.opt_state) else restored.opt_state
-
-
-def _has_count(tree) -> bool:
-    try:
-        optax.tree_utils.tree_get(tree, "count")
-        return True
-    except (KeyError, ValueError):
-        return False
+    is_schedule = lambda s: isinstance(s, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree.map(lambda s: s._replace(count=s.count * 0) if is_schedule(s) else s,
+                        restored.opt_state, is_leaf=is_schedule)
 
 
 # ----------------------------------------------------------------------------
@@ -83,8 +78,7 @@ def run(config, workdir) -> dict:
 
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep, keep_best=config.train.keep_best,
                                    async_save=config.train.async_checkpoints)
-    latest = ckpt.latest_step()
-    saved_meta = ckpt.read_json(latest, checkpoint.META) if latest is not None else None
+    saved_meta = ckpt.newest_meta()
     mesh = sharding.make_mesh(config.mesh)
     tok, train_batches, eval_batches = pipeline.build_pretraining_data(
         config, workdir, batch_sharding=sharding.batch_sharding(mesh), saved_meta=saved_meta)
@@ -98,7 +92,8 @@ def run(config, workdir) -> dict:
     # The same builder gives `python -m bert_jax.aot` the program it plans.
     program = train_step_lib.build_pretraining_step(config, model_config, mesh)
     rules = program.rules
-    state, start_step, data_state = initial_state(config, program, ckpt, latest)
+    state, start_step, data_state = initial_state(config, program, ckpt,
+                                                  print if main_process else lambda _: None)
 
     if data_state is not None:
         train_batches.set_state(data_state)
@@ -118,6 +113,16 @@ def run(config, workdir) -> dict:
         if final:
             ckpt.wait()
 
+    def rollback():
+        """The newest intact checkpoint (the data iterator goes on: the batches since are skipped)."""
+        ckpt.wait()
+        found = ckpt.restore_newest_intact(program.abstract_state, damaged=config.train.resume_damaged,
+                                           message=writer.message)
+        if found is None:
+            return None
+        step, state, _ = found
+        return state, step
+
     compute = hardware.compute_choice(model_config.dtype, model_config.matmul_impl)
     peak, peak_source = hardware.device_peak_flops(model_config.dtype, compute.f32_out)  # the step's matmuls
     flops_per_step = config.train.global_batch_size * hardware.pretraining_flops_per_sequence(
@@ -130,7 +135,8 @@ def run(config, workdir) -> dict:
         max_nonfinite_steps=config.train.max_nonfinite_steps,
         global_batch_size=config.train.global_batch_size,
         flops_per_step=flops_per_step, peak_flops_total=peak_total,
-        progress_metrics=(("loss", "loss"), ("mlm_acc", "mlm_accuracy")))
+        progress_metrics=(("loss", "loss"), ("mlm_acc", "mlm_accuracy")),
+        max_rollbacks=config.train.max_rollbacks, loss_spike_factor=config.train.loss_spike_factor)
 
     writer = metrics_writer.MetricsWriter(workdir, enabled=main_process, total_steps=config.train.steps,
                                           initial_step=start_step, progress_bar=config.train.progress_bar)
@@ -151,7 +157,8 @@ def run(config, workdir) -> dict:
                                                    config.train.eval_steps, train_step_lib.eval_metrics))
             if eval_batches is not None else None,
             to_global=to_global,
-            train_batches=train_batches, save=save, writer=writer, preemption=preemption)
+            train_batches=train_batches, save=save, writer=writer, preemption=preemption,
+            check_saves=ckpt.check, rollback=rollback)
     finally:
         preemption.close()
         ckpt.wait()
@@ -181,10 +188,18 @@ def main(argv) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         summary = run(_CONFIG.value, _WORKDIR.value)
-    except (checkpoint.CheckpointMismatchError, loop.NonFiniteError) as e:
-        sys.exit(f"error: {e}")
-    if summary.get("preempted"):
-        print(f"preempted: checkpoint at step {summary['step']} in {summary['workdir']}", flush=True)
+    except (checkpoint.CheckpointMismatchError, checkpoint.DamagedCheckpointError,
+            checkpoint.CheckpointSaveError, loop.NonFiniteError) as e:
+        sys.exit(f"error: stopped: {e}")
+    print(ending(summary), flush=True)
+
+
+def ending(summary: dict) -> str:
+    """The run's last line: how it ended and where its last checkpoint is
+    (`preempted: checkpoint at step N in DIR`, which launch scripts read, or `finished...`)."""
+    how = "preempted" if summary["preempted"] else "finished"
+    rollbacks = f" after {summary['rollbacks']} rollback(s)" if summary["rollbacks"] else ""
+    return f"{how}{rollbacks}: checkpoint at step {summary['last_checkpoint']} in {summary['workdir']}"
 
 
 if __name__ == "__main__":

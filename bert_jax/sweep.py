@@ -151,7 +151,7 @@ class FineTuning:
                 train_step=lambda s, b: self.train_step(s, b, base_key),
                 train_batches=_epochs(task, seed, start_step), to_global=self.global_batch,
                 evaluate=lambda s: task.evaluate(self.predictor(s.params)),
-                save=save, writer=writer, preemption=preemption, record=record)
+                save=save, writer=writer, preemption=preemption, record=record, check_saves=ckpt.check)
         finally:
             ckpt.wait()
             ckpt.close()

@@ -3,8 +3,11 @@
 One prepared slice of ../shared/data/enwiki_sample is shared by all tests; every run has
 the same shapes (batch 16, length 64) so they compile the same programs.
 """
+import dataclasses
+import hashlib
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -220,3 +223,75 @@ def test_phase2_init_from_phase1(prepared, reference, tmp_path):
     assert 0 < max(diffs) < 0.01
     assert checkpoint.tokenizer_fingerprint(reference / "tokenizer") == \
         checkpoint.tokenizer_fingerprint(tmp_path / "tokenizer")
+
+
+def _checkpoint_hashes(directory):
+    """{'<step>/<file>': sha256} of the committed steps in `directory` (not unfinished saves)."""
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in directory.rglob("*") if p.is_file() and p.relative_to(directory).parts[0].isdigit()}
+
+
+def test_bit_flipped_latest_checkpoint_resumes_from_the_previous_one(prepared, reference, tmp_path, capsys):
+    """The reference's step-20 checkpoint with a flipped bit: the restart reports it, sets it
+    aside unchanged, resumes at 15 and ends with the reference's params, bitwise."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    checkpoints, damaged = workdir / checkpoint.CHECKPOINTS_DIR, workdir / checkpoint.DAMAGED_DIR
+    array_file = max((checkpoints / str(STEPS) / checkpoint.STATE).rglob("d/*"), key=lambda p: p.stat().st_size)
+    data = bytearray(array_file.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    array_file.write_bytes(bytes(data))
+    before = _checkpoint_hashes(checkpoints)
+    summary = pretrain.run(make_config(prepared, train__checkpoint_every=5, train__keep=10), workdir)
+    assert summary["start_step"] == STEPS - 5 and summary["step"] == STEPS
+    out = capsys.readouterr().out
+    assert f"checkpoint at step {STEPS} is damaged" in out and "checksum differs" in out
+    after = _checkpoint_hashes(checkpoints)
+    old = lambda hashes: {k: v for k, v in hashes.items() if not k.startswith(f"{STEPS}/")}  # noqa: E731
+    assert old(after) == old(before)  # 5, 10, 15 untouched
+    assert _checkpoint_hashes(damaged) == {k: v for k, v in before.items() if k not in old(before)}  # kept as it was
+    for a, b in zip(jax.tree.leaves(_params(workdir)), jax.tree.leaves(_params(reference)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert _train_losses(workdir) == _train_losses(reference)  # the redone steps 16..20 once each
+
+
+def test_nan_batches_roll_back_to_the_last_checkpoint(prepared, tmp_path, monkeypatch, capsys):
+    """The 12th to 14th batches give NaN (an injected bad data window): after 3 of them
+    (max_nonfinite_steps) the run restores step 10, goes on with the 15th batch and finishes."""
+    build = pretrain.train_step_lib.build_pretraining_step
+
+    def build_with_bad_batches(*args, **kw):
+        program = build(*args, **kw)
+        calls = iter(range(1, 10_000))
+
+        def poisoned(state, batch, key):
+            new_state, metrics = program.train_step(state, batch, key)
+            if 12 <= next(calls) <= 14:
+                metrics = {**metrics, "loss": np.float32("nan"), "update_skipped": np.int32(1)}
+            return new_state, metrics
+        return dataclasses.replace(program, train_step=poisoned)
+    monkeypatch.setattr(pretrain.train_step_lib, "build_pretraining_step", build_with_bad_batches)
+    summary = pretrain.run(make_config(prepared, train__checkpoint_every=10, train__max_nonfinite_steps=3,
+                                       train__max_rollbacks=1), tmp_path)
+    saved = _checkpoint_hashes(tmp_path / checkpoint.CHECKPOINTS_DIR)
+    assert summary["rollbacks"] == 1 and summary["step"] == STEPS
+    assert "rollback 1/1 to the checkpoint at step 10" in capsys.readouterr().out
+    rows = metrics_writer.read_jsonl(tmp_path, "train")
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # the diverged steps' lines superseded
+    assert rows[-1]["rollbacks"] == 1
+    assert pretrain.ending(summary) == f"finished after 1 rollback(s): checkpoint at step {STEPS} in {tmp_path}"
+    assert sorted({int(k.split("/")[0]) for k in saved}) == [10, STEPS]  # the one rolled back to is kept
+
+
+def test_phase2_init_optimizer_keeps_adams_count_and_restarts_the_schedule(prepared, reference):
+    import optax
+    from bert_jax import sharding
+    from bert_jax import train_step as train_step_lib
+    c = make_config(prepared, train__init_from=str(reference), train__init_optimizer=True)
+    model_config = train_step_lib.pretraining_model_config(c, VOCAB)
+    program = train_step_lib.build_pretraining_step(c, model_config, sharding.make_mesh(c.mesh))
+    opt_state = pretrain._init_from_opt_state(str(reference), program.create_state(), program.state_shardings)
+    counted = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
+    counts = {type(s).__name__: int(s.count)
+              for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, counted)) if isinstance(s, counted)}
+    assert counts == {"ScaleByAdamState": STEPS, "ScaleByScheduleState": 0}
