@@ -82,7 +82,7 @@ class MetricsWriter:
             self._jsonl.close()
         if path.exists():
             lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            kept = [line for line in lines if step and (_step_of(line) or step + 1) <= step]
+            kept = [line for line in lines if step and _step_of(line) is not None and _step_of(line) <= step]
             if len(kept) < len(lines):
                 tmp = path.parent / (JSONL_FILE + ".tmp")
                 tmp.write_text("".join(kept), encoding="utf-8")

@@ -228,6 +228,7 @@ def test_unsaveable_state_rolls_back():
 
 def test_metrics_after_the_resumed_step_are_dropped(tmp_path):
     writer = metrics_writer.MetricsWriter(tmp_path, progress_bar=False)
+    writer.write(0, {"loss": 3.0}, "eval")
     for step in range(1, 8):
         writer.write(step, {"loss": 1.0})
     writer.close()
@@ -237,7 +238,7 @@ def test_metrics_after_the_resumed_step_are_dropped(tmp_path):
     writer.write(6, {"loss": 2.0})
     writer.close()
     assert [(r["step"], r["loss"]) for r in metrics_writer.read_jsonl(tmp_path)] == \
-        [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 2.0)]
+        [(0, 3.0), (1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0), (6, 2.0)]
 
 
 SAVER = textwrap.dedent("""
