@@ -14,7 +14,7 @@ buckets); PyTorch gets the same rows, each batch padded to its longest row (dyna
 bert_jax runs at the default fine-tuning config (configs/glue.py: compute dtype and matmul path
 from `hardware.compute_choice`, buckets from `smallest_bucket`); `--variant` adds rows with
 config keys (`smallest_bucket=32`) or BertConfig fields (`model.attention_impl=explicit`)
-changed, measured in the same run. Compilation (one per padded width) is timed apart from the
+changed, or `bucket_step=16` (buckets at every multiple of 16), measured in the same run. Compilation (one per padded width) is timed apart from the
 steps. Prints the CPU features, the load average, examples/s of each and the ratio to PyTorch.
 """
 from __future__ import annotations
@@ -92,6 +92,8 @@ class Ours:
 
     def __init__(self, name: str, pretrained, settings: dict):
         self.name = name
+        settings = dict(settings)
+        self.bucket_step = int(settings.pop("bucket_step", 0))
         model_keys = {k[len("model."):]: v for k, v in settings.items() if k.startswith("model.")}
         self.c = finetune_config({k: v for k, v in settings.items() if not k.startswith("model.")})
         config = pretrained.config
@@ -110,6 +112,8 @@ class Ours:
         self.compute = hardware.compute_choice(cfg.dtype, cfg.matmul_impl)
 
     def buckets(self) -> tuple[int, ...]:
+        if self.bucket_step:  # every multiple of bucket_step: less padding, more compiles
+            return tuple(range(self.bucket_step, self.c.max_seq_length + 1, self.bucket_step))
         return glue_data.bucket_lengths(self.c.max_seq_length, self.c.smallest_bucket)
 
     def examples_per_second(self, batches: list[dict]) -> float:

@@ -5,18 +5,19 @@
 
 In one run, on the same random batch (Google's format: P=20 masked positions per
 sequence), each with AdamW:
-* bert_jax: the jitted ``train_step.make_train_step`` on one device, float32 and
-  bfloat16 compute (float32 params, optimizer and loss); bfloat16 both with the
-  default matmul_impl (on CPU: float32-output matmuls, ``bert_jax/matmul.py``)
-  and with matmul_impl="xla" (row ``bf16-xla``);
+* bert_jax: the jitted ``train_step.make_train_step`` on one device (float32 params,
+  optimizer and loss): row ``default`` is dtype and matmul_impl "auto" as this machine
+  resolves them (``hardware.compute_choice``, printed with the CPU features), then
+  float32, bfloat16 with XLA's dots (``bf16-xla``) and bfloat16 with float32-output
+  matmuls (``bf16-f32out``, ``bert_jax/matmul.py``);
 * PyTorch ``BertForPreTraining`` (transformers 5, ``torch.optim.AdamW``);
 * Hugging Face ``FlaxBertForPreTraining`` (transformers 4.57.6) in the
   benchmark-only venv made by ``benchmarks/setup_hf_flax_env.sh`` (subprocess,
   run after ours, never concurrently);
-* this machine's matmul peak (2048^3 jnp.dot, float32 and bfloat16 inputs with
-  float32 accumulation) for MFU.
+* this machine's matmul peak (2048^3 jnp.dot) in each form the rows use: float32,
+  bfloat16 -> bfloat16 (XLA's dots) and bfloat16 -> float32 (f32_out), for MFU.
 
-MFU = model FLOPs per second / peak of the compute dtype. Model FLOPs per
+MFU = model FLOPs per second / peak of the matmul form the row uses. Model FLOPs per
 sequence = 3 x forward FLOPs of BERT pretraining with P predictions (matmuls and
 attention; the MLM head on the P masked positions). The HF implementations
 project all T positions onto the vocabulary, so they do more work than counted.
@@ -43,8 +44,9 @@ from bert_jax.weights.hf import config_to_hf
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCH_VENV_PY = ROOT / ".cache" / "bench-venv" / "bin" / "python"
 PREDICTIONS = 20
-# (label, compute dtype, BertConfig.matmul_impl) of the bert_jax rows
-VARIANTS = (("float32", "float32", "auto"), ("bfloat16", "bfloat16", "auto"), ("bf16-xla", "bfloat16", "xla"))
+# (label, compute dtype, BertConfig.matmul_impl) of the bert_jax rows; "default" resolves "auto"
+VARIANTS = (("default", "auto", "auto"), ("float32", "float32", "xla"), ("bf16-xla", "bfloat16", "xla"),
+            ("bf16-f32out", "bfloat16", "f32_out"))
 
 
 def make_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
@@ -63,10 +65,10 @@ def make_batch(batch_size: int, seq_len: int, vocab: int, seed: int = 0) -> dict
     )
 
 
-def matmul_peak(dtype, n: int = 2048, repeats: int = 10) -> float:
+def matmul_peak(dtype, f32_out: bool, n: int = 2048, repeats: int = 10) -> float:
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
     b = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), dtype)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32 if f32_out else None))
     f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -172,11 +174,15 @@ def main():
     parser.add_argument("--json", help="write all results here")
     args = parser.parse_args()
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs; "
+    default = hardware.compute_choice()
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}; default: {default.describe()}; "
           f"batch {args.batch}, seq {args.seq}, {PREDICTIONS} predictions, {args.steps} timed steps")
-    peak = {"float32": matmul_peak(jnp.float32, args.peak_n), "bfloat16": matmul_peak(jnp.bfloat16, args.peak_n)}
-    print(f"matmul peak: float32 {peak['float32'] / 1e9:.1f} GFLOP/s, bfloat16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s",
-          flush=True)
+    choices = {label: hardware.compute_choice(d, m) for label, d, m in VARIANTS if label in args.variants.split(",")}
+    variants = [(label, c.dtype, c.matmul_impl) for label, c in choices.items()]
+    forms = {"float32": ("float32", False), "bfloat16": ("bfloat16", False), "bf16->f32": ("bfloat16", True)}
+    peak = {name: matmul_peak(jnp.dtype(d), f32_out, args.peak_n) for name, (d, f32_out) in forms.items()}
+    print("matmul peak: " + ", ".join(f"{name} {p / 1e9:.1f} GFLOP/s" for name, p in peak.items()), flush=True)
 
     names = args.configs.split(",")
     cfgs = {n: M.BertConfig.preset(n, max_position_embeddings=512) for n in names}
@@ -184,13 +190,10 @@ def main():
     rows = []
     for name, cfg in cfgs.items():
         flops = hardware.pretraining_flops_per_sequence(cfg, args.seq, PREDICTIONS)
-        # bfloat16 runs twice: matmul_impl auto (float32-output matmuls with a custom VJP on
-        # CPU, bert_jax/matmul.py) and xla (plain bf16 dots), to show what that path is worth.
-        for label, dtype, matmul_impl in VARIANTS:
-            if label not in args.variants.split(","):
-                continue
+        for label, dtype, matmul_impl in variants:
             r = bench_ours(cfg.replace(dtype=dtype, matmul_impl=matmul_impl), batch, args.steps, args.warmup)
-            rows.append({"config": name, "impl": "bert_jax", "dtype": label, "peak_dtype": dtype, **r})
+            form = "float32" if dtype == "float32" else ("bf16->f32" if matmul_impl == "f32_out" else "bfloat16")
+            rows.append({"config": name, "impl": "bert_jax", "dtype": label, "peak_dtype": form, **r})
             print(f"  {name} bert_jax {label}: {r['sequences_per_s']:.2f} seq/s", flush=True)
         if not args.no_torch:
             rows.append({"config": name, "impl": "pytorch", "dtype": "float32",
