@@ -25,7 +25,6 @@ import sys
 
 import jax
 from absl import flags
-from ml_collections import config_flags
 
 from bert_jax import cli, planner
 
@@ -33,8 +32,6 @@ PROG = "python -m bert_jax.aot"
 
 
 def _define_flags(fv) -> None:
-    config_flags.DEFINE_config_file("config", None, "pretraining config file (configs/*.py)", flag_values=fv,
-                                    lock_config=True)
     flags.DEFINE_string("topology", None, "TPU topology: v5e:16x16, v5p:4x4x4, v4:2x2x2, v6e:4x4, "
                         "or an accelerator type like v5litepod-256 / v5p-128", flag_values=fv)
     flags.DEFINE_integer("num_slices", 1, "slices joined over DCN (multi-slice)", flag_values=fv)
@@ -45,10 +42,11 @@ def _define_flags(fv) -> None:
     flags.DEFINE_string("json", None, "also write the result(s) as JSON to this file", flag_values=fv)
 
 
+@cli.entrypoint
 def main(argv=None) -> int:
-    fv = cli.parse(argv, _define_flags, __doc__, prog=PROG)
-    if fv.config is None or not fv.topology:
-        cli.usage_error(PROG, "--config and --topology are required")
+    fv = cli.parse_config(argv, _define_flags, __doc__, prog=PROG, config_help="pretraining config file (configs/*.py)")
+    if not fv.topology:
+        cli.usage_error(PROG, "--topology is required")
     # Compile-only: the host's own backend is the CPU even where libtpu is installed.
     if not os.environ.get("JAX_PLATFORMS"):
         jax.config.update("jax_platforms", "cpu")

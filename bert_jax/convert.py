@@ -30,17 +30,14 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.mark_flags_as_required(["src", "dst", "dst_format"], flag_values=fv)
 
 
+@cli.entrypoint
 def main(argv=None) -> int:
     fv = cli.parse(argv, define_flags, __doc__, prog="python -m bert_jax.convert")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every read at INFO
-    try:
-        cfg, params, report = weights.load_pretrained(fv.src, fv.src_format)
-        found = weights.tokenizer_for(fv.src, cfg, fv.tokenizer)
-        out = weights.save(cfg, params, fv.dst, fv.dst_format, tokenizer_dir=found and found[1])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, params, report = weights.load_pretrained(fv.src, fv.src_format)
+    found = weights.tokenizer_for(fv.src, cfg, fv.tokenizer)
+    out = weights.save(cfg, params, fv.dst, fv.dst_format, tokenizer_dir=found and found[1])
     print(f"wrote {fv.dst_format} to {out}: {params_lib.count(params):,} parameters"
           + (f"; initialised fresh: {report['initialised']}" if report["initialised"] else ""))
     return 0

@@ -32,11 +32,18 @@ from bert_jax import cli
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+class StageFailed(RuntimeError):
+    """A stage's process exited non-zero (its own error is printed above)."""
+
+
 def run(stage: str, args: list[str]) -> float:
     cmd = [sys.executable, "-m", *args]
     print(f"\n=== {stage}: {' '.join(cmd[1:])}", flush=True)
     t = time.time()
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    status = subprocess.run(cmd, cwd=ROOT).returncode
+    if status:
+        raise StageFailed(f"the {stage} stage exited with status {status} (its error is above); "
+                          "fix it and run the demo again (finished stages are resumed or skipped)")
     return time.time() - t
 
 
@@ -58,6 +65,7 @@ def _define_flags(fv) -> None:
     flags.DEFINE_integer("finetune_examples", 4000, "pairs in the fine-tuning task", flag_values=fv)
 
 
+@cli.entrypoint
 def main(argv=None) -> int:
     args = cli.parse(argv, _define_flags, __doc__, prog="python -m bert_jax.demo")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

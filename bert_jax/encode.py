@@ -31,15 +31,12 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.mark_flags_as_required(["model", "text"], flag_values=fv)
 
 
+@cli.entrypoint
 def main(argv=None) -> int:
     fv = cli.parse(argv, define_flags, __doc__, prog="python -m bert_jax.encode")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every read at INFO
-    try:
-        [encoded] = InferenceModel.load(fv.model, fv.format, fv.tokenizer).encode([fv.text])
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    [encoded] = InferenceModel.load(fv.model, fv.format, fv.tokenizer).encode([fv.text])
     hidden = encoded.hidden[None]
     print(f"tokens: {encoded.tokens}")
     print(f"last_hidden_state: shape {hidden.shape}")

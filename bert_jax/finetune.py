@@ -25,7 +25,6 @@ import sys
 
 import jax
 from absl import flags
-from ml_collections import config_flags
 
 from bert_jax import cli, config_utils, distributed, loop, paths, sharding, sweep, tasks, weights
 
@@ -61,36 +60,20 @@ def run(c, workdir) -> dict:
     return {**results, "preempted": not finished}
 
 
-def define_flags(fv: flags.FlagValues, argv: list[str]) -> None:
-    # sys_argv: the config file is read while its override flags (--config.KEY=...) are defined.
-    config_flags.DEFINE_config_file("config", None, "fine-tuning config file (configs/glue.py)", flag_values=fv,
-                                    lock_config=True, sys_argv=[PROG, *argv])
+def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "results.json, submission files, fine-tuned checkpoints, runs",
                         flag_values=fv)
-    flags.mark_flags_as_required(["config", "workdir"], flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
 
 
+@cli.entrypoint
 def main(argv=None) -> int:
     """Exit status: 0 done (or stopped by SIGTERM, resumable), 1 too many non-finite steps,
     2 bad input (one line on stderr)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        fv = cli.parse(argv, lambda fv: define_flags(fv, argv), __doc__, prog=PROG)
-        config = fv.config
-        config.to_dict()  # config_flags defers the error of a file it could not load to here
-    except (AttributeError, KeyError, OSError) as e:  # --config.KEY=... naming no key; no such file
-        while isinstance(e, BaseException) and e.args:
-            e = e.args[0]
-        cli.usage_error(PROG, f"--config: {e}")
+    fv = cli.parse_config(argv, define_flags, __doc__, prog=PROG,
+                          config_help="fine-tuning config file (configs/glue.py)")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save at INFO
-    try:
-        results = run(config, fv.workdir)
-    except (ValueError, FileNotFoundError) as e:  # bad config, data or workdir (CheckpointMismatchError too)
-        print(f"error: {e}", file=sys.stderr)
-        return cli.USAGE_ERROR
-    except loop.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    results = run(fv.config, fv.workdir)
     if results["preempted"]:
         print(f"preempted: checkpoint saved in {fv.workdir}; run the same command again to resume", flush=True)
         return 0

@@ -13,11 +13,10 @@ import sys
 
 import jax
 import optax
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
-from bert_jax import checkpoint, config_utils, distributed, hardware, metrics_writer, paths, sharding
+from bert_jax import checkpoint, cli, config_utils, distributed, hardware, metrics_writer, paths, sharding
 from bert_jax import params as params_lib
 from bert_jax.data import pipeline
 from bert_jax import train_step as train_step_lib
@@ -172,26 +171,26 @@ def run(config, workdir) -> dict:
 # ----------------------------------------------------------------------------
 # Command line
 
-def define_flags() -> None:
-    """Defines the command-line flags (only when run as a program, so that importing
-    several entrypoints into one process, as the tests do, defines nothing)."""
-    global _CONFIG, _WORKDIR
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Pretraining config file (configs/*.py[:phase2]).",
-                                              lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, tokenizer, metrics; resumed when it has them.")
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "checkpoints, tokenizer, metrics; resumed when it has them", flag_values=fv)
+    flags.mark_flag_as_required("workdir", flag_values=fv)
 
 
-def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:  # Orbax logs every save at INFO
-        absl_logging.set_verbosity(absl_logging.WARNING)
+@cli.entrypoint
+def main(argv=None) -> int:
+    """Exit status: 0 finished or preempted (resumable), 1 stopped (too many non-finite steps,
+    a failed save), 2 bad input (one line on stderr)."""
+    fv = cli.parse_config(argv, define_flags, __doc__, prog="python -m bert_jax.pretrain",
+                          config_help="pretraining config file (configs/*.py[:phase2])")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every save at INFO
     try:
-        summary = run(_CONFIG.value, _WORKDIR.value)
+        summary = run(fv.config, fv.workdir)
     except (checkpoint.CheckpointMismatchError, checkpoint.DamagedCheckpointError,
             checkpoint.CheckpointSaveError, loop.NonFiniteError) as e:
-        sys.exit(f"error: stopped: {e}")
+        print(f"error: stopped: {e}", file=sys.stderr, flush=True)
+        return cli.RUN_FAILED
     print(ending(summary), flush=True)
+    return 0
 
 
 def ending(summary: dict) -> str:
@@ -203,6 +202,4 @@ def ending(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-    define_flags()
-    flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+    sys.exit(main())

@@ -412,6 +412,7 @@ _USAGE = """commands:
   show PATH [TEXT ...]                                             print a tokenizer's summary and tokenize text"""
 
 
+@cli.entrypoint
 def main(argv: Sequence[str] | None = None) -> None:
     prog = "python -m bert_jax.tokenizer"
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -446,4 +447,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

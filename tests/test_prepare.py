@@ -85,7 +85,7 @@ def _corpus(tmp_path, documents, name="corpus.txt"):
     return path
 
 
-def test_bad_input_is_refused_and_never_damages_existing_output(tmp_path, vocab_file):
+def test_bad_input_is_refused_and_never_damages_existing_output(tmp_path, vocab_file, capsys):
     good = _corpus(tmp_path, [["The first document.", "It has two sentences."], ["Another one here.", "Yes."]])
     out = tmp_path / "out"
     prepare(DataSource.text(good), vocab_file, out, workers=1, progress=False, input_format="sentences")
@@ -95,8 +95,8 @@ def test_bad_input_is_refused_and_never_damages_existing_output(tmp_path, vocab_
         prepare(DataSource.text(good), vocab_file, out, workers=1, progress=False)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(SystemExit, match=f"{empty} is empty"):
-        main(["--input", str(empty), "--tokenizer", vocab_file, "--output", str(out), "--overwrite"])
+    assert main(["--input", str(empty), "--tokenizer", vocab_file, "--output", str(out), "--overwrite"]) == 2
+    assert f"{empty} is empty" in capsys.readouterr().err
     single = _corpus(tmp_path, [["Only one document.", "With two sentences."]], "single.txt")
     with pytest.raises(ValueError, match="at least 2"):
         prepare(DataSource.text(single), vocab_file, out, workers=1, progress=False, overwrite=True)

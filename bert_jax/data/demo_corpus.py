@@ -181,6 +181,7 @@ def _define_flags(fv) -> None:
     flags.DEFINE_boolean("no_cache", False, "rebuild the corpus instead of reading the cached copy", flag_values=fv)
 
 
+@cli.entrypoint
 def main(argv=None) -> None:
     fv = cli.parse(argv, _define_flags, __doc__, prog="python -m bert_jax.data.demo_corpus")
     docs = documents(use_cache=not fv.no_cache)
@@ -193,4 +194,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -342,22 +342,20 @@ def _define_flags(fv) -> None:
         flags.mark_flag_as_required(name, flag_values=fv)
 
 
+@cli.entrypoint
 def main(argv=None) -> None:
     fv = cli.parse(argv, _define_flags, __doc__, prog="python -m bert_jax.data.prepare")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        metadata = prepare(
-            DataSource.parse(fv.input, tfds_data_dir=fv.tfds_data_dir or ""), fv.tokenizer, fv.output, max_seq_length=fv.max_seq_length,
-            short_seq_prob=fv.short_seq_prob, eval_fraction=fv.eval_fraction, seed=fv.seed,
-            static_masking=fv.static_masking, dupe_factor=fv.dupe_factor,
-            max_predictions_per_seq=fv.max_predictions_per_seq, masked_lm_prob=fv.masked_lm_prob,
-            whole_word_masking=fv.whole_word_masking, workers=fv.workers, input_format=fv.format,
-            shard_tokens=fv.shard_tokens, overwrite=fv.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        sys.exit(f"prepare: error: {e}")
+    metadata = prepare(
+        DataSource.parse(fv.input, tfds_data_dir=fv.tfds_data_dir or ""), fv.tokenizer, fv.output,
+        max_seq_length=fv.max_seq_length, short_seq_prob=fv.short_seq_prob, eval_fraction=fv.eval_fraction,
+        seed=fv.seed, static_masking=fv.static_masking, dupe_factor=fv.dupe_factor,
+        max_predictions_per_seq=fv.max_predictions_per_seq, masked_lm_prob=fv.masked_lm_prob,
+        whole_word_masking=fv.whole_word_masking, workers=fv.workers, input_format=fv.format,
+        shard_tokens=fv.shard_tokens, overwrite=fv.overwrite)
     print(summary_text(metadata))
     print(f"wrote {fv.output}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -28,6 +28,7 @@ import itertools
 import json
 import os
 import pathlib
+import sys
 
 import numpy as np
 from absl import flags
@@ -202,10 +203,11 @@ def _define_flags(fv) -> None:
         flags.mark_flag_as_required(name, flag_values=fv)
 
 
+@cli.entrypoint
 def main(argv=None) -> None:
     fv = cli.parse(argv, _define_flags, __doc__, prog="python -m bert_jax.data.tfds_corpus")
     print(f"wrote {build(fv.prepared, fv.data_dir, fv.name)}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
