@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import pathlib
 
 from ml_collections import config_dict
@@ -27,6 +28,7 @@ from bert_jax.model import BertConfig
 PRESETS = ("tiny", "mini", "small", "medium", "base", "large")
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "polynomial", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
 # Every BertConfig field is a `model` key: set, it overrides the preset's value.
 MODEL_OVERRIDES = tuple(f.name for f in dataclasses.fields(BertConfig))
 # Pretraining's own defaults for some of them; the others are None (the preset's).
@@ -204,6 +206,7 @@ def finetune_config(glue_data: bool = True) -> config_dict.ConfigDict:
 def validate_finetune(c: config_dict.ConfigDict) -> None:
     """Value checks of a fine-tuning config, with messages naming the key."""
     check = _checker(c)
+    _check_finite(c)
     check(len(c.learning_rates) > 0 and all(lr > 0 for lr in c.learning_rates), "learning_rates",
           "needs one or more positive values")
     check(len(c.seeds) > 0, "seeds", "needs one or more seeds")
@@ -213,6 +216,11 @@ def validate_finetune(c: config_dict.ConfigDict) -> None:
     check(0 <= c.warmup_fraction < 1, "warmup_fraction", "must be in [0, 1)")
     check(0 <= c.dropout < 1, "dropout", "must be in [0, 1)")
     check(c.max_seq_length >= 8, "max_seq_length", "must be >= 8")
+    check(c.weight_decay >= 0, "weight_decay", "must be >= 0")
+    check(c.clip_norm >= 0, "clip_norm", "must be >= 0 (0 disables clipping)")
+    check(c.init_format in ("auto", "orbax", "hf", "tf", "npz"), "init_format", "must be auto, orbax, hf, tf or npz")
+    check(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
+    check(1 <= c.smallest_bucket <= c.max_seq_length, "smallest_bucket", "must be in [1, max_seq_length]")
     for key in ("batch_size", "eval_batch_size", "log_every_steps", "max_nonfinite_steps"):
         check(c[key] >= 1, key, "must be >= 1")
     for key in ("eval_every_steps", "checkpoint_every_steps", "max_train_examples"):
@@ -223,6 +231,7 @@ def validate_finetune(c: config_dict.ConfigDict) -> None:
 def validate(c: config_dict.ConfigDict) -> None:
     """Value checks of a pretraining config, with messages naming the key."""
     check = _checker(c)
+    _check_finite(c)
 
     check(c.model.preset in PRESETS, "model.preset", f"must be one of {PRESETS}")
     sources.from_config(c.data)  # the data source keys, with messages naming them
@@ -242,6 +251,31 @@ def validate(c: config_dict.ConfigDict) -> None:
           f"exceeds model.max_position_embeddings={c.model.max_position_embeddings}")
     check(c.data.max_predictions_per_seq <= c.data.max_seq_length,
           "data.max_predictions_per_seq", "exceeds data.max_seq_length")
+    check(c.data.tokenizer_model_type in ("unigram", "bpe"), "data.tokenizer_model_type", "must be unigram or bpe")
+    check(c.data.tokenizer_vocab_size >= 16, "data.tokenizer_vocab_size", "must be >= 16")
+    check(0 < c.data.masked_lm_prob < 1, "data.masked_lm_prob", "must be in (0, 1)")
+    check(0 <= c.data.short_seq_prob <= 1, "data.short_seq_prob", "must be in [0, 1]")
+    check(0 <= c.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
+    for key in ("data.worker_count", "data.shuffle_buffer", "train.eval_steps", "train.keep_best",
+                "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.end_learning_rate"):
+        check(_get(c, key) >= 0, key, "must be >= 0")
+    check(c.train.eval_steps == 0 or c.train.eval_every >= 1, "train.eval_every",
+          f"must be >= 1 when train.eval_steps={c.train.eval_steps} (set train.eval_steps=0 for no evaluation)")
+    check(c.train.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    check(not c.train.init_optimizer or c.train.init_from, "train.init_optimizer",
+          "needs train.init_from (the checkpoint whose optimizer state it takes)")
+    check(c.optimizer.learning_rate > 0, "optimizer.learning_rate", "must be > 0")
+    check(c.optimizer.end_learning_rate <= c.optimizer.learning_rate, "optimizer.end_learning_rate",
+          f"must be <= optimizer.learning_rate={c.optimizer.learning_rate}")
+    check(c.optimizer.total_steps is None or c.optimizer.total_steps >= 1, "optimizer.total_steps",
+          "must be >= 1 (or None: train.steps)")
+    check(c.optimizer.power > 0, "optimizer.power", "must be > 0")
+    for key in ("optimizer.b1", "optimizer.b2"):
+        check(0 <= _get(c, key) < 1, key, "must be in [0, 1)")
+    check(c.optimizer.eps > 0, "optimizer.eps", "must be > 0")
+    check(c.optimizer.clip_norm >= 0, "optimizer.clip_norm", "must be >= 0 (0 disables clipping)")
+    for key in ("model.hidden_dropout_prob", "model.attention_probs_dropout_prob"):
+        check(_get(c, key) is None or 0 <= _get(c, key) < 1, key, "must be in [0, 1)")
     _validate_shared(c, check)
 
 
@@ -252,6 +286,16 @@ def _validate_shared(c, check) -> None:
     check(c.mesh.slices >= 1, "mesh.slices", "must be >= 1")
     check(c.distributed.initialize in ("auto", "always", "never"), "distributed.initialize",
           "must be auto, always or never")
+
+
+def _check_finite(c, prefix: str = "") -> None:
+    """Every float in the config (also inside tuples) is finite: nan and inf are refused."""
+    for key, value in c.items():
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if isinstance(value, config_dict.ConfigDict):
+            _check_finite(value, f"{prefix}{key}.")
+        elif any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ValueError(f"config.{prefix}{key}: must be a finite number (got {value!r})")
 
 
 def _checker(c):

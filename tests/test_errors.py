@@ -1,0 +1,116 @@
+"""One clean line for a user error: every entrypoint prints `error: <message>` and exits 2
+(no traceback unless --verbose / BERT_JAX_TRACEBACK=1); bad config values are refused before
+any work; no libtpu probe on a host without a TPU. Rows of docs/reliability.md."""
+import errno
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bert_jax import aot, cli, config_utils, convert, encode, finetune, pretrain, tokenizer
+from bert_jax.data import prepare
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "bert_tiny.py")
+GLUE = str(ROOT / "configs" / "glue.py")
+
+
+def _one_error_line(capsys, *fragments):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimizer.learning_rate=nan", "config.optimizer.learning_rate: must be a finite number"),
+    ("optimizer.learning_rate=inf", "config.optimizer.learning_rate: must be a finite number"),
+    ("optimizer.learning_rate=-1e-4", "config.optimizer.learning_rate: must be > 0"),
+    ("train.eval_every=0", "config.train.eval_every: must be >= 1 when train.eval_steps=50"),
+    ("train.eval_steps=-1", "config.train.eval_steps: must be >= 0"),
+    ("data.masked_lm_prob=1.5", "config.data.masked_lm_prob: must be in (0, 1)"),
+    ("optimizer.b2=1.0", "config.optimizer.b2: must be in [0, 1)"),
+    ("optimizer.eps=0.0", "config.optimizer.eps: must be > 0"),
+    ("optimizer.warmup_steps=-5", "config.optimizer.warmup_steps: must be >= 0"),
+    ("optimizer.clip_norm=-1.0", "config.optimizer.clip_norm: must be >= 0"),
+    ("train.init_optimizer=True", "config.train.init_optimizer: needs train.init_from"),
+    ("model.hidden_dropout_prob=1.0", "config.model.hidden_dropout_prob: must be in [0, 1)"),
+    ("data.tokenizer_model_type=wordpiece", "config.data.tokenizer_model_type: must be unigram or bpe"),
+])
+def test_pretraining_config_values_are_refused_before_any_work(override, message, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    args = [f"--config={TINY}", f"--workdir={workdir}", "--config.data.source=demo", f"--config.{override}"]
+    assert pretrain.main(args) == 2
+    _one_error_line(capsys, message)
+    assert not workdir.exists()  # nothing prepared, compiled or written
+
+
+@pytest.mark.parametrize("override, message", [
+    ("learning_rates=(2e-5,1e999)", "config.learning_rates: must be a finite number"),
+    ("num_epochs=inf", "config.num_epochs: must be a finite number"),
+    ("weight_decay=-0.1", "config.weight_decay: must be >= 0"),
+    ("dtype=float64", "config.dtype: must be one of"),
+    ("smallest_bucket=512", "config.smallest_bucket: must be in [1, max_seq_length]"),
+])
+def test_finetuning_config_values_are_refused_before_any_work(override, message, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    assert finetune.main([f"--config={GLUE}", f"--workdir={workdir}", f"--config.{override}"]) == 2
+    _one_error_line(capsys, message)
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("main, argv, message", [
+    (convert.main, ["--src=/no/such/model", "--dst=/tmp/x.npz", "--dst_format=npz"], "/no/such/model"),
+    (encode.main, ["--model=/no/such/model", "--text=hi"], "/no/such/model"),
+    (prepare.main, ["--input=/no/such/corpus.txt", "--tokenizer=/no/such/vocab.txt", "--output=/tmp/o"], "/no/such/"),
+    (tokenizer.main, ["show", "/no/such/tokenizer"], "/no/such/tokenizer"),
+    (aot.main, [f"--config={TINY}", "--topology=v9z:2x2"], "v9z"),
+])
+def test_entrypoints_report_bad_input_on_one_line(main, argv, message, capsys):
+    assert main(argv) == 2
+    _one_error_line(capsys, message)
+
+
+def test_user_errors_and_bugs_are_told_apart():
+    for raise_it, user in [(lambda: config_utils.finish(config_utils.finetune_config(), "phase3"), True),
+                           (lambda: tokenizer.load_tokenizer("/no/such/vocab.txt"), True), (lambda: np.ones(3).reshape(2, 2), False), (lambda: {}["k"], False),
+                           (lambda: pathlib.Path("/no/such/file").read_text(), True),
+                           (lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")), True)]:
+        with pytest.raises(Exception) as info:
+            raise_it()
+        assert cli.is_user_error(info.value) is user, info.value
+
+
+def test_a_bug_keeps_its_traceback():
+    @cli.entrypoint
+    def main(argv=None):
+        np.ones(3).reshape(2, 2)
+
+    with pytest.raises(ValueError, match="reshape"):
+        main([])
+
+
+def _run(args, **env):
+    environ = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", cli.TRACEBACK_ENV)}
+    environ.update(PYTHONPATH=str(ROOT), **env)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=environ, timeout=300)
+
+
+def test_a_process_prints_one_line_without_a_tpu_probe(tmp_path):
+    """JAX_PLATFORMS unset, libtpu installed, no TPU: no TPU_WORKER_HOSTNAMES block."""
+    result = _run(["bert_jax.pretrain", f"--config={TINY}", f"--workdir={tmp_path / 'w'}",
+                   "--config.optimizer.learning_rate=nan"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: config.optimizer.learning_rate: must be a finite number (got nan)"
+    assert "TPU_WORKER_HOSTNAMES" not in result.stdout + result.stderr
+
+
+def test_traceback_on_request(tmp_path):
+    args = ["bert_jax.convert", "--src=/no/such/model", f"--dst={tmp_path / 'x.npz'}", "--dst_format=npz"]
+    for result in (_run([*args, "--verbose"]), _run(args, **{cli.TRACEBACK_ENV: "1"})):
+        assert result.returncode != 0 and "Traceback (most recent call last)" in result.stderr
+        assert "/no/such/model" in result.stderr and "TPU_WORKER_HOSTNAMES" not in result.stderr
