@@ -28,7 +28,7 @@ from bert_jax.model import BertConfig
 PRESETS = ("tiny", "mini", "small", "medium", "base", "large")
 OPTIMIZERS = ("adamw", "lamb")
 DECAYS = ("linear", "polynomial", "constant")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Every BertConfig field is a `model` key: set, it overrides the preset's value.
 MODEL_OVERRIDES = tuple(f.name for f in dataclasses.fields(BertConfig))
 # Pretraining's own defaults for some of them; the others are None (the preset's).
