@@ -256,7 +256,7 @@ def validate(c: config_dict.ConfigDict) -> None:
     check(0 < c.data.masked_lm_prob < 1, "data.masked_lm_prob", "must be in (0, 1)")
     check(0 <= c.data.short_seq_prob <= 1, "data.short_seq_prob", "must be in [0, 1]")
     check(0 <= c.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
-    for key in ("data.worker_count", "data.shuffle_buffer", "train.eval_steps", "train.keep_best",
+    for key in ("data.worker_count", "train.eval_steps", "train.keep_best",
                 "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.end_learning_rate"):
         check(_get(c, key) >= 0, key, "must be >= 0")
     check(c.train.eval_steps == 0 or c.train.eval_every >= 1, "train.eval_every",
