@@ -7,7 +7,9 @@ Sources: a Hugging Face directory (hf), Google's TF release (tf), an .npz (npz),
 workdir or step directory (orbax); local paths or URIs. Destinations: npz, hf, or a params-only
 Orbax checkpoint that fine-tuning reads. The formats: bert_jax/weights/, one module each. The
 tokenizer beside the source (or --tokenizer) must match the checkpoint's vocabulary and ships
-with the export. Exit codes: 0 written, 2 bad input (one line on stderr).
+with the export. A destination file that exists already is an error unless --overwrite
+(which replaces only the files this export writes). Exit codes: 0 written, 2 bad input
+(one line on stderr).
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("dst_format", None, weights.FORMATS_OUT, "format to write", flag_values=fv)
     flags.DEFINE_string("tokenizer", None, "tokenizer dir/file to ship with the export "
                         "(default: the one beside the source)", flag_values=fv)
+    flags.DEFINE_boolean("overwrite", False, "replace the files of an earlier export at --dst (only those: other "
+                         "files there are kept)", flag_values=fv)
     flags.mark_flags_as_required(["src", "dst", "dst_format"], flag_values=fv)
 
 
@@ -37,7 +41,8 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every read at INFO
     cfg, params, report = weights.load_pretrained(fv.src, fv.src_format)
     found = weights.tokenizer_for(fv.src, cfg, fv.tokenizer)
-    out = weights.save(cfg, params, fv.dst, fv.dst_format, tokenizer_dir=found and found[1])
+    out = weights.save(cfg, params, fv.dst, fv.dst_format, tokenizer_dir=found and found[1],
+                       overwrite=fv.overwrite)
     print(f"wrote {fv.dst_format} to {out}: {params_lib.count(params):,} parameters"
           + (f"; initialised fresh: {report['initialised']}" if report["initialised"] else ""))
     return 0

@@ -94,9 +94,9 @@ def main(argv=None) -> int:
     t = time.time()
     ckpt = fine / "continuation" / "checkpoint"  # the chosen run's fine-tuned params
     run("export npz", ["bert_jax.convert", f"--src={ckpt}", "--src_format=orbax",
-                       f"--dst={export / 'npz' / 'bert.npz'}", "--dst_format=npz"])
+                       f"--dst={export / 'npz' / 'bert.npz'}", "--dst_format=npz", "--overwrite"])
     run("export hf", ["bert_jax.convert", f"--src={ckpt}", "--src_format=orbax",
-                      f"--dst={export / 'hf'}", "--dst_format=hf"])
+                      f"--dst={export / 'hf'}", "--dst_format=hf", "--overwrite"])
     times["export"] = time.time() - t
 
     pre_eval = last_metrics(pre / "metrics.jsonl", "eval")

@@ -74,3 +74,41 @@ def test_bad_input_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         convert.main(["--src", "x", "--dst", "y", "--dst_format", "safetensors"])
     assert e.value.code == 2 and "--dst_format=safetensors" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt, dst", [("npz", "out/model.npz"), ("hf", "out"), ("orbax", "out")])
+def test_an_existing_destination_is_refused_unless_overwrite(tmp_path, fmt, dst):
+    """Every destination format: an export onto an earlier one fails naming the file and leaves
+    it untouched; with overwrite only the export's own files are replaced, others beside them stay."""
+    params = params_lib.init_params(TINY, seed=0)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    weights.save(TINY, params, tmp_path / dst, fmt, tokenizer_dir=tmp_path / "tok")
+    unrelated = tmp_path / "out" / "notes.txt"
+    unrelated.write_text("mine")
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()}
+    with pytest.raises(FileExistsError, match="exists already; choose another destination or pass --overwrite"):
+        weights.save(TINY, params_lib.init_params(TINY, seed=1), tmp_path / dst, fmt, tokenizer_dir=tmp_path / "tok")
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()} == before
+    weights.save(TINY, params_lib.init_params(TINY, seed=1), tmp_path / dst, fmt, tokenizer_dir=tmp_path / "tok",
+                 overwrite=True)
+    _, got, _ = weights.load_pretrained(tmp_path / dst)
+    np.testing.assert_array_equal(params_lib.flatten(got)["bert/pooler/kernel"],
+                                  params_lib.flatten(params_lib.init_params(TINY, seed=1))["bert/pooler/kernel"])
+    assert unrelated.read_text() == "mine"
+
+
+def test_convert_keeps_unrelated_files_beside_the_destination(tmp_path, capsys):
+    params = params_lib.init_params(TINY, seed=0)
+    weights.save(TINY, params, tmp_path / "src.npz", "npz")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "vocab.txt").write_text("someone else's vocabulary\n")
+    argv = ["--src", str(tmp_path / "src.npz"), "--dst", str(tmp_path / "hf"), "--dst_format", "hf",
+            "--tokenizer", str(tmp_path / "tok")]
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    assert convert.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "hf/vocab.txt: exists already" in err and "--overwrite" in err
+    assert (tmp_path / "hf" / "vocab.txt").read_text() == "someone else's vocabulary\n"
+    assert not (tmp_path / "hf" / "model.safetensors").exists()

@@ -17,11 +17,12 @@ import dataclasses
 import logging
 import os
 import pathlib
+import shutil
 
-from bert_jax import paths
+from bert_jax import checkpoint, paths
 from bert_jax.model import BertConfig
 from bert_jax.tokenizer import Tokenizer
-from bert_jax.weights import google_tf, hf, npz, orbax
+from bert_jax.weights import google_tf, hf, npz, orbax, tokenizer_files
 from bert_jax.weights.mapping import ConversionError, Imported
 from bert_jax.weights.tokenizer_files import check_vocab, copy_tokenizer, find_tokenizer_files, tokenizer_for
 
@@ -69,8 +70,18 @@ def load_pretrained(path, fmt: str = "auto", seed: int = 0) -> Imported:
     return READERS[fmt](path, seed=seed)
 
 
-def save(cfg: BertConfig, params: dict, dst, fmt: str, tokenizer_dir=None) -> pathlib.Path:
-    """Writes ``params`` in format ``fmt`` (one of FORMATS_OUT) with the tokenizer, if given."""
+def save(cfg: BertConfig, params: dict, dst, fmt: str, tokenizer_dir=None, overwrite: bool = False) -> pathlib.Path:
+    """Writes ``params`` in format ``fmt`` (one of FORMATS_OUT) with the tokenizer, if given.
+    A file (or Orbax step / tokenizer directory) it would write that exists already is an
+    error naming it, unless ``overwrite``; then only those are replaced, never other files
+    beside them."""
+    existing = [p for p in outputs(dst, fmt, tokenizer_dir) if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{', '.join(map(str, existing))}: exists already; choose another destination "
+                              "or pass --overwrite to replace it")
+    if fmt == "orbax":
+        for path in existing:
+            shutil.rmtree(path)
     if fmt == "npz":
         out = npz.save(cfg, params, dst)
         if tokenizer_dir is not None:
@@ -81,6 +92,19 @@ def save(cfg: BertConfig, params: dict, dst, fmt: str, tokenizer_dir=None) -> pa
     if fmt == "orbax":
         return orbax.save(cfg, params, dst, tokenizer_dir)
     raise ConversionError(f"unknown destination format {fmt!r}; expected one of {FORMATS_OUT}")
+
+
+def outputs(dst, fmt: str, tokenizer_dir=None) -> list[pathlib.Path]:
+    """The paths ``save(..., dst, fmt, tokenizer_dir)`` writes."""
+    if fmt == "orbax":
+        out = pathlib.Path(dst).absolute()
+        return [out / checkpoint.CHECKPOINTS_DIR / "0", *([out / checkpoint.TOKENIZER_DIR] if tokenizer_dir else [])]
+    if fmt == "npz":
+        weights_file = npz.output_path(dst)
+        out, written = weights_file.parent, [weights_file]
+    else:
+        out, written = pathlib.Path(dst), [pathlib.Path(dst) / name for name in hf.WRITTEN]
+    return written + [out / name for name in tokenizer_files.copied_names(tokenizer_dir, out)]
 
 
 @dataclasses.dataclass

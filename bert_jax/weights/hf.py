@@ -108,6 +108,9 @@ def load(path, seed: int = 0) -> Imported:
     return assemble(cfg, tensors, name_map(cfg, prefix), str(source), seed)
 
 
+WRITTEN = (CONFIG_FILE, "model.safetensors")  # the files `save` writes (and the tokenizer's)
+
+
 def save(cfg: BertConfig, params: dict, out_dir, tokenizer_dir=None) -> pathlib.Path:
     """``config.json`` + ``model.safetensors`` that transformers' ``BertForPreTraining``
     (``BertForSequenceClassification``, ``BertForTokenClassification`` or
@@ -140,7 +143,7 @@ def save(cfg: BertConfig, params: dict, out_dir, tokenizer_dir=None) -> pathlib.
         # No pretraining heads in a fine-tuned model; transformers builds the token models without a pooler.
         dropped = ("cls.",) if head == "classifier" else ("cls.", "bert.pooler.")
         tensors = {k: v for k, v in tensors.items() if not k.startswith(dropped)}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(out / WRITTEN[1]), metadata={"format": "pt"})
     (out / CONFIG_FILE).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
     if tokenizer_dir is not None:
         tokenizer_files.copy_tokenizer(tokenizer_dir, out)

@@ -53,11 +53,15 @@ def load(path, seed: int = 0) -> Imported:
     return Imported(cfg, params_lib.unflatten(flat), {"initialised": initialised, "ignored": []})
 
 
+def output_path(path) -> pathlib.Path:
+    """The file ``save(..., path)`` writes: ``path`` itself if it ends in .npz, else ``path/params.npz``."""
+    path = pathlib.Path(path)
+    return path if path.suffix == ".npz" else path / "params.npz"
+
+
 def save(cfg: BertConfig, params: dict, path) -> pathlib.Path:
     """Writes ``path`` (an .npz file, or ``params.npz`` inside a directory) atomically."""
-    path = pathlib.Path(path)
-    if path.suffix != ".npz":
-        path = path / "params.npz"
+    path = output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: np.asarray(v, dtype=np.float32) for k, v in params_lib.flatten(params).items()}
     tmp = path.with_name(path.name + ".tmp.npz")

@@ -61,11 +61,21 @@ def tokenizer_for(checkpoint_path, cfg: BertConfig, tokenizer_path=None) -> tupl
     return tokenizer, found
 
 
+def copied_names(tokenizer, out_dir) -> list[str]:
+    """The file names ``copy_tokenizer(tokenizer, out_dir)`` writes into ``out_dir`` (none when
+    ``tokenizer`` is None or already lives there)."""
+    if tokenizer is None:
+        return []
+    src = pathlib.Path(tokenizer)
+    src_dir = src.parent if src.is_file() else src
+    if src_dir.resolve() == pathlib.Path(out_dir).resolve():
+        return []
+    return [src.name] if src.is_file() else [n for n in TOKENIZER_FILES if (src / n).is_file()]
+
+
 def copy_tokenizer(tokenizer, out_dir) -> None:
     """Copies a tokenizer directory's files (or one tokenizer file) into ``out_dir``."""
-    src, out = pathlib.Path(tokenizer), pathlib.Path(out_dir)
-    names = [src.name] if src.is_file() else [n for n in TOKENIZER_FILES if (src / n).is_file()]
+    src = pathlib.Path(tokenizer)
     src_dir = src.parent if src.is_file() else src
-    if src_dir.resolve() != out.resolve():
-        for name in names:
-            shutil.copy(src_dir / name, out / name)
+    for name in copied_names(tokenizer, out_dir):
+        shutil.copy(src_dir / name, pathlib.Path(out_dir) / name)
