@@ -26,7 +26,7 @@ def _one_error_line(capsys, *fragments):
     return err
 
 
-@pytest.mark.parametrize("override, message", [
+PRETRAINING_CASES = [
     ("optimizer.learning_rate=nan", "config.optimizer.learning_rate: must be a finite number"),
     ("optimizer.learning_rate=inf", "config.optimizer.learning_rate: must be a finite number"),
     ("optimizer.learning_rate=-1e-4", "config.optimizer.learning_rate: must be > 0"),
@@ -40,7 +40,10 @@ def _one_error_line(capsys, *fragments):
     ("train.init_optimizer=True", "config.train.init_optimizer: needs train.init_from"),
     ("model.hidden_dropout_prob=1.0", "config.model.hidden_dropout_prob: must be in [0, 1)"),
     ("data.tokenizer_model_type=wordpiece", "config.data.tokenizer_model_type: must be unigram or bpe"),
-])
+]
+
+
+@pytest.mark.parametrize("override, message", PRETRAINING_CASES, ids=[o for o, _ in PRETRAINING_CASES])
 def test_pretraining_config_values_are_refused_before_any_work(override, message, tmp_path, capsys):
     workdir = tmp_path / "w"
     args = [f"--config={TINY}", f"--workdir={workdir}", "--config.data.source=demo", f"--config.{override}"]
@@ -49,13 +52,16 @@ def test_pretraining_config_values_are_refused_before_any_work(override, message
     assert not workdir.exists()  # nothing prepared, compiled or written
 
 
-@pytest.mark.parametrize("override, message", [
+FINETUNING_CASES = [
     ("learning_rates=(2e-5,1e999)", "config.learning_rates: must be a finite number"),
     ("num_epochs=inf", "config.num_epochs: must be a finite number"),
     ("weight_decay=-0.1", "config.weight_decay: must be >= 0"),
     ("dtype=float64", "config.dtype: must be one of"),
     ("smallest_bucket=512", "config.smallest_bucket: must be in [1, max_seq_length]"),
-])
+]
+
+
+@pytest.mark.parametrize("override, message", FINETUNING_CASES, ids=[o for o, _ in FINETUNING_CASES])
 def test_finetuning_config_values_are_refused_before_any_work(override, message, tmp_path, capsys):
     workdir = tmp_path / "w"
     assert finetune.main([f"--config={GLUE}", f"--workdir={workdir}", f"--config.{override}"]) == 2
@@ -69,7 +75,7 @@ def test_finetuning_config_values_are_refused_before_any_work(override, message,
     (prepare.main, ["--input=/no/such/corpus.txt", "--tokenizer=/no/such/vocab.txt", "--output=/tmp/o"], "/no/such/"),
     (tokenizer.main, ["show", "/no/such/tokenizer"], "/no/such/tokenizer"),
     (aot.main, [f"--config={TINY}", "--topology=v9z:2x2"], "v9z"),
-])
+], ids=["convert", "encode", "prepare", "tokenizer", "aot"])
 def test_entrypoints_report_bad_input_on_one_line(main, argv, message, capsys):
     assert main(argv) == 2
     _one_error_line(capsys, message)
