@@ -25,8 +25,8 @@ import time
 
 import jax
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from benchmarks.bench_train import make_batch  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_train import make_batch  # noqa: E402
 from bert_jax import checkpoint, loop, metrics_writer, optim, sharding  # noqa: E402
 from bert_jax import model as M  # noqa: E402
 from bert_jax import train_step as T  # noqa: E402
@@ -41,7 +41,7 @@ def module_at(rev: str, name: str):
     path = pathlib.Path(tempfile.mkdtemp()) / f"baseline_{name}.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(f"baseline_{name}", path)
-    module = importlib.util.module_from_spec(spec)
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
