@@ -4,6 +4,7 @@ Each test asserts that no checkpoint was lost or overwritten (hashes of every fi
 and after). Small states (a few arrays) keep them fast; the loop runs stand-in steps.
 """
 import hashlib
+import logging
 import os
 import pathlib
 import signal
@@ -117,7 +118,7 @@ def test_non_finite_state_is_never_saved(tmp_path):
     ckpt.close()
 
 
-def test_failed_async_save_is_one_line_naming_the_workdir(tmp_path, monkeypatch):
+def test_failed_async_save_is_one_line_naming_the_workdir(tmp_path, monkeypatch, caplog):
     ckpt = _save_steps(tmp_path, [1])
     before = _hashes(tmp_path)
 
@@ -130,6 +131,7 @@ def test_failed_async_save_is_one_line_naming_the_workdir(tmp_path, monkeypatch)
     message = str(caught.value)
     assert "\n" not in message and str(tmp_path) in message and "No space left on device" in message
     assert message.endswith("the last complete checkpoint is step 1")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no Orbax thread tracebacks
     monkeypatch.undo()
     ckpt.close()
     # The state's TensorStore writes of the failed save may still be finishing (nothing
