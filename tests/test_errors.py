@@ -120,3 +120,18 @@ def test_traceback_on_request(tmp_path):
     for result in (_run([*args, "--verbose"]), _run(args, **{cli.TRACEBACK_ENV: "1"})):
         assert result.returncode != 0 and "Traceback (most recent call last)" in result.stderr
         assert "/no/such/model" in result.stderr and "TPU_WORKER_HOSTNAMES" not in result.stderr
+
+
+def test_corpus_workers_are_spawned_not_forked_after_jax_started():
+    """prepare and the demo corpus start worker processes while JAX's threads run: spawn, no fork warning."""
+    import warnings
+
+    import jax
+
+    from bert_jax.data import demo_corpus
+
+    jax.devices()  # JAX's threads are running
+    with warnings.catch_warnings(record=True) as caught:  # also the pool's own threads' warnings
+        warnings.simplefilter("always")
+        assert demo_corpus.documents(limit=16, workers=2, use_cache=False)
+    assert not [w for w in caught if "fork" in str(w.message)]  # JAX: "os.fork() was called ... deadlock"

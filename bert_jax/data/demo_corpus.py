@@ -22,6 +22,7 @@ import concurrent.futures
 import hashlib
 import inspect
 import json
+import multiprocessing
 import os
 import pathlib
 import re
@@ -155,7 +156,8 @@ def documents(*, use_cache: bool = True, workers: int | None = None, limit: int 
     texts = list(gather_raw().values())[:limit]
     workers = workers or os.cpu_count() or 1
     if workers > 1:
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        # spawn: the caller (pretraining) may have started JAX's threads; fork could deadlock.
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             cleaned = list(pool.map(_clean_document, texts, chunksize=8))
     else:
         cleaned = [_clean_document(text) for text in texts]
