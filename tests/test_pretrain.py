@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from bert_jax import checkpoint, config_utils, loop, metrics_writer, pretrain, tokenizer
+from bert_jax import checkpoint, config_utils, loop, metrics_writer, pretrain, pretraining, tokenizer
 from bert_jax.data import prepare
 from bert_jax.data.sources import DataSource
 
@@ -91,7 +91,7 @@ def make_config(prepared, **overrides):
 def reference(prepared, tmp_path_factory):
     """An uninterrupted run of STEPS steps, with asynchronous checkpoints along the way."""
     workdir = tmp_path_factory.mktemp("reference")
-    pretrain.run(make_config(prepared, train__checkpoint_every=5, train__keep=10), workdir)
+    pretraining.run(make_config(prepared, train__checkpoint_every=5, train__keep=10), workdir)
     return workdir
 
 
@@ -111,7 +111,7 @@ def _train_losses(workdir):
 def test_mlm_loss_falls_on_real_text(prepared, tmp_path):
     c = make_config(prepared, train__steps=200, train__log_every=20, train__eval_every=100,
                     train__eval_steps=4, optimizer__warmup_steps=20)
-    summary = pretrain.run(c, tmp_path)
+    summary = pretraining.run(c, tmp_path)
     rows = metrics_writer.read_jsonl(tmp_path, "train")
     first, last = rows[0]["mlm_loss"], rows[-1]["mlm_loss"]
     assert first > np.log(VOCAB) - 0.5  # starts near uniform over the vocabulary
@@ -147,7 +147,7 @@ def test_sigterm_checkpoint_then_exact_resume_on_another_mesh(prepared, referenc
     assert f"preempted: checkpoint at step {saved_step}" in output
     assert max(_train_losses(interrupted)) == saved_step  # the step it had reached
 
-    summary = pretrain.run(config, interrupted)
+    summary = pretraining.run(config, interrupted)
     assert summary["start_step"] == saved_step and summary["step"] == STEPS
 
     resumed_losses, reference_losses = _train_losses(interrupted), _train_losses(reference)
@@ -161,8 +161,8 @@ def test_sigterm_checkpoint_then_exact_resume_on_another_mesh(prepared, referenc
 def test_resume_is_bitwise_on_the_same_mesh(prepared, reference, tmp_path):
     """N steps, then N more from the checkpoint == 2N steps (schedule over 2N both times)."""
     half = make_config(prepared, train__steps=STEPS // 2, optimizer__total_steps=STEPS)
-    pretrain.run(half, tmp_path)
-    summary = pretrain.run(make_config(prepared, train__keep=10), tmp_path)
+    pretraining.run(half, tmp_path)
+    summary = pretraining.run(make_config(prepared, train__keep=10), tmp_path)
     assert summary["start_step"] == STEPS // 2
     assert _train_losses(tmp_path) == _train_losses(reference)
     # The reference's async checkpoint at N (its state donated to the next step while
@@ -178,7 +178,7 @@ def test_other_model_in_workdir_is_an_error_and_leaves_it_untouched(prepared, re
     files = lambda: {p: p.read_bytes() for p in reference.rglob("*") if p.is_file()}  # noqa: E731
     before = files()
     with pytest.raises(checkpoint.CheckpointMismatchError, match="hidden_size: checkpoint 128 vs this run 256"):
-        pretrain.run(make_config(prepared, model__preset="mini", train__steps=STEPS + 5), reference)
+        pretraining.run(make_config(prepared, model__preset="mini", train__steps=STEPS + 5), reference)
     assert files() == before
 
 
@@ -215,7 +215,7 @@ def test_phase2_init_from_phase1(prepared, reference, tmp_path):
     """Phase 2 starts from phase 1's params (and tokenizer) with a fresh step count."""
     c = make_config(prepared, train__steps=2, optimizer__total_steps=STEPS, train__init_from=str(reference))
     c.data.tokenizer = ""  # taken from phase 1's workdir
-    summary = pretrain.run(c, tmp_path)
+    summary = pretraining.run(c, tmp_path)
     assert summary["start_step"] == 0 and summary["step"] == 2
     phase1, phase2 = _params(reference), _params(tmp_path)
     # One small update (the first step's warmup learning rate is 0) from phase 1's params.
@@ -242,7 +242,7 @@ def test_bit_flipped_latest_checkpoint_resumes_from_the_previous_one(prepared, r
     data[len(data) // 2] ^= 0x04
     array_file.write_bytes(bytes(data))
     before = _checkpoint_hashes(checkpoints)
-    summary = pretrain.run(make_config(prepared, train__checkpoint_every=5, train__keep=10), workdir)
+    summary = pretraining.run(make_config(prepared, train__checkpoint_every=5, train__keep=10), workdir)
     assert summary["start_step"] == STEPS - 5 and summary["step"] == STEPS
     out = capsys.readouterr().out
     assert f"checkpoint at step {STEPS} is damaged" in out and "checksum differs" in out
@@ -258,7 +258,7 @@ def test_bit_flipped_latest_checkpoint_resumes_from_the_previous_one(prepared, r
 def test_nan_batches_roll_back_to_the_last_checkpoint(prepared, tmp_path, monkeypatch, capsys):
     """The 12th to 14th batches give NaN (an injected bad data window): after 3 of them
     (max_nonfinite_steps) the run restores step 10, goes on with the 15th batch and finishes."""
-    build = pretrain.train_step_lib.build_pretraining_step
+    build = pretraining.train_step_lib.build_pretraining_step
 
     def build_with_bad_batches(*args, **kw):
         program = build(*args, **kw)
@@ -270,8 +270,8 @@ def test_nan_batches_roll_back_to_the_last_checkpoint(prepared, tmp_path, monkey
                 metrics = {**metrics, "loss": np.float32("nan"), "update_skipped": np.int32(1)}
             return new_state, metrics
         return dataclasses.replace(program, train_step=poisoned)
-    monkeypatch.setattr(pretrain.train_step_lib, "build_pretraining_step", build_with_bad_batches)
-    summary = pretrain.run(make_config(prepared, train__checkpoint_every=10, train__max_nonfinite_steps=3,
+    monkeypatch.setattr(pretraining.train_step_lib, "build_pretraining_step", build_with_bad_batches)
+    summary = pretraining.run(make_config(prepared, train__checkpoint_every=10, train__max_nonfinite_steps=3,
                                        train__max_rollbacks=1), tmp_path)
     saved = _checkpoint_hashes(tmp_path / checkpoint.CHECKPOINTS_DIR)
     assert summary["rollbacks"] == 1 and summary["step"] == STEPS
@@ -290,7 +290,7 @@ def test_phase2_init_optimizer_keeps_adams_count_and_restarts_the_schedule(prepa
     c = make_config(prepared, train__init_from=str(reference), train__init_optimizer=True)
     model_config = train_step_lib.pretraining_model_config(c, VOCAB)
     program = train_step_lib.build_pretraining_step(c, model_config, sharding.make_mesh(c.mesh))
-    opt_state = pretrain._init_from_opt_state(str(reference), program.create_state(), program.state_shardings)
+    opt_state = pretraining._init_from_opt_state(str(reference), program.create_state(), program.state_shardings)
     counted = (optax.ScaleByAdamState, optax.ScaleByScheduleState)
     counts = {type(s).__name__: int(s.count)
               for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, counted)) if isinstance(s, counted)}

@@ -18,7 +18,7 @@ from etils import epath
 from etils.epath import backend as epath_backend
 from etils.epath import gpath, register
 
-from bert_jax import checkpoint, config_utils, metrics_writer, paths, pretrain
+from bert_jax import checkpoint, config_utils, metrics_writer, paths, pretraining
 from bert_jax.data import pipeline, sources
 from bert_jax.data.sources import DataSource
 
@@ -189,11 +189,11 @@ def _text_config(corpus, steps):
 
 def test_pretrain_on_a_uri_workdir_then_resume(fake_gcs, corpus, tmp_path):
     workdir = f"{SCHEME}://bucket/runs/r1"
-    first = pretrain.run(_text_config(corpus, 4), workdir)
+    first = pretraining.run(_text_config(corpus, 4), workdir)
     assert first["step"] == 4 and first["workdir"] == workdir
     remote = fake_gcs / "bucket" / "runs" / "r1"
     assert checkpoint.Checkpointer(workdir, read_only=True).all_steps() == [4]
-    resumed = pretrain.run(_text_config(corpus, 6), workdir)
+    resumed = pretraining.run(_text_config(corpus, 6), workdir)
     assert resumed["start_step"] == 4 and resumed["step"] == 6
 
     # Everything the run writes is in the bucket.
@@ -230,13 +230,13 @@ def test_pretrain_on_a_uri_workdir_then_resume(fake_gcs, corpus, tmp_path):
 def test_bad_uri_or_unwritable_workdir_is_named(fake_gcs, corpus, tmp_path):
     config = _text_config(corpus, 2)
     with pytest.raises(ValueError, match=r"workdir 'nosuchfs://bucket/run': unsupported URI scheme nosuchfs://"):
-        pretrain.run(config, "nosuchfs://bucket/run")
+        pretraining.run(config, "nosuchfs://bucket/run")
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(OSError, match=rf"workdir {tmp_path}/a_file/run is not a writable directory"):
-        pretrain.run(config, tmp_path / "a_file" / "run")
+        pretraining.run(config, tmp_path / "a_file" / "run")
     (fake_gcs / "bucket2").write_text("not a bucket")
     with pytest.raises(OSError, match=rf"workdir {SCHEME}://bucket2/run is not a writable directory"):
-        pretrain.run(config, f"{SCHEME}://bucket2/run")
+        pretraining.run(config, f"{SCHEME}://bucket2/run")
     assert (fake_gcs / "bucket2").read_text() == "not a bucket"
 
 
@@ -259,7 +259,7 @@ def test_pretrain_from_a_tfds_corpus(tfds_corpus_dir, corpus, tmp_path):
     c = _config(source="tfds", tfds_name="bert_pretraining_corpus/sample",
                 tfds_data_dir=str(tfds_corpus_dir / "tfds"), tokenizer=str(corpus[1]))
     c.train.steps, c.train.eval_every, c.train.eval_steps = 3, 3, 1
-    summary = pretrain.run(c, tmp_path / "tfds_run")
+    summary = pretraining.run(c, tmp_path / "tfds_run")
     assert summary["step"] == 3
     assert [r["step"] for r in metrics_writer.read_jsonl(tmp_path / "tfds_run", "eval")] == [3]
     assert not (tmp_path / "tfds_run" / "data").exists()  # read in place, nothing prepared
@@ -277,7 +277,7 @@ def test_tfds_config_keys_are_checked(tfds_corpus_dir, corpus, tmp_path):
                 tfds_data_dir=str(tfds_corpus_dir / "tfds"), tokenizer=str(corpus[1]))
     with pytest.raises(ValueError, match=r"config.data.tfds_split: bert_pretraining_corpus/sample has no "
                                          r"split 'validation' \(splits: \['eval', 'train'\]\)"):
-        pretrain.run(c, tmp_path / "run")
+        pretraining.run(c, tmp_path / "run")
 
 
 # ----------------------------------------------------------------------------
