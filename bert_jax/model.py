@@ -371,7 +371,11 @@ class BertModel(nnx.Module):
         self.pooler = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), rngs)
 
     def __call__(self, input_ids, input_mask=None, segment_ids=None, *, deterministic=True, rngs=None,
-                 position_ids=None, packed_segment_ids=None):
+                 position_ids=None, packed_segment_ids=None, cls_positions=None):
+        """``packed_segment_ids`` [B, T] (one id per packed sequence, attention stays inside it)
+        with ``position_ids`` restarting at 0 per sequence, and ``cls_positions`` [B, N] (each
+        packed sequence's ``[CLS]`` index) make ``pooled_output`` [B, N, H], one per sequence;
+        without ``cls_positions`` it is [B, H] from position 0."""
         cfg = self.cfg
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
@@ -387,7 +391,8 @@ class BertModel(nnx.Module):
         x = self.embeddings(input_ids, segment_ids, position_ids, deterministic, keys[0])
         mask = attention_mask(input_mask, packed_segment_ids)
         x = self.encoder(x, mask, deterministic, keys[1])
-        pooled = jnp.tanh(self.pooler(x[:, 0]))
+        first = x[:, 0] if cls_positions is None else gather_positions(x, cls_positions)
+        pooled = jnp.tanh(self.pooler(first))
         return {"sequence_output": x, "pooled_output": pooled}
 
 

@@ -201,6 +201,28 @@ def test_packed_segments_block_attention_across_sequences(pair):
     assert np.abs(np.asarray(base[0, 9:]) - np.asarray(other[0, 9:])).max() > 1e-4
 
 
+def test_packed_row_gives_each_sequence_its_unpacked_outputs(pair):
+    """Two sequences in one row (positions restarting, attention confined, per-sequence
+    [CLS]) give the sequence and pooled outputs each gives alone."""
+    _, ours, _, _ = pair
+    ids, _, segments, _ = make_batch(seed=11, batch=2, length=16)
+    lengths = (9, 7)
+    row = np.concatenate([ids[0, :lengths[0]], ids[1, :lengths[1]]])[None]
+    types = np.concatenate([segments[0, :lengths[0]], segments[1, :lengths[1]]])[None]
+    positions = np.concatenate([np.arange(n) for n in lengths])[None]
+    packed = np.array([[1] * lengths[0] + [2] * lengths[1]])
+    out = ours.bert(row, np.ones_like(row), types, position_ids=positions, packed_segment_ids=packed,
+                    cls_positions=np.array([[0, lengths[0]]]))
+    assert out["pooled_output"].shape == (1, 2, CFG.hidden_size)
+    start = 0
+    for i, n in enumerate(lengths):
+        alone = ours.bert(ids[i:i + 1, :n], np.ones((1, n), ids.dtype), segments[i:i + 1, :n])
+        np.testing.assert_allclose(out["sequence_output"][0, start:start + n], alone["sequence_output"][0],
+                                   atol=2e-5)
+        np.testing.assert_allclose(out["pooled_output"][0, i], alone["pooled_output"][0], atol=2e-5)
+        start += n
+
+
 def test_every_param_has_logical_axes():
     m = nnx.eval_shape(lambda: M.BertForPreTraining(M.BertConfig.preset("tiny", scan_layers=True), rngs=nnx.Rngs(0)))
     from bert_jax.partitioning import param_logical_axes
