@@ -32,4 +32,4 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m bert_jax.demo --workdir workdirs/demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
