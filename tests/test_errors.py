@@ -135,3 +135,15 @@ def test_corpus_workers_are_spawned_not_forked_after_jax_started():
         warnings.simplefilter("always")
         assert demo_corpus.documents(limit=16, workers=2, use_cache=False)
     assert not [w for w in caught if "fork" in str(w.message)]  # JAX: "os.fork() was called ... deadlock"
+
+
+def test_prepare_unclosed_wikiextractor_doc_is_one_line(tmp_path, minilm, capsys):
+    wiki = tmp_path / "wiki_00"
+    wiki.write_text('<doc id="1" url="u" title="A">\nA\n\nText of A.\n</doc>\n<doc id="2" url="u" title="B">\nB\n\nCut.\n')
+    vocab = pathlib.Path(minilm.__file__).parent / "model" / "vocab.txt"
+    out = tmp_path / "out"
+    assert prepare.main([f"--input={wiki}", f"--tokenizer={vocab}", f"--output={out}", "--workers=1"]) == 2
+    err = capsys.readouterr().err  # after the progress bar: one error line, no traceback
+    assert err.splitlines()[-1].startswith(f"error: {wiki}:6: <doc> not closed by </doc> at the end of the file")
+    assert "Traceback" not in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["wiki_00"]

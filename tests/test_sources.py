@@ -44,6 +44,34 @@ def test_auto_format(tmp_path, shared_data):
     assert len(auto) == 3 and sum(map(len, auto)) == 31
 
 
+def test_wikiextractor_shard_one_document_per_doc_titles_dropped(shared_data):
+    shard = shared_data / "enwiki_sample" / "wiki_00"
+    raw = shard.read_text(encoding="utf-8")
+    titles = [line.split('title="')[1].rstrip('">') for line in raw.splitlines() if line.startswith("<doc ")]
+    with open(shard, encoding="utf-8") as f:
+        assert sniff_format([next(f) for _ in range(50)]) == "wikiextractor"
+    stats = SourceStats()
+    docs = list(text_file_documents(shard, "auto", stats=stats, split=False))
+    assert len(docs) == len(titles) == raw.count("</doc>") == stats.documents == 38
+    assert docs[0][0].startswith("Anarchism is a political philosophy") and docs[1][0].startswith("Autism is")
+    assert all(doc[0] != title for doc, title in zip(docs, titles))  # the title line is dropped
+    paragraphs = [p for doc in docs for p in doc]
+    assert not [p for p in paragraphs if "<doc" in p or "</doc>" in p]
+    # everything else reaches the documents: all non-blank lines but the tags and titles
+    assert len(paragraphs) == sum(1 for line in raw.splitlines() if line.strip()) - 3 * len(titles)
+
+
+@pytest.mark.parametrize("text, line, message", [
+    (b'<doc id="1" title="A">\nA\nText here.\n', 1, "not closed by </doc> at the end of the file"),
+    (b'<doc id="1" title="A">\nA\nText.\n<doc id="2" title="B">\nB\nMore.\n</doc>\n', 1, "before the next <doc> at line 4"),
+    (b'<doc id="1" title="A">\nA\nText.\n</doc>\n</doc>\n', 5, "</doc> without an opening"),
+])
+def test_wikiextractor_bad_tags_name_file_and_line(tmp_path, text, line, message):
+    path = write(tmp_path / "wiki_01", text)
+    with pytest.raises(ValueError, match=f"{path}:{line}: .*{message}"):
+        list(text_file_documents(path))
+
+
 def test_invalid_utf8_lines_skipped_and_named(tmp_path, caplog):
     data = b"Good line one.\n\xff\xfe broken\nGood line two.\n\nOther doc \xc3\x28 bad.\nFine.\n"
     path = write(tmp_path / "bad.txt", data)

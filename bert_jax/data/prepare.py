@@ -140,7 +140,7 @@ def _text_file_stream(source: DataSource, input_format, stats):
                 head = [line.decode("utf-8", "replace") for _, line in zip(range(1000), f)]
             file_format = sources.sniff_format(head)
         for document in sources.text_file_documents([path], file_format, stats=stats, split=False):
-            yield document, file_format == "paragraphs"
+            yield document, file_format in sources.PARAGRAPH_FORMATS
 
 
 def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=128, short_seq_prob=0.1,

@@ -14,7 +14,9 @@
 
 File formats: 'sentences' is Google's (one sentence per line, blank line between documents);
 'paragraphs' is one paragraph per line (blank line between documents), split into sentences
-with pysbd; 'auto' looks at a file's first 1000 lines (see `sniff_format`).
+with pysbd; 'wikiextractor' is WikiExtractor's output (`<doc id=.. url=.. title=..>`, the
+title line, paragraph lines, `</doc>`): one document per <doc>, the tags and the title dropped,
+paragraphs split with pysbd; 'auto' looks at a file's first 1000 lines (see `sniff_format`).
 
 Lines of invalid UTF-8 are skipped, counted, and logged as `file:line` (the first few of
 each file); an empty file or a glob matching nothing is an error naming it.
@@ -34,10 +36,13 @@ from bert_jax.data.sentences import split_sentences
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("sentences", "paragraphs", "auto")
+FORMATS = ("sentences", "paragraphs", "wikiextractor", "auto")
+PARAGRAPH_FORMATS = ("paragraphs", "wikiextractor")  # lines are paragraphs, split by pysbd
 _WARNINGS_PER_REASON = 5  # log the first few `file:line` per reason and file, count them all
 # A sentence end followed by a capitalised word inside a line: the mark of paragraph lines.
 _INTERIOR_BOUNDARY = re.compile(r"[.!?][\"')\]]*\s+[\"'(\[]?[A-Z]")
+_DOC_OPEN = re.compile(r"<doc(\s[^>]*)?>$")  # WikiExtractor: <doc id="12" url="..." title="Anarchism">
+_DOC_CLOSE = "</doc>"
 
 Document = list  # list[str]: the sentences of one document, in order
 
@@ -81,12 +86,15 @@ class SourceStats:
 
 
 def sniff_format(lines: Sequence[str]) -> str:
-    """'paragraphs' when over 40% of non-blank lines hold a sentence boundary inside them.
+    """'wikiextractor' when the first non-blank line is a `<doc ...>` tag; else 'paragraphs'
+    when over 40% of non-blank lines hold a sentence boundary inside them.
 
     Measured: Google's sample_text.txt 13%, English Wikipedia paragraphs 66%."""
-    lines = [line for line in lines if line.strip()]
+    lines = [line.strip() for line in lines if line.strip()]
     if not lines:
         return "sentences"
+    if _DOC_OPEN.match(lines[0]):
+        return "wikiextractor"
     interior = sum(bool(_INTERIOR_BOUNDARY.search(line.strip())) for line in lines)
     return "paragraphs" if interior > 0.4 * len(lines) else "sentences"
 
@@ -109,8 +117,8 @@ def expand_paths(patterns: str | os.PathLike | Iterable[str | os.PathLike]) -> l
     return paths
 
 
-def _decoded_lines(path: str, stats: SourceStats) -> Iterator[str]:
-    """The file's lines as str, stripped; invalid UTF-8 lines skipped and counted."""
+def _decoded_lines(path: str, stats: SourceStats) -> Iterator[tuple[int, str]]:
+    """(line number, the line as str, stripped); invalid UTF-8 lines skipped and counted."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -120,7 +128,7 @@ def _decoded_lines(path: str, stats: SourceStats) -> Iterator[str]:
             except UnicodeDecodeError as e:
                 stats.skip("invalid UTF-8", f"{path}:{number}", f"byte {raw[e.start]:#04x} at column {e.start + 1}")
                 continue
-            yield line.strip()
+            yield number, line.strip()
 
 
 def text_file_documents(
@@ -141,13 +149,14 @@ def text_file_documents(
         lines = _decoded_lines(path, stats)
         file_format = format
         if format == "auto":
-            head = [line for _, line in zip(range(1000), lines)]
-            file_format = sniff_format(head)
+            head = [numbered for _, numbered in zip(range(1000), lines)]
+            file_format = sniff_format([line for _, line in head])
             log.info("%s: read as %s", path, file_format)
             lines = _chain(head, lines)
         documents_before = stats.documents
-        for document in _split_blank_lines(lines):
-            if file_format == "paragraphs" and split:
+        split_documents = _wikiextractor_documents if file_format == "wikiextractor" else _split_blank_lines
+        for document in split_documents(lines, path):
+            if file_format in PARAGRAPH_FORMATS and split:
                 document = [s for paragraph in document for s in split_sentences(paragraph, language)]
             stats.add_document(document)
             yield document
@@ -156,14 +165,14 @@ def text_file_documents(
                              + (f" ({sum(stats.skipped.values())} lines skipped so far)" if stats.skipped else ""))
 
 
-def _chain(head: list[str], rest: Iterator[str]) -> Iterator[str]:
+def _chain(head: list, rest: Iterator) -> Iterator:
     yield from head
     yield from rest
 
 
-def _split_blank_lines(lines: Iterable[str]) -> Iterator[list[str]]:
+def _split_blank_lines(lines: Iterable[tuple[int, str]], path: str) -> Iterator[list[str]]:
     document = []
-    for line in lines:
+    for _, line in lines:
         if line:
             document.append(line)
         elif document:
@@ -171,6 +180,36 @@ def _split_blank_lines(lines: Iterable[str]) -> Iterator[list[str]]:
             document = []
     if document:
         yield document
+
+
+def _wikiextractor_documents(lines: Iterable[tuple[int, str]], path: str) -> Iterator[list[str]]:
+    """The paragraphs of each <doc>...</doc>, without the tags and the title (the line after <doc>).
+
+    An unclosed <doc>, a </doc> without its <doc>, or text outside a <doc> is a ValueError naming
+    the file and line."""
+    opened, document, title_pending = 0, [], False  # opened: the line number of the open <doc>
+    for number, line in lines:
+        if _DOC_OPEN.match(line):
+            if opened:
+                raise ValueError(f"{path}:{opened}: <doc> not closed by </doc> before the next <doc> at line"
+                                 f" {number} (a cut WikiExtractor file?)")
+            opened, document, title_pending = number, [], True
+        elif line == _DOC_CLOSE:
+            if not opened:
+                raise ValueError(f"{path}:{number}: </doc> without an opening <doc ...> line")
+            if document:
+                yield document
+            opened = 0
+        elif line and not opened:
+            raise ValueError(f"{path}:{number}: text outside <doc>...</doc> in a WikiExtractor file "
+                             "(read it with --format=paragraphs if it is not one)")
+        elif line and title_pending:
+            title_pending = False
+        elif line:
+            document.append(line)
+    if opened:
+        raise ValueError(f"{path}:{opened}: <doc> not closed by </doc> at the end of the file (a cut WikiExtractor"
+                         " file?)")
 
 
 def tfds_documents(
