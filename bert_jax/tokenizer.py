@@ -103,6 +103,11 @@ class Tokenizer:
     def save(self, directory) -> pathlib.Path:
         raise NotImplementedError
 
+    def same_as(self, other: Tokenizer) -> bool:
+        """The same kind, casing and token for every id (whatever files each was loaded from)."""
+        return ((self.kind, self.lowercase, self.vocab_size) == (other.kind, other.lowercase, other.vocab_size)
+                and self.ids_to_tokens(range(self.vocab_size)) == other.ids_to_tokens(range(other.vocab_size)))
+
     def _write_config(self, directory: pathlib.Path, **extra) -> None:
         # Also readable by transformers' AutoTokenizer for WordPiece (tokenizer_class, do_lower_case).
         config = {"kind": self.kind, "lowercase": self.lowercase, "do_lower_case": self.lowercase,

@@ -40,3 +40,12 @@ def minilm_tokenizer(minilm):
     from bert_jax.tokenizer import load_tokenizer
 
     return load_tokenizer(pathlib.Path(minilm.__file__).parent / "model" / "vocab.txt")
+
+
+@pytest.fixture(scope="session")
+def truncated_vocab(minilm, tmp_path_factory):
+    """The first 2000 entries of the MiniLM vocab.txt (specials, punctuation, few words): mostly [UNK]."""
+    lines = (pathlib.Path(minilm.__file__).parent / "model" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    path = tmp_path_factory.mktemp("truncated_vocab") / "vocab.txt"
+    path.write_text("\n".join(lines[:2000]) + "\n", encoding="utf-8")
+    return path

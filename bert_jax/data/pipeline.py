@@ -7,7 +7,8 @@
 
 1. Tokenizer: the workdir keeps its own copy in workdir/tokenizer, written once by process 0
    from `data.tokenizer`, from `train.init_from`'s workdir, or trained (SentencePiece) on the
-   text source. On resume (`saved_meta`, the checkpoint's meta) it must be unchanged.
+   text source; a prepared directory brings its own (a given one must be the same). On
+   resume (`saved_meta`, the checkpoint's meta) it must be unchanged.
 2. Text (demo, files, a TFDS text dataset) is prepared once into workdir/data by
    `bert_jax.data.prepare` (process 0; the others wait); on a URI workdir it is prepared in
    this host's cache, uploaded, and every host reads a local copy. Instances (a prepared
@@ -69,7 +70,8 @@ def _replayable(eval_loader):
 
 def prepare_tokenizer(config, source: DataSource, workdir: epath.Path, saved_meta: dict | None):
     """-> Tokenizer loaded from workdir/tokenizer (created on a fresh run from
-    data.tokenizer, from train.init_from's workdir, or trained on the text `source`)."""
+    data.tokenizer, from train.init_from's workdir, from a prepared directory, or trained on the
+    text `source`)."""
     tokenizer_dir = workdir / checkpoint.TOKENIZER_DIR
     if saved_meta is not None:  # resuming: exactly the tokenizer the checkpoint was trained with
         if not tokenizer_dir.is_dir():
@@ -81,6 +83,8 @@ def prepare_tokenizer(config, source: DataSource, workdir: epath.Path, saved_met
                 f"{expected[:12]}...); restore the original tokenizer files")
         return _load_tokenizer(tokenizer_dir)
     given = config.data.tokenizer or _init_from_tokenizer(config)
+    if source.kind == "prepared":
+        given = _prepared_tokenizer(source, given)
     if not given and not source.is_text:  # on every process, before any waits for process 0
         raise ValueError(f"data.tokenizer is required for data.source={config.data.source!r} "
                          "(only text sources can train a SentencePiece vocabulary)")
@@ -95,6 +99,16 @@ def prepare_tokenizer(config, source: DataSource, workdir: epath.Path, saved_met
         staging.rename(tokenizer_dir)
     distributed.barrier("tokenizer_written")
     return _load_tokenizer(tokenizer_dir)
+
+
+def _prepared_tokenizer(source: DataSource, given: str) -> str:
+    """The tokenizer a prepared directory was made with (its tokenizer/); a given one must be the same."""
+    directory = source.paths[0]
+    own = str(epath.Path(directory) / loader.read_metadata(directory).get("tokenizer", checkpoint.TOKENIZER_DIR))
+    if given and not _load_tokenizer(given).same_as(_load_tokenizer(own)):
+        raise ValueError(f"tokenizer {given} (data.tokenizer, or train.init_from's) differs from {own}, the one"
+                         f" {directory} was prepared with: leave data.tokenizer empty to use the directory's")
+    return own
 
 
 def _load_tokenizer(path):
