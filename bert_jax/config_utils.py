@@ -100,6 +100,7 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     c.data.short_seq_prob = 0.1
     c.data.whole_word_masking = False
     c.data.dynamic_masking = True           # fresh masks every epoch, from the seed
+    c.data.max_unk_fraction = 0.05          # text preparation stops when more tokens are [UNK]
     c.data.worker_count = 0                 # grain worker processes per host
 
     c.train = config_dict.ConfigDict()
@@ -256,6 +257,7 @@ def validate(c: config_dict.ConfigDict) -> None:
     check(0 < c.data.masked_lm_prob < 1, "data.masked_lm_prob", "must be in (0, 1)")
     check(0 <= c.data.short_seq_prob <= 1, "data.short_seq_prob", "must be in [0, 1]")
     check(0 <= c.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
+    check(0 <= c.data.max_unk_fraction <= 1, "data.max_unk_fraction", "must be in [0, 1] (1: no limit)")
     for key in ("data.worker_count", "train.eval_steps", "train.keep_best",
                 "optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.end_learning_rate"):
         check(_get(c, key) >= 0, key, "must be >= 0")

@@ -40,6 +40,7 @@ PRETRAINING_CASES = [
     ("train.init_optimizer=True", "config.train.init_optimizer: needs train.init_from"),
     ("model.hidden_dropout_prob=1.0", "config.model.hidden_dropout_prob: must be in [0, 1)"),
     ("data.tokenizer_model_type=wordpiece", "config.data.tokenizer_model_type: must be unigram or bpe"),
+    ("data.max_unk_fraction=1.5", "config.data.max_unk_fraction: must be in [0, 1]"),
 ]
 
 
@@ -147,3 +148,21 @@ def test_prepare_unclosed_wikiextractor_doc_is_one_line(tmp_path, minilm, capsys
     assert err.splitlines()[-1].startswith(f"error: {wiki}:6: <doc> not closed by </doc> at the end of the file")
     assert "Traceback" not in err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["wiki_00"]
+
+
+def test_prepare_with_a_vocabulary_that_misses_the_corpus_is_one_line(tmp_path, truncated_vocab, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog.\nIt was tired.\n\n"
+                      "Pretraining needs a vocabulary that fits.\nOtherwise words become unknown.\n")
+    args = [f"--input={corpus}", f"--tokenizer={truncated_vocab}", f"--output={tmp_path / 'out'}", "--workers=1"]
+    assert prepare.main(args) == 2
+    err = capsys.readouterr().err  # after the progress bar: one error line, no traceback
+    assert "Traceback" not in err
+    line = err.splitlines()[-1]
+    assert line.startswith("error: ") and "tokens are [UNK] with the tokenizer" in line
+    assert str(truncated_vocab) in line and "max_unk_fraction=0.05" in line and "--max_unk_fraction=1" in line
+    assert not (tmp_path / "out").exists()
+    assert prepare.main([*args, "--max_unk_fraction=1"]) == 0  # overridden: prepared, the share reported
+    share = float(line.split("error: ")[1].split("%")[0])
+    printed = float(capsys.readouterr().out.split("% [UNK]")[0].split("(")[-1])
+    assert share > 50 and abs(printed - share) < 0.1

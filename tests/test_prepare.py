@@ -1,11 +1,14 @@
-"""prepare: real text to shards with a summary; bad input counted or refused; output never damaged."""
+"""prepare: real text to shards with a summary; bad input counted or refused; output never damaged;
+streamed (the same bytes as before streaming); Google-format TFRecords that TensorFlow parses."""
+import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 
-from bert_jax.data import instances, loader
+from bert_jax.data import instances, loader, tfrecord
+from bert_jax.data import prepare as prepare_module
 from bert_jax.data.prepare import main, prepare
 from bert_jax.data.sources import DataSource
 
@@ -45,7 +48,9 @@ def test_prepare_real_text_with_summary(enwiki_slice, vocab_file, tmp_path, caps
     assert summary["skipped_lines"] == {"invalid UTF-8": 1}
     assert summary["skipped_examples"]["invalid UTF-8"] == [f"{path}:{text_line(path, b'Bad')}"]
     assert summary["sentences"] > 200 and summary["tokens"] > 20_000
-    for text in (f"{num_documents} documents", "invalid UTF-8", "one-sentence documents", "random next"):
+    assert summary["unk_tokens"] < 0.01 * summary["tokens"]  # a fitting vocabulary
+    for text in (f"{num_documents} documents", "invalid UTF-8", "one-sentence documents", "random next",
+                 f"{summary['unk_tokens'] / summary['tokens']:.2%} [UNK]"):
         assert text in printed
 
     train, held_out = metadata["splits"]["train"], metadata["splits"]["eval"]
@@ -107,3 +112,80 @@ def test_bad_input_is_refused_and_never_damages_existing_output(tmp_path, vocab_
 
     prepare(DataSource.text(good), vocab_file, out, workers=1, progress=False, overwrite=True, seed=1)
     assert json.loads((out / "metadata.json").read_text())["seed"] == 1
+
+
+# The same 16 enwiki article openings, settings and seed as before prepare streamed; the sha256
+# of its shards as the in-memory prepare (commit 0f9b78d) wrote them.
+STATIC_SETTINGS = dict(static_masking=True, dupe_factor=2, eval_fraction=0.2, shard_tokens=3000, seed=5)
+SHARDS_BEFORE_STREAMING = "3858fec12e0cbec9025c57cb0002e1e41a499e53dd3e04f03435fae8f39d11a6"
+
+
+@pytest.fixture(scope="module")
+def article_openings(shared_data, tmp_path_factory):
+    articles = (shared_data / "enwiki_sample" / "enwiki_2015_sample.txt").read_text(encoding="utf-8").split("\n\n")
+    path = tmp_path_factory.mktemp("openings") / "corpus.txt"
+    path.write_text("\n\n".join("\n".join(a.splitlines()[:4]) for a in articles[:16]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def streamed(article_openings, vocab_file, tmp_path_factory):
+    """Prepared one document per tokenizer task: the corpus reaches the disk in 16 pieces."""
+    out = tmp_path_factory.mktemp("streamed") / "out"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prepare_module, "_DOCUMENTS_PER_TASK", 1)
+        metadata = prepare(DataSource.text(article_openings), vocab_file, out, workers=1, progress=False,
+                           **STATIC_SETTINGS)
+    return out, metadata
+
+
+def test_streamed_prepare_writes_the_same_shards_as_before(streamed):
+    out, metadata = streamed
+    digest = hashlib.sha256()
+    for entry in metadata["splits"].values():
+        for shard in entry["shards"]:
+            digest.update(shard["file"].encode())
+            digest.update((out / shard["file"]).read_bytes())
+    assert [len(e["shards"]) for e in metadata["splits"].values()] == [4, 2]
+    assert digest.hexdigest() == SHARDS_BEFORE_STREAMING
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["tokenizer"]  # the corpus files are gone
+
+
+# run_pretraining.py's input_fn_builder: name_to_features, as Google's script spells it.
+def _google_feature_spec(tf, max_seq_length, max_predictions_per_seq):
+    return {
+        "input_ids": tf.io.FixedLenFeature([max_seq_length], tf.int64),
+        "input_mask": tf.io.FixedLenFeature([max_seq_length], tf.int64),
+        "segment_ids": tf.io.FixedLenFeature([max_seq_length], tf.int64),
+        "masked_lm_positions": tf.io.FixedLenFeature([max_predictions_per_seq], tf.int64),
+        "masked_lm_ids": tf.io.FixedLenFeature([max_predictions_per_seq], tf.int64),
+        "masked_lm_weights": tf.io.FixedLenFeature([max_predictions_per_seq], tf.float32),
+        "next_sentence_labels": tf.io.FixedLenFeature([1], tf.int64),
+    }
+
+
+def test_tfrecord_output_is_google_format_and_reads_back_exactly(streamed, article_openings, vocab_file, tmp_path):
+    tf = tfrecord._tf()
+    npy_out, npy_metadata = streamed
+    out = tmp_path / "tfrecords"
+    assert main(["--input", str(article_openings), "--tokenizer", vocab_file, "--output", str(out),
+                 "--output_format", "tfrecord", "--dupe_factor", "2", "--eval_fraction", "0.2",
+                 "--shard_tokens", "3000", "--seed", "5", "--workers", "1"]) == 0
+    metadata = loader.read_metadata(out)
+    assert metadata["format"] == "google_bert.tfrecord/1" and metadata["static_masking"]
+    spec = _google_feature_spec(tf, 128, 20)
+    for npy_entry, entry in zip(npy_metadata["splits"].values(), metadata["splits"].values()):
+        assert [s["instances"] for s in entry["shards"]] == [s["instances"] for s in npy_entry["shards"]]
+        for npy_shard, shard in zip(npy_entry["shards"], entry["shards"]):
+            path = str(out / shard["file"])
+            assert path.endswith(".tfrecord")
+            dataset = tf.data.TFRecordDataset(path).map(lambda record: tf.io.parse_single_example(record, spec))
+            parsed = next(dataset.batch(1 << 20).as_numpy_iterator())
+            parsed["next_sentence_labels"] = parsed["next_sentence_labels"][:, 0]
+            rows = np.load(npy_out / npy_shard["file"])  # the same instances as .npy rows
+            expected = {**instances.unmasked_batch(rows), **instances.stored_masks(rows)}
+            read = tfrecord.TFRecordDataSource(path).read(np.arange(len(rows)))  # bert_jax's loader
+            assert sorted(parsed) == sorted(expected) == sorted(read) == sorted(tfrecord.FEATURES)
+            for name in spec:
+                np.testing.assert_array_equal(parsed[name], expected[name], err_msg=name)
+                np.testing.assert_array_equal(read[name], expected[name], err_msg=name)

@@ -158,7 +158,8 @@ def prepare_text_data(config, source: DataSource, workdir: epath.Path) -> str:
             local_dir, max_seq_length=d.max_seq_length, max_predictions_per_seq=d.max_predictions_per_seq,
             masked_lm_prob=d.masked_lm_prob, short_seq_prob=d.short_seq_prob,
             eval_fraction=d.eval_fraction, static_masking=not d.dynamic_masking,
-            whole_word_masking=d.whole_word_masking, seed=config.train.seed, overwrite=True,
+            whole_word_masking=d.whole_word_masking, seed=config.train.seed, max_unk_fraction=d.max_unk_fraction,
+            overwrite=True,
             progress=config.train.progress_bar)
         if local_dir != data_dir:
             paths.copy_tree(local_dir, data_dir, last=loader.METADATA_FILE)

@@ -5,21 +5,26 @@
     python -m bert_jax.data.prepare --input demo ...              # embedded demo corpus
     python -m bert_jax.data.prepare --input tfds:wikipedia/20230601.en --tfds_data_dir ...
     ... --static_masking --dupe_factor 5 --max_predictions_per_seq 20   # Google-style static masks
+    ... --output_format tfrecord       # Google/MLPerf TFRecords (static masks) for any BERT trainer
 
 Output directory (read by `bert_jax.data.loader.make_pretraining_loader`):
     metadata.json            settings, vocabulary ids, per-split shards and counts, summary
     vocab_tables.npz         word_start (bool[V]) and replacement_ids: masking needs no tokenizer
     tokenizer/               the tokenizer, saved with `Tokenizer.save`
     {train,eval}-NNNNN.npy   instance rows (`instances.instance_dtype`), memory-mapped by the loader
+                             (--output_format tfrecord: {train,eval}-NNNNN.tfrecord, `tfrecord.FEATURES`)
 
 Why .npy rows and not ArrayRecord: rows have a fixed size, so a batch is one fancy-indexing
 gather from the page cache with no per-record decoding; Grain reads them through a
 RandomAccess-style `InstanceShards`. Evaluation documents are held out whole (--eval_fraction).
 
 Work is spread over processes twice: sentence splitting + tokenization by chunks of documents,
-then instance creation (+ static masks) by shards. Each document's randomness comes from
+streamed to files on disk as they come (`corpus_files`: no process holds the tokenized corpus;
+the parent keeps 8 bytes per document), then instance creation (+ static masks) by shards, each
+worker memory-mapping the corpus for one shard at a time. Each document's randomness comes from
 (seed, dupe, document), so the output does not depend on --workers. Everything is written to
 a temporary directory that replaces --output only at the end: a failed run damages nothing.
+The summary reports the share of [UNK] tokens; over --max_unk_fraction it is an error.
 """
 from __future__ import annotations
 
@@ -41,15 +46,19 @@ from absl import flags
 from bert_jax import cli
 from bert_jax import tokenizer as tokenizer_lib
 from bert_jax.data import instances as instances_lib
-from bert_jax.data import masking
+from bert_jax.data import corpus_files, masking, tfrecord
 from bert_jax.data import sentences, sources
 from bert_jax.data.sources import DataSource
 
+OUTPUT_FORMATS = ("npy", "tfrecord")
+FORMAT_NAMES = {"npy": "bert_jax.pretraining_instances/1", "tfrecord": "google_bert.tfrecord/1"}  # metadata "format"
+DEFAULT_MAX_UNK_FRACTION = 0.05  # a fitting WordPiece vocabulary gives well under 1% [UNK] on English text
+_UNK_TOKENS = "[UNK] tokens"
 _STATIC_MASK_PURPOSE = 0x737461  # keeps static-mask keys apart from the loader's dynamic ones
 _DOCUMENTS_PER_TASK = 256
 _CHARACTERS_PER_TASK = 50_000  # pysbd splits ~50 kB/s: small tasks keep every worker busy
 
-_worker = {}  # per-process: tokenizer, corpus arrays (loaded once per worker)
+_worker = {}  # per-process: the tokenizer and its masking tables (loaded once per worker)
 
 
 def _init_worker(tokenizer_dir):
@@ -58,18 +67,8 @@ def _init_worker(tokenizer_dir):
     _worker["vocab"] = masking.MaskingVocab.from_tokenizer(_worker["tokenizer"])
 
 
-def _corpus(corpus_dir):
-    """The tokenized corpus, memory-mapped once per worker (written by the parent after step 1)."""
-    if _worker.get("corpus_dir") != corpus_dir:
-        _worker["corpus"] = instances_lib.TokenizedCorpus(
-            *(np.load(os.path.join(corpus_dir, f"{name}.npy"), mmap_mode="r")
-              for name in ("tokens", "sentence_offsets", "document_offsets")))
-        _worker["corpus_dir"] = corpus_dir
-    return _worker["corpus"]
-
-
 def _tokenize_documents(task):
-    """(documents, split?) -> flat tokens, sentence lengths, sentences per document, counts."""
+    """(documents, split?) -> flat tokens, sentence lengths, sentences per document, counts (with [UNK]s)."""
     documents, split_paragraphs = task
     tok = _worker["tokenizer"]
     counts = collections.Counter()
@@ -87,13 +86,14 @@ def _tokenize_documents(task):
         lengths.extend(len(ids) for ids in encoded)
         per_document.append(len(encoded))
     flat = np.fromiter((i for ids in tokens for i in ids), np.int32) if tokens else np.zeros(0, np.int32)
+    counts[_UNK_TOKENS] = int(np.count_nonzero(flat == tok.unk_id))
     return flat, np.asarray(lengths, np.int64), np.asarray(per_document, np.int64), counts, len(documents)
 
 
 def _make_shard(task):
     """Instances of one range of documents of a split, for one dupe; written as one .npy."""
     (path, corpus_dir, split, first, last, dupe, settings) = task
-    corpus = _corpus(corpus_dir)
+    corpus = corpus_files.open_corpus(corpus_dir)  # mapped per shard: its pages leave this process after it
     split_documents = np.load(os.path.join(corpus_dir, f"{split}_documents.npy"))
     rows = instances_lib.create_instances(
         corpus, split_documents, split_documents[first:last], max_seq_length=settings["max_seq_length"],
@@ -108,7 +108,11 @@ def _make_shard(task):
                                     masked_lm_prob=settings["masked_lm_prob"],
                                     whole_word_masking=settings["whole_word_masking"])
         rows = instances_lib.with_stored_masks(rows, masked)
-    np.save(path, rows)
+    if settings["output_format"] == "tfrecord":
+        with tfrecord.TFRecordWriter(path) as writer:
+            writer.write_batch({**instances_lib.unmasked_batch(rows), **instances_lib.stored_masks(rows)})
+    else:
+        np.save(path, rows)
     return {"file": os.path.basename(path), "instances": len(rows),
             "random_next": int(rows["next_sentence_label"].sum())}
 
@@ -146,9 +150,18 @@ def _text_file_stream(source: DataSource, input_format, stats):
 def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=128, short_seq_prob=0.1,
             eval_fraction=0.0, seed=12345, static_masking=False, dupe_factor=None, max_predictions_per_seq=20,
             masked_lm_prob=0.15, whole_word_masking=False, workers=None, input_format="auto",
-            shard_tokens=20_000_000, overwrite=False, progress=True) -> dict:
+            shard_tokens=20_000_000, overwrite=False, progress=True, output_format="npy",
+            max_unk_fraction=DEFAULT_MAX_UNK_FRACTION) -> dict:
     """Runs the whole preparation of a text source (`sources.DataSource` of kind demo, text or
-    tfds_text); returns the metadata written to output_dir/metadata.json."""
+    tfds_text); returns the metadata written to output_dir/metadata.json.
+
+    output_format 'tfrecord' writes Google's TFRecords (static masks) instead of .npy rows. A share
+    of [UNK] tokens over max_unk_fraction is an error (the vocabulary does not fit the corpus)."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    if not 0.0 <= max_unk_fraction <= 1.0:
+        raise ValueError(f"max_unk_fraction must be in [0, 1], got {max_unk_fraction}")
+    static_masking = static_masking or output_format == "tfrecord"  # Google's format carries its masks
     if not source.is_text:
         raise ValueError(f"{source} holds pretraining instances already; prepare reads text")
     output_dir = pathlib.Path(output_dir)
@@ -171,41 +184,34 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
         vocab = masking.MaskingVocab.from_tokenizer(tok)
         np.savez(staging / instances_lib.VOCAB_TABLES_FILE, word_start=vocab.word_start,
                  replacement_ids=vocab.replacement_ids)
-        # 1. Sentence splitting and tokenization, by chunks of documents.
+        # 1. Sentence splitting and tokenization, by chunks of documents, streamed to disk.
         stats = sources.SourceStats()
         counts = collections.Counter()
-        tokens, lengths, per_document = [], [], []
+        long_sentences = f"sentences longer than {max_seq_length - 3} tokens (truncated)"
+        corpus_dir = staging / "corpus"
+        corpus = corpus_files.CorpusWriter(corpus_dir)
         pool = _pool(workers, str(staging / "tokenizer"))
         with tqdm.tqdm(desc="tokenize", unit=" docs", disable=not progress) as bar:
             tasks = _read_tasks(source, input_format=input_format, stats=stats)
-            for flat, sentence_lengths, sentences_per_document, chunk_counts, read in pool.imap(
-                    _tokenize_documents, tasks):
-                tokens.append(flat)
-                lengths.append(sentence_lengths)
-                per_document.append(sentences_per_document)
+            for flat, sentence_lengths, sentences_per_document, chunk_counts, read in _imap_ahead(
+                    pool, _tokenize_documents, tasks, ahead=2 * workers):
+                corpus.append(flat, sentence_lengths, sentences_per_document)
                 counts.update(chunk_counts)
+                counts[long_sentences] += int((sentence_lengths > max_seq_length - 3).sum())
                 bar.update(read)
-        corpus = instances_lib.TokenizedCorpus(
-            np.concatenate(tokens) if tokens else np.zeros(0, np.int32),
-            np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64),
-            np.concatenate([[0], np.cumsum(np.concatenate(per_document))]).astype(np.int64))
-        sentence_lengths = np.diff(corpus.sentence_offsets)
-        if corpus.num_documents < 2:
-            raise ValueError(f"{source}: {corpus.num_documents} usable document(s); next-sentence pairs need"
+        document_tokens = corpus.close()
+        if corpus.documents < 2:
+            raise ValueError(f"{source}: {corpus.documents} usable document(s); next-sentence pairs need"
                              f" at least 2 ({stats.summary()})")
-        counts[f"sentences longer than {max_seq_length - 3} tokens (truncated)"] = int(
-            (sentence_lengths > max_seq_length - 3).sum())
-        corpus_dir = staging / "corpus"
-        corpus_dir.mkdir()
-        for name in ("tokens", "sentence_offsets", "document_offsets"):
-            np.save(corpus_dir / f"{name}.npy", getattr(corpus, name))
+        unk_tokens = counts.pop(_UNK_TOKENS, 0)
+        _check_unk_share(unk_tokens, corpus.tokens, tokenizer_path, max_unk_fraction)
 
         # 2. Hold out evaluation documents.
-        order = np.random.default_rng(seed).permutation(corpus.num_documents)
-        num_eval = 0 if eval_fraction == 0 else max(2, round(eval_fraction * corpus.num_documents))
-        if num_eval and corpus.num_documents - num_eval < 2:
+        order = np.random.default_rng(seed).permutation(corpus.documents)
+        num_eval = 0 if eval_fraction == 0 else max(2, round(eval_fraction * corpus.documents))
+        if num_eval and corpus.documents - num_eval < 2:
             raise ValueError(f"eval_fraction {eval_fraction} leaves fewer than 2 training documents"
-                             f" of {corpus.num_documents}")
+                             f" of {corpus.documents}")
         splits = {"train": np.sort(order[num_eval:])}
         if num_eval:
             splits["eval"] = np.sort(order[:num_eval])
@@ -214,19 +220,18 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
         settings = {"max_seq_length": max_seq_length, "short_seq_prob": short_seq_prob, "seed": seed,
                     "cls_id": tok.cls_id, "sep_id": tok.sep_id, "vocab_size": tok.vocab_size,
                     "static_masking": static_masking, "max_predictions_per_seq": max_predictions_per_seq,
-                    "masked_lm_prob": masked_lm_prob, "whole_word_masking": whole_word_masking}
+                    "masked_lm_prob": masked_lm_prob, "whole_word_masking": whole_word_masking,
+                    "output_format": output_format}
         shard_tasks = []
         for split, documents in splits.items():
             np.save(corpus_dir / f"{split}_documents.npy", documents)
-            document_tokens = np.cumsum(corpus.sentence_offsets[corpus.document_offsets[documents + 1]]
-                                        - corpus.sentence_offsets[corpus.document_offsets[documents]])
-            bounds = np.unique(np.searchsorted(document_tokens, np.arange(shard_tokens, document_tokens[-1],
-                                                                            shard_tokens)))
+            split_tokens = np.cumsum(document_tokens[documents])
+            bounds = np.unique(np.searchsorted(split_tokens, np.arange(shard_tokens, split_tokens[-1], shard_tokens)))
             ranges = list(zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(documents)]])))
             for dupe in range(dupe_factor):
                 for first, last in ranges:
                     if last > first:
-                        shard_tasks.append((str(staging / f"{split}-{len(shard_tasks):05d}.npy"),
+                        shard_tasks.append((str(staging / f"{split}-{len(shard_tasks):05d}.{output_format}"),
                                             str(corpus_dir), split, int(first), int(last), dupe, settings))
         metadata_splits = {split: {"documents": int(len(documents)), "shards": [], "instances": 0,
                                    "random_next": 0} for split, documents in splits.items()}
@@ -241,7 +246,7 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
         shutil.rmtree(corpus_dir)
 
         metadata = {
-            "format": "bert_jax.pretraining_instances/1",
+            "format": FORMAT_NAMES[output_format],
             "source": source.spec(), "tokenizer": "tokenizer", "tokenizer_kind": tok.kind,
             "vocab_size": tok.vocab_size, "special_ids": list(tok.special_ids), "mask_id": tok.mask_id,
             "cls_id": tok.cls_id, "sep_id": tok.sep_id, "pad_id": tok.pad_id,
@@ -251,8 +256,8 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
             "masked_lm_prob": masked_lm_prob, "whole_word_masking": whole_word_masking if static_masking else None,
             "eval_fraction": eval_fraction, "splits": metadata_splits,
             "summary": {"documents_read": stats.documents,
-                        "documents": corpus.num_documents, "sentences": int(len(sentence_lengths)),
-                        "tokens": int(len(corpus.tokens)), "workers": workers,
+                        "documents": corpus.documents, "sentences": corpus.sentences,
+                        "tokens": corpus.tokens, "unk_tokens": unk_tokens, "workers": workers,
                         "seconds": round(time.perf_counter() - started, 2),
                         "skipped_lines": dict(stats.skipped), "skipped_examples": stats.examples,
                         **{k: int(v) for k, v in counts.items()}},
@@ -283,6 +288,31 @@ class _InProcess:
     terminate = join = close
 
 
+def _imap_ahead(pool, function, tasks, *, ahead: int):
+    """pool.imap, in order, reading at most `ahead` tasks ahead of the results taken (Pool.imap
+    reads the whole task iterator at once: all of the corpus text)."""
+    if isinstance(pool, _InProcess):
+        yield from map(function, tasks)
+        return
+    pending = collections.deque()
+    for task in tasks:
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+        pending.append(pool.apply_async(function, (task,)))
+    while pending:
+        yield pending.popleft().get()
+
+
+def _check_unk_share(unk_tokens: int, tokens: int, tokenizer_path, max_unk_fraction: float) -> None:
+    share = unk_tokens / max(tokens, 1)
+    if share > max_unk_fraction:
+        raise ValueError(
+            f"{share:.1%} of the corpus' {tokens} tokens are [UNK] with the tokenizer {tokenizer_path}, over"
+            f" max_unk_fraction={max_unk_fraction:g}: the vocabulary does not fit this corpus (a truncated or"
+            " wrong vocab.txt, or other casing?); to prepare anyway pass --max_unk_fraction=1"
+            " (config: data.max_unk_fraction=1.0)")
+
+
 def _pool(workers: int, tokenizer_dir: str):
     if workers == 1:
         return _InProcess(tokenizer_dir)
@@ -304,13 +334,13 @@ def _replace(staging: pathlib.Path, output_dir: pathlib.Path) -> None:
 def summary_text(metadata: dict) -> str:
     s = metadata["summary"]
     lines = [f"{s['documents']} documents, {s['sentences']} sentences, {s['tokens']} tokens"
-             f" ({s['seconds']} s, {s['workers']} workers)"]
+             f" ({s['unk_tokens'] / max(s['tokens'], 1):.2%} [UNK]; {s['seconds']} s, {s['workers']} workers)"]
     for split, entry in metadata["splits"].items():
         share = entry["random_next"] / max(entry["instances"], 1)
         lines.append(f"{split}: {entry['documents']} documents -> {entry['instances']} instances in"
                      f" {len(entry['shards'])} shards ({share:.1%} random next)")
     for key, value in s.items():
-        if key not in ("documents", "documents_read", "sentences", "tokens", "workers", "seconds",
+        if key not in ("documents", "documents_read", "sentences", "tokens", "unk_tokens", "workers", "seconds",
                        "skipped_lines", "skipped_examples") and value:
             lines.append(f"{key}: {value}")
     for reason, count in s["skipped_lines"].items():
@@ -338,6 +368,10 @@ def _define_flags(fv) -> None:
     flags.DEFINE_integer("workers", None, "processes (default: all cores)", flag_values=fv)
     flags.DEFINE_integer("shard_tokens", 20_000_000, "corpus tokens per shard", flag_values=fv)
     flags.DEFINE_boolean("overwrite", False, "replace an existing --output", flag_values=fv)
+    flags.DEFINE_enum("output_format", "npy", OUTPUT_FORMATS, "npy: bert_jax's memory-mapped rows; tfrecord: "
+                      "Google/MLPerf TFRecords with static masks (implies --static_masking)", flag_values=fv)
+    flags.DEFINE_float("max_unk_fraction", DEFAULT_MAX_UNK_FRACTION, "stop when a larger share of the tokens "
+                       "is [UNK] (1: never)", flag_values=fv)
     for name in ("input", "tokenizer", "output"):
         flags.mark_flag_as_required(name, flag_values=fv)
 
@@ -352,7 +386,8 @@ def main(argv=None) -> None:
         seed=fv.seed, static_masking=fv.static_masking, dupe_factor=fv.dupe_factor,
         max_predictions_per_seq=fv.max_predictions_per_seq, masked_lm_prob=fv.masked_lm_prob,
         whole_word_masking=fv.whole_word_masking, workers=fv.workers, input_format=fv.format,
-        shard_tokens=fv.shard_tokens, overwrite=fv.overwrite)
+        shard_tokens=fv.shard_tokens, overwrite=fv.overwrite, output_format=fv.output_format,
+        max_unk_fraction=fv.max_unk_fraction)
     print(summary_text(metadata))
     print(f"wrote {fv.output}")
 
