@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     cfg, params, report = weights.load_pretrained(fv.src, fv.src_format)
     found = weights.tokenizer_for(fv.src, cfg, fv.tokenizer)
     out = weights.save(cfg, params, fv.dst, fv.dst_format, tokenizer_dir=found and found[1],
-                       overwrite=fv.overwrite)
+                       overwrite=fv.overwrite, labels=report["labels"])
     print(f"wrote {fv.dst_format} to {out}: {params_lib.count(params):,} parameters"
           + (f"; initialised fresh: {report['initialised']}" if report["initialised"] else ""))
     return 0

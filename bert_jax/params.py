@@ -119,16 +119,25 @@ def init_heads(cfg: M.BertConfig, seed: int = 0) -> dict:
     return {name: jax.tree.map(np.asarray, to_dict(nnx.state(mod, nnx.Param))) for name, mod in heads.items()}
 
 
+def init_pooler(cfg: M.BertConfig, seed: int = 0) -> dict:
+    """Fresh pooler params alone (for checkpoints saved without one: token and span heads)."""
+    pooler = M.dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), nnx.Rngs(seed))
+    return jax.tree.map(np.asarray, to_dict(nnx.state(pooler, nnx.Param)))
+
+
 @functools.lru_cache(maxsize=16)
 def canonical_shapes(cfg: M.BertConfig, num_labels: int = 2) -> dict[str, tuple]:
-    """Flat path -> shape of every canonical parameter (pretraining heads and a classifier
-    with ``num_labels`` outputs), without allocating."""
+    """Flat path -> shape of every canonical parameter (pretraining heads, a sequence and a
+    token classifier with ``num_labels`` outputs, the span head), without allocating."""
     canon = cfg.replace(scan_layers=False)
     pre = nnx.eval_shape(lambda: M.BertForPreTraining(canon, rngs=nnx.Rngs(0)))
     clf = nnx.eval_shape(lambda: M.BertForSequenceClassification(canon, num_labels, rngs=nnx.Rngs(0)))
     tree = to_dict(nnx.state(pre, nnx.Param))
     tree["classifier"] = to_dict(nnx.state(clf, nnx.Param))["classifier"]
-    return {k: tuple(v.shape) for k, v in flatten(tree).items()}
+    shapes = {k: tuple(v.shape) for k, v in flatten(tree).items()}
+    for head, n in (("token_classifier", num_labels), ("qa_outputs", 2)):
+        shapes[f"{head}/kernel"], shapes[f"{head}/bias"] = (cfg.hidden_size, n), (n,)
+    return shapes
 
 
 def load_params(model: nnx.Module, params: dict, *, strict: bool = True) -> list[str]:

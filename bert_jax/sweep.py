@@ -264,7 +264,7 @@ def save_outputs(tuner: FineTuning, params, workdir: epath.Path) -> dict:
             local_tmp = tmp if paths.is_local(tmp) else epath.Path(scratch) / "checkpoint"
             # Every process calls the Orbax save (it coordinates who writes what).
             weights.orbax.save(tuner.model_config.replace(dtype="float32"), host_params, local_tmp,
-                               tokenizer_dir=tuner.pretrained.tokenizer_dir)
+                               tokenizer_dir=tuner.pretrained.tokenizer_dir, labels=task.labels)
             if primary and local_tmp != tmp:
                 paths.copy_tree(local_tmp, tmp)
         _remove(final, "finetune_checkpoint_saved")  # the new one replaces the old once completely written

@@ -97,7 +97,7 @@ def test_hf_export_loads_in_transformers(minilm, tmp_path, minilm_dir):
     np.testing.assert_allclose(got["nsp_logits"], ref.seq_relationship_logits.numpy(), atol=1e-4, rtol=0)
     # And back: our importer reads what we wrote, identically.
     cfg2, params2, report = weights.load_pretrained(out, "hf")
-    assert cfg2 == cfg and report == {"initialised": [], "ignored": []}
+    assert cfg2 == cfg and report == {"initialised": [], "ignored": [], "labels": None}
     for k, v in params_lib.flatten(params).items():
         np.testing.assert_array_equal(params_lib.flatten(params2)[k], v, err_msg=k)
 
@@ -228,7 +228,7 @@ def test_fine_tuned_classifier_round_trip(tmp_path):
     hf = transformers.BertForSequenceClassification(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "src")
     cfg2, params, report = weights.load_pretrained(tmp_path / "src")
-    assert report == {"initialised": [], "ignored": []}
+    assert report == {"initialised": [], "ignored": [], "labels": ["LABEL_0", "LABEL_1", "LABEL_2"]}
     assert set(params) == {"bert", "classifier"} and params["classifier"]["kernel"].shape == (32, 3)
     out = weights.hf.save(cfg2, params, tmp_path / "dst")
     again, info = transformers.BertForSequenceClassification.from_pretrained(str(out), output_loading_info=True)
@@ -271,3 +271,30 @@ def test_token_heads_export_to_transformers_with_the_same_logits(tmp_path, head)
     weights.save(cfg, params, tmp_path / "orbax", "orbax")
     _, again, report = weights.load_pretrained(tmp_path / "orbax")
     assert report["initialised"] == [] and set(again) == {"bert", head}
+
+
+@pytest.mark.parametrize("architecture", ["BertForTokenClassification", "BertForQuestionAnswering"])
+def test_token_heads_import_from_transformers_with_the_same_logits(tmp_path, architecture):
+    """A transformers token/span model (no pooler) imports with its head and label names."""
+    torch.manual_seed(0)
+    cfg = M.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=48, max_position_embeddings=32)
+    head = "token_classifier" if architecture == "BertForTokenClassification" else "qa_outputs"
+    tags = ["O", "B-PER", "I-PER"]
+    named = {"id2label": dict(enumerate(tags)), "label2id": {t: i for i, t in enumerate(tags)}}
+    hf_cfg = transformers.BertConfig(**{k: v for k, v in weights.hf.config_to_hf(cfg).items() if k != "architectures"},
+                                     **(named if head == "token_classifier" else {}))
+    theirs = getattr(transformers, architecture)(hf_cfg).eval()
+    theirs.save_pretrained(tmp_path / "src")
+    _, params, report = weights.load_pretrained(tmp_path / "src")
+    assert set(params) == {"bert", head} and report["initialised"] == ["pooler"] and not report["ignored"]
+    assert report["labels"] == (tags if head == "token_classifier" else None)
+    ours = (M.BertForTokenClassification(cfg, 3, rngs=nnx.Rngs(0)) if head == "token_classifier"
+            else M.BertForQuestionAnswering(cfg, rngs=nnx.Rngs(0)))
+    params_lib.load_params(ours, params)
+    ids = torch.randint(5, 120, (2, 9))
+    mine = ours(ids.numpy().astype(np.int32))
+    with torch.no_grad():
+        got = theirs(input_ids=ids)
+    for name in ("logits",) if head == "token_classifier" else ("start_logits", "end_logits"):
+        np.testing.assert_allclose(mine[name], getattr(got, name).numpy(), atol=1e-5)

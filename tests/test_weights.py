@@ -30,11 +30,12 @@ def test_every_format_round_trips_and_is_detected(tmp_path, fmt):
     params = params_lib.init_params(TINY, seed=0, head="classification", num_labels=3)
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    out = weights.save(TINY, params, tmp_path / "out", fmt, tokenizer_dir=tmp_path / "tok")
+    out = weights.save(TINY, params, tmp_path / "out", fmt, tokenizer_dir=tmp_path / "tok", labels=("no", "sí", "?"))
     assert weights.detect_format(out) == fmt
     cfg, got, report = weights.load_pretrained(out)
-    # A fine-tuned tree keeps its classifier and gets no fresh pretraining heads.
-    assert cfg == TINY and report == {"initialised": [], "ignored": []} and set(got) == {"bert", "classifier"}
+    # A fine-tuned tree keeps its classifier and label names and gets no fresh pretraining heads.
+    assert cfg == TINY and report == {"initialised": [], "ignored": [], "labels": ["no", "sí", "?"]}
+    assert set(got) == {"bert", "classifier"}
     flat = params_lib.flatten(params)
     assert params_lib.flatten(got).keys() == flat.keys()
     for k, v in params_lib.flatten(got).items():

@@ -22,6 +22,8 @@ A task module under `bert_jax/tasks/` (listed in `FAMILIES`) exposes
 Task members:
   name: str                      key in results.json, directory in the workdir
   primary_metric: str            a key of `evaluate`'s result that picks the run; higher is better
+  labels: tuple[str, ...] | None the head's label names in id order (None: regression, spans),
+                                 saved with the fine-tuned checkpoint (HF export: id2label)
   loss_fns: losses.LossFns       the training loss (and its additive metrics) on train batches
   num_train_examples: int
   steps_per_epoch: int           batches of one epoch (the same for every epoch)
@@ -59,6 +61,7 @@ ALL = "all"           # --config.task=all: the nine GLUE tasks
 class Task(Protocol):
     name: str
     primary_metric: str
+    labels: tuple[str, ...] | None
     loss_fns: LossFns
     num_train_examples: int
     steps_per_epoch: int

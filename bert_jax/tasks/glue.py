@@ -57,6 +57,10 @@ class Glue:
         self.num_train_examples = len(self.train)
         self.steps_per_epoch = math.ceil(len(self.train) / c.batch_size)
 
+    @property
+    def labels(self) -> tuple[str, ...] | None:
+        return self.spec.labels
+
     def model(self, model_config: BertConfig, rngs: nnx.Rngs) -> nnx.Module:
         return BertForSequenceClassification(model_config, self.spec.num_labels, rngs=rngs)
 

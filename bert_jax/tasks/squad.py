@@ -42,6 +42,7 @@ class Squad:
     name = "squad"
     primary_metric = "dev/f1"
     loss_fns = losses.SPAN
+    labels = None
 
     def __init__(self, c, tokenizer):
         for key in ("train_file", "predict_file"):

@@ -23,7 +23,7 @@ from bert_jax import checkpoint, paths
 from bert_jax.model import BertConfig
 from bert_jax.tokenizer import Tokenizer
 from bert_jax.weights import google_tf, hf, npz, orbax, tokenizer_files
-from bert_jax.weights.mapping import ConversionError, Imported
+from bert_jax.weights.mapping import FINE_TUNED_HEADS, ConversionError, Imported
 from bert_jax.weights.tokenizer_files import check_vocab, copy_tokenizer, find_tokenizer_files, tokenizer_for
 
 __all__ = ["FORMATS_IN", "FORMATS_OUT", "ConversionError", "Imported", "Pretrained", "check_vocab",
@@ -70,8 +70,10 @@ def load_pretrained(path, fmt: str = "auto", seed: int = 0) -> Imported:
     return READERS[fmt](path, seed=seed)
 
 
-def save(cfg: BertConfig, params: dict, dst, fmt: str, tokenizer_dir=None, overwrite: bool = False) -> pathlib.Path:
-    """Writes ``params`` in format ``fmt`` (one of FORMATS_OUT) with the tokenizer, if given.
+def save(cfg: BertConfig, params: dict, dst, fmt: str, tokenizer_dir=None, overwrite: bool = False,
+         labels=None) -> pathlib.Path:
+    """Writes ``params`` in format ``fmt`` (one of FORMATS_OUT) with the tokenizer, if given,
+    and the task head's label names (``labels``, in id order), if given.
     A file (or Orbax step / tokenizer directory) it would write that exists already is an
     error naming it, unless ``overwrite``; then only those are replaced, never other files
     beside them."""
@@ -83,14 +85,14 @@ def save(cfg: BertConfig, params: dict, dst, fmt: str, tokenizer_dir=None, overw
         for path in existing:
             shutil.rmtree(path)
     if fmt == "npz":
-        out = npz.save(cfg, params, dst)
+        out = npz.save(cfg, params, dst, labels)
         if tokenizer_dir is not None:
             copy_tokenizer(tokenizer_dir, out.parent)
         return out
     if fmt == "hf":
-        return hf.save(cfg, params, dst, tokenizer_dir)
+        return hf.save(cfg, params, dst, tokenizer_dir, labels)
     if fmt == "orbax":
-        return orbax.save(cfg, params, dst, tokenizer_dir)
+        return orbax.save(cfg, params, dst, tokenizer_dir, labels)
     raise ConversionError(f"unknown destination format {fmt!r}; expected one of {FORMATS_OUT}")
 
 
@@ -114,10 +116,13 @@ class Pretrained:
     tokenizer: Tokenizer
     tokenizer_dir: str | None
     source: str
+    head: dict = dataclasses.field(default_factory=dict)  # a fine-tuned task head ({'classifier': ...}), or {}
+    labels: tuple[str, ...] | None = None                 # its label names in id order, when recorded
 
 
 def load_pretrained_encoder(path: str, fmt: str = "auto", tokenizer_path: str = "") -> Pretrained:
-    """Encoder + pooler weights and the tokenizer that belongs to them; vocab sizes must agree."""
+    """Encoder + pooler weights, the fine-tuned task head if the checkpoint has one, and the
+    tokenizer that belongs to them; vocab sizes must agree."""
     if not path:
         raise ValueError("config.init_checkpoint is required: a pretraining workdir or imported weights")
     model_config, params, report = load_pretrained(path, fmt)
@@ -130,4 +135,6 @@ def load_pretrained_encoder(path: str, fmt: str = "auto", tokenizer_path: str = 
                                 "--config.tokenizer=PATH when fine-tuning)")
     tokenizer, tokenizer_dir = found
     log.info("init from %s (%s); report %s", path, model_config, report)
-    return Pretrained(model_config, params["bert"], tokenizer, str(tokenizer_dir), str(path))
+    head = {name: params[name] for name in FINE_TUNED_HEADS if name in params}
+    labels = report["labels"] and tuple(report["labels"])
+    return Pretrained(model_config, params["bert"], tokenizer, str(tokenizer_dir), str(path), head, labels)

@@ -1,8 +1,9 @@
 """Hugging Face BERT: ``config.json`` <-> :class:`BertConfig`, and ``model.safetensors`` (or
 ``pytorch_model.bin``, read with torch when installed) <-> our params, with or without the
-``bert.`` prefix, with or without the MLM/NSP heads, or with a sequence-classification head.
-Token-classification and question-answering heads are exported (transformers'
-``BertForTokenClassification`` / ``BertForQuestionAnswering``), not imported.
+``bert.`` prefix, with or without the MLM/NSP heads, or with one fine-tuned head:
+transformers' ``BertForSequenceClassification``, ``BertForTokenClassification`` or
+``BertForQuestionAnswering`` (the architecture in ``config.json`` tells the two heads named
+``classifier`` apart), with the label names of ``id2label``.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import numpy as np
 from bert_jax import params as params_lib
 from bert_jax.model import RUNTIME_KEYS, BertConfig
 from bert_jax.weights import tokenizer_files
-from bert_jax.weights.mapping import (MLM_TRANSFORM, ConversionError, Imported, assemble, encoder_modules,
-                                      read_json, spell)
+from bert_jax.weights.mapping import (FINE_TUNED_HEADS, MLM_TRANSFORM, ConversionError, Imported, assemble,
+                                      encoder_modules, read_json, spell)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -63,17 +64,42 @@ def config_to_hf(cfg: BertConfig) -> dict:
 # ----------------------------------------------------------------------------
 # Weights
 
-def name_map(cfg: BertConfig, prefix: str = "bert.") -> dict[str, list]:
-    """Rows (our path, HF tensor name, transpose) by part: encoder, mlm, nsp, classifier."""
+def name_map(cfg: BertConfig, prefix: str = "bert.", architecture: str = "") -> dict[str, list]:
+    """Rows (our path, HF tensor name, transpose) by part: encoder, mlm, nsp and the task
+    heads; their ``classifier`` is our token_classifier in a BertForTokenClassification."""
     def rows(modules, prefix=""):
         return spell(modules, LEAVES, ".", prefix)
 
+    classifier = "token_classifier" if architecture == TOKEN_HEADS["token_classifier"][1] else "classifier"
     return {
         "encoder": rows(encoder_modules(cfg.num_hidden_layers, lambda i: f"layer/{i}"), prefix),
         "mlm": rows(MLM_TRANSFORM) + [("mlm/bias", "cls.predictions.bias", False)],
         "nsp": rows([("nsp", "cls/seq_relationship", "dense")]),
-        "classifier": rows([("classifier", "classifier", "dense")]),
+        classifier: rows([(classifier, "classifier", "dense")]),
+        "qa_outputs": rows([("qa_outputs", "qa_outputs", "dense")]),
     }
+
+
+def label_entries(labels) -> dict:
+    """config.json's num_labels, id2label and label2id for label names in id order."""
+    return {"num_labels": len(labels), "id2label": {str(i): name for i, name in enumerate(labels)},
+            "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def labels_from_hf(d: dict, params: dict, where: str = CONFIG_FILE) -> list[str] | None:
+    """The label names of ``id2label`` in id order when ``params`` hold a classifier head."""
+    head = next((h for h in FINE_TUNED_HEADS if h in params and h != "qa_outputs"), None)
+    if head is None or "id2label" not in d:
+        return None
+    n = int(np.shape(params[head]["bias"])[0])
+    try:
+        names = {int(k): str(v) for k, v in d["id2label"].items()}
+    except (AttributeError, ValueError) as e:
+        raise ConversionError(f"{where}: id2label must map label ids to names ({e})") from e
+    if sorted(names) != list(range(n)):
+        raise ConversionError(f"{where}: id2label has ids {sorted(names)}, expected 0..{n - 1} for the "
+                              f"{n} outputs of the {head} head")
+    return [names[i] for i in range(n)]
 
 
 def _read_tensors(d: pathlib.Path) -> tuple[pathlib.Path, dict]:
@@ -99,22 +125,27 @@ def load(path, seed: int = 0) -> Imported:
     cfg_file = d / CONFIG_FILE
     if not cfg_file.is_file():
         raise ConversionError(f"{d}: no config.json (a Hugging Face BERT directory needs one)")
-    cfg = config_from_hf(read_json(cfg_file), str(cfg_file))
+    hf_config = read_json(cfg_file)
+    cfg = config_from_hf(hf_config, str(cfg_file))
     source, tensors = _read_tensors(d)
     # Older checkpoints name LayerNorm parameters gamma/beta.
     tensors = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
                for k, v in tensors.items()}
     prefix = "bert." if any(k.startswith("bert.") for k in tensors) else ""
-    return assemble(cfg, tensors, name_map(cfg, prefix), str(source), seed)
+    architecture = (hf_config.get("architectures") or [""])[0]
+    imported = assemble(cfg, tensors, name_map(cfg, prefix, architecture), str(source), seed)
+    imported.report["labels"] = labels_from_hf(hf_config, imported.params, str(cfg_file))
+    return imported
 
 
 WRITTEN = (CONFIG_FILE, "model.safetensors")  # the files `save` writes (and the tokenizer's)
 
 
-def save(cfg: BertConfig, params: dict, out_dir, tokenizer_dir=None) -> pathlib.Path:
+def save(cfg: BertConfig, params: dict, out_dir, tokenizer_dir=None, labels=None) -> pathlib.Path:
     """``config.json`` + ``model.safetensors`` that transformers' ``BertForPreTraining``
     (``BertForSequenceClassification``, ``BertForTokenClassification`` or
-    ``BertForQuestionAnswering`` for a fine-tuned tree) loads without warnings."""
+    ``BertForQuestionAnswering`` for a fine-tuned tree) loads without warnings; ``labels``
+    (the head's label names in id order) become id2label/label2id (default LABEL_<i>)."""
     from safetensors.numpy import save_file
 
     out = pathlib.Path(out_dir)
@@ -136,8 +167,10 @@ def save(cfg: BertConfig, params: dict, out_dir, tokenizer_dir=None) -> pathlib.
         if f"{head}/kernel" not in flat:
             continue
         n = int(np.shape(flat[f"{head}/bias"])[0])
-        hf_cfg.update(architectures=[architecture], num_labels=n, id2label={str(i): f"LABEL_{i}" for i in range(n)},
-                      label2id={f"LABEL_{i}": i for i in range(n)})
+        names = [f"LABEL_{i}" for i in range(n)] if labels is None or head == "qa_outputs" else list(labels)
+        if len(names) != n:
+            raise ConversionError(f"export to Hugging Face: {len(names)} label names for the {n} outputs of {head}")
+        hf_cfg.update(architectures=[architecture], **label_entries(names))
         if head == "classifier":
             hf_cfg["problem_type"] = "regression" if n == 1 else "single_label_classification"
         # No pretraining heads in a fine-tuned model; transformers builds the token models without a pooler.

@@ -51,6 +51,7 @@ MLM_TRANSFORM = (
 
 # Task heads (bert_jax.model): sequence classification, token classification, question answering.
 FINE_TUNED_HEADS = ("classifier", "token_classifier", "qa_outputs")
+POOLER = "bert/pooler/"
 
 
 class ConversionError(ValueError):
@@ -59,9 +60,10 @@ class ConversionError(ValueError):
 
 class Imported(NamedTuple):
     """What every importer returns. ``params``: the canonical nested dict of numpy arrays
-    (``bert/...``, ``mlm/...``, ``nsp/...``, optionally ``classifier/...``); ``report``:
-    ``initialised`` (heads missing from the source, made fresh) and ``ignored`` (source
-    tensors that are not part of BERT)."""
+    (``bert/...``, ``mlm/...``, ``nsp/...``, or one task head: ``classifier/...``,
+    ``token_classifier/...``, ``qa_outputs/...``); ``report``: ``initialised`` (heads missing
+    from the source, made fresh), ``ignored`` (source tensors that are not part of BERT) and
+    ``labels`` (the task head's label names, or None), see :func:`report`."""
     config: BertConfig
     params: dict
     report: dict
@@ -98,16 +100,20 @@ def read_json(path) -> dict:
 
 def assemble(cfg: BertConfig, tensors: dict, groups: dict[str, list[Row]], source: str,
              seed: int = 0) -> Imported:
-    """Source tensors -> canonical params through a name map. The encoder is required;
-    a head is taken whole or not at all (a partial head is an error)."""
-    bias = [theirs for ours, theirs, _ in groups["classifier"] if ours == "classifier/bias"]
-    num_labels = int(np.shape(tensors[bias[0]])[0]) if bias and bias[0] in tensors else 2
+    """Source tensors -> canonical params through a name map. The encoder is required (a
+    missing pooler, as token and span models are saved, is made fresh); a head is taken
+    whole or not at all (a partial head is an error)."""
+    bias = [theirs for rows in groups.values() for ours, theirs, _ in rows
+            if ours.endswith("classifier/bias") and theirs in tensors]
+    num_labels = int(np.shape(tensors[bias[0]])[0]) if bias else 2
     shapes = params_lib.canonical_shapes(cfg, num_labels)
     flat, used = {}, set()
     for part, rows in groups.items():
         present = [theirs for _, theirs, _ in rows if theirs in tensors]
         if not present and part != "encoder":
             continue
+        if part == "encoder" and not any(theirs in tensors for ours, theirs, _ in rows if ours.startswith(POOLER)):
+            rows = [row for row in rows if not row[0].startswith(POOLER)]
         missing = [theirs for _, theirs, _ in rows if theirs not in tensors]
         if missing:
             raise ConversionError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -120,11 +126,21 @@ def assemble(cfg: BertConfig, tensors: dict, groups: dict[str, list[Row]], sourc
                                       f"expected {want} for {ours}")
             flat[ours] = arr
             used.add(theirs)
-    initialised = add_fresh_heads(cfg, flat, source, seed)
+    pooler = [] if POOLER + "kernel" in flat else ["pooler"]
+    if pooler:
+        flat.update(params_lib.flatten(params_lib.init_pooler(cfg, seed), POOLER.rstrip("/")))
+        log.info("%s: no pooler in the checkpoint; initialised fresh", source)
+    initialised = pooler + add_fresh_heads(cfg, flat, source, seed)
     ignored = sorted(n for n in tensors if n not in used and not any(b in n for b in BENIGN))
     if ignored:
         log.warning("%s: ignored tensors not part of BERT: %s", source, ignored[:10])
-    return Imported(cfg, params_lib.unflatten(flat), {"initialised": initialised, "ignored": ignored})
+    return Imported(cfg, params_lib.unflatten(flat), report(initialised, ignored))
+
+
+def report(initialised: list[str], ignored: list[str], labels: tuple[str, ...] | None = None) -> dict:
+    """An importer's report: heads made fresh, source tensors ignored, the head's label names
+    in id order (None: no task head, or a checkpoint that names no labels)."""
+    return {"initialised": initialised, "ignored": ignored, "labels": None if labels is None else list(labels)}
 
 
 def add_fresh_heads(cfg: BertConfig, flat: dict, source: str, seed: int = 0) -> list[str]:

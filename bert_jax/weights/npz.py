@@ -11,8 +11,8 @@ import numpy as np
 
 from bert_jax import params as params_lib
 from bert_jax.model import BertConfig
-from bert_jax.weights.hf import config_from_hf, config_to_hf
-from bert_jax.weights.mapping import ConversionError, Imported, add_fresh_heads
+from bert_jax.weights.hf import config_from_hf, config_to_hf, label_entries, labels_from_hf
+from bert_jax.weights.mapping import ConversionError, Imported, add_fresh_heads, report
 
 CONFIG_KEY = "__config__"
 
@@ -37,9 +37,11 @@ def load(path, seed: int = 0) -> Imported:
     with np.load(path, allow_pickle=False) as z:
         if CONFIG_KEY not in z.files:
             raise ConversionError(f"{path}: no {CONFIG_KEY} entry (not written by bert_jax.convert?)")
-        cfg = config_from_hf(json.loads(str(z[CONFIG_KEY])), f"{path}:{CONFIG_KEY}")
+        hf_config = json.loads(str(z[CONFIG_KEY]))
+        cfg = config_from_hf(hf_config, f"{path}:{CONFIG_KEY}")
         flat = {k: z[k] for k in z.files if k != CONFIG_KEY}
-    num_labels = int(flat["classifier/bias"].shape[0]) if "classifier/bias" in flat else 2
+    bias = [k for k in ("classifier/bias", "token_classifier/bias") if k in flat]
+    num_labels = int(flat[bias[0]].shape[0]) if bias else 2
     shapes = params_lib.canonical_shapes(cfg, num_labels)
     for k, v in flat.items():
         if k not in shapes:
@@ -50,7 +52,8 @@ def load(path, seed: int = 0) -> Imported:
     if missing:
         raise ConversionError(f"{path}: missing parameter(s) {missing[:5]}")
     initialised = add_fresh_heads(cfg, flat, str(path), seed)
-    return Imported(cfg, params_lib.unflatten(flat), {"initialised": initialised, "ignored": []})
+    params = params_lib.unflatten(flat)
+    return Imported(cfg, params, report(initialised, [], labels_from_hf(hf_config, params, f"{path}:{CONFIG_KEY}")))
 
 
 def output_path(path) -> pathlib.Path:
@@ -59,12 +62,14 @@ def output_path(path) -> pathlib.Path:
     return path if path.suffix == ".npz" else path / "params.npz"
 
 
-def save(cfg: BertConfig, params: dict, path) -> pathlib.Path:
-    """Writes ``path`` (an .npz file, or ``params.npz`` inside a directory) atomically."""
+def save(cfg: BertConfig, params: dict, path, labels=None) -> pathlib.Path:
+    """Writes ``path`` (an .npz file, or ``params.npz`` inside a directory) atomically;
+    ``labels``, the head's label names, go into the config as id2label."""
     path = output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: np.asarray(v, dtype=np.float32) for k, v in params_lib.flatten(params).items()}
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **{CONFIG_KEY: np.array(json.dumps(config_to_hf(cfg)))}, **flat)
+    config = {**config_to_hf(cfg), **(label_entries(labels) if labels is not None else {})}
+    np.savez(tmp, **{CONFIG_KEY: np.array(json.dumps(config))}, **flat)
     os.replace(tmp, path)  # never leave a half-written file in place of a good one
     return path
