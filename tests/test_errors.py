@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from bert_jax import aot, cli, config_utils, convert, encode, finetune, pretrain, tokenizer
+from bert_jax import aot, cli, config_utils, convert, encode, finetune, predict, pretrain, tokenizer
 from bert_jax.data import prepare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -166,3 +166,30 @@ def test_prepare_with_a_vocabulary_that_misses_the_corpus_is_one_line(tmp_path, 
     share = float(line.split("error: ")[1].split("%")[0])
     printed = float(capsys.readouterr().out.split("% [UNK]")[0].split("(")[-1])
     assert share > 50 and abs(printed - share) < 0.1
+
+
+def test_predict_inputs_are_checked_before_the_model_loads(tmp_path, capsys):
+    """Bad JSON lines name the file and line; a workdir of several tasks names them."""
+    bad = tmp_path / "in.jsonl"
+    cases = [('{"text": "fine"}\n{"text": "cut', f"{bad}:2: not JSON ("),
+             ('{"text": "fine"}\n["a list"]', f'{bad}:2: expected a JSON object with a "text" string'),
+             ('{"text": "a", "question": "q?"}\n{"text": "b"}', f'{bad}:2: no "question" field (the other lines have one)')]
+    for content, message in cases:
+        bad.write_text(content + "\n")
+        assert predict.main(["--model=/no/such/model", f"--input={bad}"]) == 2
+        _one_error_line(capsys, message)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "results.json").write_text('{"tasks": {"rte": {"chosen": {"checkpoint": "a"}}, '
+                                          '"mrpc": {"chosen": {"checkpoint": "b"}}}}')
+    assert predict.main([f"--model={workdir}", "--text=x"]) == 2
+    _one_error_line(capsys, f"{workdir}: a fine-tuning workdir with 2 saved task checkpoints (rte, mrpc); pass one")
+    assert predict.main(["--model=/no/such/model", "--text=x"]) == 2
+    _one_error_line(capsys, "/no/such/model: no such file or directory")
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--model=/no/such/model"])
+    assert exit_info.value.code == 2 and "give exactly one of --text and --input" in capsys.readouterr().err
+    from bert_jax.weights import ConversionError, hf
+    with pytest.raises(ConversionError, match=r"^m/config.json: id2label has ids \[0, 1\], expected 0..2 for the 3 "
+                                              r"outputs of the classifier head$"):
+        hf.labels_from_hf({"id2label": {"0": "a", "1": "b"}}, {"classifier": {"bias": np.zeros(3)}}, "m/config.json")

@@ -9,6 +9,7 @@ import pytest
 from bert_jax import finetune, sweep, weights
 from bert_jax import model as bert_model
 from bert_jax import params as params_lib
+from bert_jax.inference import InferenceModel
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FILLER = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "big", "small",
@@ -109,8 +110,14 @@ def test_tiny_checkpoint_learns_task_and_writes_outputs(tiny_checkpoint, tmp_pat
     assert {x.split("\t")[1] for x in lines[1:]} <= {"0", "1"}
 
     # The chosen run's checkpoint reads back (with its head) through bert_jax.weights, like any other.
-    cfg, params, _ = weights.load_pretrained(workdir / "continuation" / "checkpoint", "orbax")
-    assert params["classifier"]["kernel"].shape == (32, 2) and cfg.vocab_size == 28
+    cfg, params, report = weights.load_pretrained(workdir / "continuation" / "checkpoint", "orbax")
+    assert params["classifier"]["kernel"].shape == (32, 2) and cfg.vocab_size == 28 and report["labels"] == ["0", "1"]
+
+    # The workdir predicts new pairs (bert_jax.predict) as the chosen run predicted the test set.
+    test_rows = [row.split("\t") for row in (tmp_path / "data" / "test.tsv").read_text().splitlines()[1:]]
+    predicted = InferenceModel.load(workdir).predict([r[1] for r in test_rows], text_pairs=[r[2] for r in test_rows])
+    assert [p["label"] for p in predicted] == [x.split("\t")[1] for x in lines[1:]]
+    assert all(sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-5) for p in predicted)
 
 
 def test_bad_inputs_fail_clearly(tiny_checkpoint, tmp_path):

@@ -166,10 +166,11 @@ def featurize(sentences: Sequence[Sentence], tokenizer, labels: Sequence[str], m
 
 
 def word_predictions(features: Features, token_predictions: Sequence[np.ndarray],
-                     sentence_lengths: Sequence[int]) -> list[np.ndarray]:
-    """Per sentence, the label id predicted for each word, read from the token predictions
-    (one array per window, aligned with its tokens, padding allowed after them)."""
-    out = [np.full(n, -1, np.int32) for n in sentence_lengths]
+                     sentence_lengths: Sequence[int], dtype=np.int32) -> list[np.ndarray]:
+    """Per sentence, the label id (or any non-negative value per token, of `dtype`) predicted
+    for each word, read from the token predictions (one array per window, aligned with its
+    tokens, padding allowed after them)."""
+    out = [np.full(n, -1, dtype) for n in sentence_lengths]
     for window, predictions in enumerate(token_predictions):
         words = features.word_ids[window]
         positions = np.nonzero(words >= 0)[0]
