@@ -16,6 +16,8 @@ def get_config(arg: str = ""):
     c.task = "ner"
     c.data_dir = ""                 # eng.train, eng.testa, eng.testb (or train.txt, dev.txt, test.txt)
     c.labels = ""                   # '' : O + B-/I- of every type in the training file; else 'O,B-PER,I-PER,...'
+    c.data_source = ""              # '' : the files in data_dir; 'tfds:conll2003': TFDS, prepared in tfds_data_dir
+    c.tfds_data_dir = ""            # '' : $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.doc_stride = 0                # long sentences: windows this many sub-tokens apart (0: half a window)
     c.learning_rates = (5e-5,)
     if arg == "quick":

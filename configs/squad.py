@@ -18,6 +18,9 @@ def get_config(arg: str = ""):
     c.train_file = ""               # SQuAD JSON: train-v1.1.json / train-v2.0.json
     c.predict_file = ""             # dev-v1.1.json / dev-v2.0.json: evaluated, predictions.json written
     c.version_2_with_negative = False  # SQuAD 2.0: unanswerable questions, null threshold chosen on predict_file
+    c.data_source = ""              # '' : train_file + predict_file; 'tfds:squad/v1.1' or 'tfds:squad/v2.0':
+                                    # TFDS train + validation, prepared in tfds_data_dir
+    c.tfds_data_dir = ""            # '' : $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.max_seq_length = 384
     c.doc_stride = 128              # passage windows start this many tokens apart
     c.max_query_length = 64         # question tokens kept

@@ -23,6 +23,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from bert_jax.tasks import tfds_split
+
 _BINARY = ("0", "1")
 _NLI3 = ("entailment", "neutral", "contradiction")
 _NLI2 = ("entailment", "not_entailment")
@@ -218,21 +220,13 @@ def load_tsv_split(glue_dir: str, task: GlueTask, stem: str, *, labelled: bool,
 
 def load_tfds_split(data_dir: str | None, task: GlueTask, split: str, *, labelled: bool) -> GlueSplit:
     """Reads `glue/<task>` prepared under `data_dir` (never downloads)."""
-    import tensorflow_datasets as tfds  # heavy; only when asked for
-
     name, split_name = task.tfds_name, split
     if ":" in split:  # 'glue/ax:test'
         name, split_name = split.split(":")
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-        dataset = builder.as_dataset(split=split_name, shuffle_files=False)
-    except Exception as error:  # tfds raises several types for "not prepared"
-        raise FileNotFoundError(f"TFDS dataset {name} split {split_name!r} is not available under "
-                                f"data_dir={data_dir!r} (prepare it with `tfds build {name} "
-                                f"--data_dir=...`): {error}") from error
+    _, examples = tfds_split.open_split(name, split_name, data_dir)
     texts = [[] for _ in task.tfds_text]
     labels, index = [], []
-    for example in tfds.as_numpy(dataset):
+    for example in examples:
         for column, feature in zip(texts, task.tfds_text):
             column.append(example[feature].decode("utf-8"))
         labels.append(example["label"])

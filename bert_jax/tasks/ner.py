@@ -19,7 +19,7 @@ from flax import nnx
 
 from bert_jax import losses
 from bert_jax.model import BertConfig, BertForTokenClassification
-from bert_jax.tasks import batching, glue_data, heads, ner_data
+from bert_jax.tasks import batching, glue_data, heads, ner_data, tfds_split
 
 NAMES = ("ner",)
 _SPELLINGS = {"ner": "ner", "conll2003": "ner"}
@@ -41,19 +41,13 @@ class Ner:
     loss_fns = losses.TOKEN_CLASSIFICATION
 
     def __init__(self, c, tokenizer):
-        if not c.data_dir:
-            raise ValueError("config.data_dir is empty; give the directory of eng.train, eng.testa, eng.testb "
-                             "(or train.txt, dev.txt, test.txt)")
-        files = ner_data.find_split_files(c.data_dir)
-        if "dev" not in files:
-            raise FileNotFoundError(f"{c.data_dir}: no eng.testa or dev.txt (the dev set picks the run)")
         labels = tuple(label.strip() for label in c.labels.split(",")) if c.labels else None
-        train = ner_data.read_conll(files["train"], labels)
-        self.labels = labels or ner_data.label_set(train)
+        read, splits, source_labels = self._source(c)
+        train = read("train", labels or source_labels)
+        self.labels = labels or source_labels or ner_data.label_set(train)
         if c.max_train_examples:
             train = train[: c.max_train_examples]
-        self.eval_sets = {split: ner_data.read_conll(files[split], self.labels)
-                          for split in ("dev", "test") if split in files}
+        self.eval_sets = {split: read(split, self.labels) for split in ("dev", "test") if split in splits}
 
         def featurize(sentences):
             return ner_data.featurize(sentences, tokenizer, self.labels, c.max_seq_length, c.doc_stride or None)
@@ -63,6 +57,23 @@ class Ner:
         self.buckets = glue_data.bucket_lengths(c.max_seq_length, c.smallest_bucket)
         self.num_train_examples = len(train)
         self.steps_per_epoch = math.ceil(len(self.train) / c.batch_size)
+
+    @staticmethod
+    def _source(c):
+        """-> (read(split, labels) -> sentences, the splits there are, the source's label set
+        or None): CoNLL files, or TFDS (its label set: the builder's tags)."""
+        name = tfds_split.tfds_name(c.data_source)
+        if name is not None:
+            tags = ner_data.tfds_tag_names(tfds_split.builder(name, c.tfds_data_dir))
+            return ((lambda split, labels: ner_data.read_tfds(name, split, c.tfds_data_dir, labels)),
+                    ner_data.TFDS_SPLITS, tags)
+        if not c.data_dir:
+            raise ValueError("config.data_dir is empty; give the directory of eng.train, eng.testa, eng.testb "
+                             "(or train.txt, dev.txt, test.txt), or config.data_source='tfds:conll2003'")
+        files = ner_data.find_split_files(c.data_dir)
+        if "dev" not in files:
+            raise FileNotFoundError(f"{c.data_dir}: no eng.testa or dev.txt (the dev set picks the run)")
+        return (lambda split, labels: ner_data.read_conll(files[split], labels)), files, None
 
     def model(self, model_config: BertConfig, rngs: nnx.Rngs) -> nnx.Module:
         return BertForTokenClassification(model_config, len(self.labels), rngs=rngs)

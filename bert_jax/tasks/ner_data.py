@@ -1,6 +1,7 @@
 """Token classification (CoNLL-2003 NER): readers, word-piece alignment, entity metrics.
 
-Files are read exactly as CoNLL-2003 distributes them: one word per line with
+TFDS `conll2003` (`config.data_source='tfds:conll2003'`) is a second source, read into the same
+sentences. Files are read exactly as CoNLL-2003 distributes them: one word per line with
 whitespace-separated columns (word first, tag last), `-DOCSTART-` lines, blank lines
 between sentences. Tags in IOB1 (the original files: an entity starts with `I-` unless it
 follows one of the same type) or IOB2 are both read and converted to IOB2.
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from etils import epath
 
 from bert_jax.losses import IGNORE  # label id of positions outside every loss
-from bert_jax.tasks import windows
+from bert_jax.tasks import tfds_split, windows
 
 SPLIT_FILES = {  # split -> file names, CoNLL-2003's own first
     "train": ("eng.train", "train.txt"),
@@ -105,6 +106,42 @@ def read_conll(path: str, labels: Sequence[str] | None = None) -> list[Sentence]
     if not sentences:
         raise ValueError(f"{path}: no sentences")
     return sentences
+
+
+TFDS_SPLITS = {"train": "train", "dev": "dev", "test": "test"}  # TFDS conll2003's split names
+
+
+def sentences_from_tfds(examples: Iterable[dict], tag_names: Sequence[str], source: str,
+                        labels: Sequence[str] | None = None) -> list[Sentence]:
+    """TFDS `conll2003` examples (`tokens`: words as bytes, `ner`: tag ids into `tag_names`)
+    -> sentences in IOB2; `line` is the example's 1-based position in the split."""
+    allowed = None if labels is None else set(labels)
+    sentences = []
+    for number, example in enumerate(examples, 1):
+        words = [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in example["tokens"]]
+        tags = to_iob2([tag_names[int(t)] for t in example["ner"]])
+        if len(words) != len(tags):
+            raise ValueError(f"{source}: example {number} has {len(words)} tokens but {len(tags)} ner tags")
+        bad = [t for t in tags if not _TAG.match(t) or (allowed is not None and t not in allowed)]
+        if bad:
+            raise ValueError(f"{source}: example {number}: tag {bad[0]} is not in the label set "
+                             f"({', '.join(sorted(allowed or ()))}) or not IOB")
+        if words:
+            sentences.append(Sentence(words, tags, number))
+    if not sentences:
+        raise ValueError(f"{source}: no sentences")
+    return sentences
+
+
+def tfds_tag_names(builder) -> tuple[str, ...]:
+    """The tags of a TFDS conll2003 builder's `ner` feature, in id order (its label set)."""
+    return tuple(builder.info.features["ner"].feature.names)
+
+
+def read_tfds(name: str, split: str, data_dir: str | None, labels: Sequence[str] | None = None) -> list[Sentence]:
+    """Sentences of TFDS `name` (conll2003) split `split` (train, dev, test), prepared under data_dir."""
+    builder, examples = tfds_split.open_split(name, TFDS_SPLITS[split], data_dir)
+    return sentences_from_tfds(examples, tfds_tag_names(builder), f"tfds:{name}:{TFDS_SPLITS[split]}", labels)
 
 
 def label_set(sentences: Sequence[Sentence]) -> tuple[str, ...]:

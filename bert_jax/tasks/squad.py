@@ -23,7 +23,7 @@ from flax import nnx
 
 from bert_jax import losses
 from bert_jax.model import BertConfig, BertForQuestionAnswering
-from bert_jax.tasks import batching, glue_data, heads, squad_data
+from bert_jax.tasks import batching, glue_data, heads, squad_data, tfds_split
 
 NAMES = ("squad",)
 
@@ -45,15 +45,20 @@ class Squad:
     labels = None
 
     def __init__(self, c, tokenizer):
-        for key in ("train_file", "predict_file"):
-            if not c[key]:
-                raise ValueError(f"config.{key} is empty; give a SQuAD JSON file (train-v1.1.json, dev-v1.1.json, "
-                                 "or the v2.0 files with version_2_with_negative=true)")
         self.version_2 = c.version_2_with_negative
-        train = squad_data.read_squad(c.train_file, self.version_2)
+        name = tfds_split.tfds_name(c.data_source)
+        if name is not None:
+            train, self.dev = (squad_data.read_tfds(name, split, c.tfds_data_dir, self.version_2)
+                               for split in ("train", "dev"))
+        else:
+            for key in ("train_file", "predict_file"):
+                if not c[key]:
+                    raise ValueError(f"config.{key} is empty; give a SQuAD JSON file (train-v1.1.json, dev-v1.1.json, "
+                                     "or the v2.0 files with version_2_with_negative=true), or "
+                                     "config.data_source='tfds:squad/v1.1'")
+            train, self.dev = (squad_data.read_squad(c[key], self.version_2) for key in ("train_file", "predict_file"))
         if c.max_train_examples:
             train = train[: c.max_train_examples]
-        self.dev = squad_data.read_squad(c.predict_file, self.version_2)
 
         def featurize(examples):
             return squad_data.featurize(examples, tokenizer, c.max_seq_length, c.doc_stride, c.max_query_length)

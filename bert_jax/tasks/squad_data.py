@@ -1,5 +1,8 @@
 """Extractive question answering (SQuAD v1.1 and v2.0): reader, features, answer search, metrics.
 
+The official JSON files, or TFDS `squad/v1.1` / `squad/v2.0` as a second source
+(`config.data_source='tfds:squad/v1.1'`), read into the same checked examples.
+
 Features follow Google's run_squad.py: `[CLS] question [SEP] passage window [SEP]`, the
 question cut to max_query_length tokens, passages longer than the rest of the sequence
 split into windows `doc_stride` tokens apart (`tasks.windows`). Tokens carry the character
@@ -22,12 +25,12 @@ import dataclasses
 import json
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from etils import epath
 
-from bert_jax.tasks import windows
+from bert_jax.tasks import tfds_split, windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,25 +51,55 @@ def read_squad(path: str, version_2_with_negative: bool = False) -> list[Example
     examples, seen = [], set()
     for article in data:
         for paragraph in article["paragraphs"]:
-            context = paragraph["context"]
             for qa in paragraph["qas"]:
-                qid = qa["id"]
-                if qid in seen:
-                    raise ValueError(f"{path}: question id {qid} appears more than once")
-                seen.add(qid)
-                impossible = bool(qa.get("is_impossible", False))
-                if impossible and not version_2_with_negative:
-                    raise ValueError(f"{path}: question {qid} is unanswerable (SQuAD 2.0); "
-                                     "set version_2_with_negative=true")
-                answers = () if impossible else tuple((a["text"], int(a["answer_start"])) for a in qa["answers"])
-                if not impossible and not answers:
-                    raise ValueError(f"{path}: question {qid} has no answers and is not marked is_impossible")
-                for text, start in answers:
-                    if context[start: start + len(text)] != text:
-                        raise ValueError(f"{path}: question {qid}: answer {text!r} does not match the context "
-                                         f"at answer_start {start} ({context[start: start + len(text)]!r})")
-                examples.append(Example(qid, qa["question"], context, answers, impossible))
+                answers = [(a["text"], a["answer_start"]) for a in qa["answers"]]
+                examples.append(_checked(path, seen, version_2_with_negative, qa["id"], qa["question"],
+                                         paragraph["context"], answers, qa.get("is_impossible", False)))
     return examples
+
+
+def _checked(source: str, seen: set, version_2_with_negative: bool, qid: str, question: str, context: str,
+             answers, impossible) -> Example:
+    """An Example whose answers match its context, its id not in `seen` (then added)."""
+    if qid in seen:
+        raise ValueError(f"{source}: question id {qid} appears more than once")
+    seen.add(qid)
+    impossible = bool(impossible)
+    if impossible and not version_2_with_negative:
+        raise ValueError(f"{source}: question {qid} is unanswerable (SQuAD 2.0); set version_2_with_negative=true")
+    answers = () if impossible else tuple((text, int(start)) for text, start in answers)
+    if not impossible and not answers:
+        raise ValueError(f"{source}: question {qid} has no answers and is not marked is_impossible")
+    for text, start in answers:
+        if context[start: start + len(text)] != text:
+            raise ValueError(f"{source}: question {qid}: answer {text!r} does not match the context "
+                             f"at answer_start {start} ({context[start: start + len(text)]!r})")
+    return Example(qid, question, context, answers, impossible)
+
+
+TFDS_SPLITS = {"train": "train", "dev": "validation"}  # TFDS squad's split names
+
+
+def examples_from_tfds(records: Iterable[dict], source: str, version_2_with_negative: bool = False) -> list[Example]:
+    """TFDS `squad/v1.1` or `squad/v2.0` examples (bytes; `answers` {text, answer_start},
+    v2.0's `is_impossible`) -> the examples `read_squad` makes, with the same checks."""
+    def text(x):
+        return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+    examples, seen = [], set()
+    for record in records:
+        answers = [(text(t), s) for t, s in zip(record["answers"]["text"], record["answers"]["answer_start"])]
+        examples.append(_checked(source, seen, version_2_with_negative, text(record["id"]), text(record["question"]),
+                                 text(record["context"]), answers, record.get("is_impossible", False)))
+    if not examples:
+        raise ValueError(f"{source}: no questions")
+    return examples
+
+
+def read_tfds(name: str, split: str, data_dir: str | None, version_2_with_negative: bool = False) -> list[Example]:
+    """Questions of TFDS `name` (squad/v1.1, squad/v2.0) split `split` (train, dev), prepared under data_dir."""
+    _, records = tfds_split.open_split(name, TFDS_SPLITS[split], data_dir)
+    return examples_from_tfds(records, f"tfds:{name}:{TFDS_SPLITS[split]}", version_2_with_negative)
 
 
 @dataclasses.dataclass
