@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             sides = [("bert_jax", ours), ("PyTorch", theirs)]
             rates = dict((side, runner.examples_per_second(part)) for side, runner in (sides if r % 2 else sides[::-1]))
             ratios.append(rates["bert_jax"] / rates["PyTorch"])
-            print(f"{name:5s} round {r}: bert_jax {rates['bert_jax']:6.1f} ex/s | PyTorch {rates['PyTorch']:6.1f} ex/s "
+            print(f"{name:5s} round {r}: bert_jax {rates['bert_jax']:6.2f} ex/s | PyTorch {rates['PyTorch']:6.2f} ex/s "
                   f"| ratio {ratios[-1]:5.2f} | load {os.getloadavg()[0]:.1f}", flush=True)
         print(f"{name:5s} ratio (geometric mean over rounds) {np.exp(np.mean(np.log(ratios))):.2f}; "
               f"{len(ours.compiled)} compiles, {ours.compile_seconds:.0f} s compiling", flush=True)
