@@ -1,6 +1,7 @@
 """Loader: batch format, determinism, host shards, resumable state (also in a fresh process)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -202,3 +203,35 @@ def test_google_tfrecord_through_the_same_loader(shared_data):
     labels = np.concatenate([b["next_sentence_labels"] for b in batches])
     assert labels.sum() == 32  # the file's 32 random-next examples, each read once
     assert {k: (v.shape, v.dtype) for k, v in batches[0].items()} == instances.batch_spec(20, 128, 20)
+
+
+def test_ids_and_positions_out_of_range_name_the_file_and_record(shared_data, data_dir, tmp_path, minilm_tokenizer):
+    """Checked on the host per batch: token ids against the vocabulary, masked positions
+    against the sequence length (a Google TFRecord and a prepared shard)."""
+    from bert_jax.data import checks, tfrecord
+
+    examples = list(tfrecord.read_examples(shared_data / "google_bert_sample" / "tf_examples.tfrecord"))[:4]
+    examples[2]["input_ids"][5] = minilm_tokenizer.vocab_size + 7
+    tfrecord.write_examples(tmp_path / "ids.tfrecord", examples)
+    examples[2]["input_ids"][5] = 0
+    examples[1]["masked_lm_positions"][0] = 128
+    tfrecord.write_examples(tmp_path / "positions.tfrecord", examples)
+    options = dict(global_batch_size=4, max_seq_length=128, max_predictions_per_seq=20, seed=0,
+                   dynamic_masking=False, tokenizer=minilm_tokenizer)
+    for name, expected in (("ids", r"ids.tfrecord record 2: input_ids\[5\] = 30529 is outside the vocabulary "
+                                   r"\(30522 ids\), \[0, 30522\)"),
+                           ("positions", r"positions.tfrecord record 1: masked_lm_positions\[0\] = 128 is outside "
+                                         r"the sequence length, \[0, 128\)")):
+        batches = loader.make_pretraining_loader(DataSource("tfrecord", paths=(str(tmp_path / f"{name}.tfrecord"),)),
+                                                 **options)
+        with pytest.raises(checks.BadRecordError, match=expected):
+            next(batches)
+    # a prepared shard whose ids do not fit its vocabulary (another tokenizer's data, a damaged file)
+    damaged = tmp_path / "prepared"
+    shutil.copytree(data_dir, damaged)
+    shard = damaged / loader.read_metadata(damaged)["splits"]["train"]["shards"][0]["file"]
+    rows = np.load(shard, mmap_mode="r+")
+    rows["input_ids"][:, 1] = 40000
+    rows.flush()
+    with pytest.raises(checks.BadRecordError, match=rf"{shard.name} row \d+: input_ids\[1\] = 40000 is outside"):
+        next(_loader(damaged))

@@ -157,3 +157,27 @@ def test_truncated_file_and_failed_write_leave_nothing_half_done(tmp_path, sampl
             writer.write(next(examples))
             writer.write({"input_ids": np.zeros(128)})
     assert target.read_bytes() == b"previous" and not (tmp_path / "keep.tfrecord.partial").exists()
+
+
+def _flip_byte(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_fails_its_crc_naming_the_file_and_record(tmp_path, sample):
+    examples = list(tfrecord.read_examples(sample / "tf_examples.tfrecord"))[:8]
+    path = tmp_path / "part.tfrecord"
+    tfrecord.write_examples(path, examples)
+    offsets = tfrecord.record_offsets(str(path))
+    _flip_byte(path, int(offsets[3]) + 12 + 40)  # inside record 3's data
+    source = tfrecord.TFRecordDataSource(path)
+    np.testing.assert_array_equal(source.read([2])["input_ids"][0], examples[2]["input_ids"])
+    with pytest.raises(tfrecord.TFRecordFormatError, match=r"part.tfrecord: record 3 is corrupted \(its data fails"):
+        source.read([2, 3])
+    with pytest.raises(tfrecord.TFRecordFormatError, match=r"part.tfrecord: a record in \[0, 4\) is corrupted"):
+        list(tfrecord.read_batches(path, batch_size=4))  # TensorFlow's reader checks the CRCs too
+    _flip_byte(path, int(offsets[5]) + 1)  # record 5's length
+    with pytest.raises(tfrecord.TFRecordFormatError, match=r"part.tfrecord: record 5 is corrupted \(its length fails"):
+        tfrecord.TFRecordDataSource(path)
+    assert tfrecord.masked_crc(b"") == 0xA282EAD8  # TFRecord's mask of crc32c(b'') == 0

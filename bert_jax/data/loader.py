@@ -48,7 +48,7 @@ from absl import flags
 import numpy as np
 
 from bert_jax.data import instances as instances_lib
-from bert_jax.data import masking, sources
+from bert_jax.data import checks, masking, sources
 from bert_jax.data.sources import DataSource
 
 METADATA_FILE = instances_lib.METADATA_FILE
@@ -88,6 +88,11 @@ class InstanceShards:
             rows[where] = self._arrays[s][indices[where] - self.starts[s]]
         return rows
 
+    def describe(self, index: int) -> str:
+        """'FILE row N' of an instance index (for error messages)."""
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return f"{self.files[shard]} row {index - int(self.starts[shard])}"
+
     def __getstate__(self):
         return {"files": self.files, "starts": self.starts, "_arrays": None}
 
@@ -123,7 +128,7 @@ class _ReadBatch:
     """Index k of a global batch -> this host's part of it, as the batch dict. Picklable for workers."""
 
     def __init__(self, source, shuffle, *, host_rows, global_batch_size, seed, max_predictions_per_seq,
-                 dynamic_masking, whole_word_masking, masked_lm_prob, masking_vocab):
+                 dynamic_masking, whole_word_masking, masked_lm_prob, masking_vocab, vocab_size):
         self.source = source
         self.shuffle = shuffle
         self.host_rows = host_rows
@@ -134,10 +139,16 @@ class _ReadBatch:
         self.whole_word_masking = whole_word_masking
         self.masked_lm_prob = masked_lm_prob
         self.masking_vocab = masking_vocab
+        self.vocab_size = vocab_size
 
     def __call__(self, batch_index):
         # This host's rows of global batch k are stream[k*G + host_rows].
         epochs, indices = self.shuffle(batch_index * self.global_batch_size + self.host_rows)
+        batch = self._read(epochs, indices)
+        checks.check_batch(batch, indices, vocab_size=self.vocab_size, describe=self.source.describe)
+        return batch
+
+    def _read(self, epochs, indices):
         rows = self.source.read(indices)
         if not isinstance(rows, np.ndarray):  # a per-example source (TFRecord): already a batch
             return rows
@@ -266,7 +277,8 @@ def _prepared_source(source: DataSource, **settings):
     files = [data_dir / shard["file"] for shard in metadata["splits"][source.split]["shards"]]
     with np.load(data_dir / VOCAB_TABLES_FILE) as tables:
         vocab = _masking_vocab(metadata, tables)
-    return InstanceShards(files), vocab, metadata["masked_lm_prob"], _shard_names(metadata, source.split)
+    return (InstanceShards(files), vocab, metadata["masked_lm_prob"], _shard_names(metadata, source.split),
+            metadata["vocab_size"])
 
 
 def _tfds_source(source: DataSource, **settings):
@@ -276,7 +288,8 @@ def _tfds_source(source: DataSource, **settings):
     where = f"{sources.TFDS_CORPUS}/{source.name} in {instances.data_dir}"
     _check_metadata(instances.metadata, where, source.split, **settings)
     vocab = _masking_vocab(instances.metadata, instances.vocab_tables)
-    return instances, vocab, instances.metadata["masked_lm_prob"], _shard_names(instances.metadata, source.split)
+    return (instances, vocab, instances.metadata["masked_lm_prob"], _shard_names(instances.metadata, source.split),
+            instances.metadata["vocab_size"])
 
 
 def _tfrecord_source(source: DataSource, max_seq_length, max_predictions_per_seq, dynamic_masking):
@@ -306,12 +319,13 @@ def make_pretraining_loader(source: DataSource, *, global_batch_size: int, max_s
     settings = dict(max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq,
                     dynamic_masking=dynamic_masking, whole_word_masking=whole_word_masking, tokenizer=tokenizer)
     if source.kind == "tfds_corpus":
-        rows, vocab, masked_lm_prob, files = _tfds_source(source, **settings)
+        rows, vocab, masked_lm_prob, files, vocab_size = _tfds_source(source, **settings)
     elif source.kind == "prepared":
-        rows, vocab, masked_lm_prob, files = _prepared_source(source, **settings)
+        rows, vocab, masked_lm_prob, files, vocab_size = _prepared_source(source, **settings)
     elif source.kind == "tfrecord":
         rows, files = _tfrecord_source(source, max_seq_length, max_predictions_per_seq, dynamic_masking)
         vocab, masked_lm_prob = None, 0.15
+        vocab_size = tokenizer.vocab_size if tokenizer is not None else None
     else:
         raise ValueError(f"{source}: text must be prepared into instances first (bert_jax.data.prepare)")
     num_instances = len(rows)
@@ -326,7 +340,8 @@ def make_pretraining_loader(source: DataSource, *, global_batch_size: int, max_s
     host_batches = grain.MapDataset.range(num_global_batches).map(_ReadBatch(
         rows, _Shuffle(num_instances, seed), host_rows=host_rows, global_batch_size=global_batch_size, seed=seed,
         max_predictions_per_seq=max_predictions_per_seq, dynamic_masking=dynamic_masking,
-        whole_word_masking=whole_word_masking, masked_lm_prob=masked_lm_prob, masking_vocab=vocab))
+        whole_word_masking=whole_word_masking, masked_lm_prob=masked_lm_prob, masking_vocab=vocab,
+        vocab_size=vocab_size))
 
     # The data's identity as a short hash, so the state stays small with thousands of shards.
     data_hash = hashlib.sha256(json.dumps([files, num_instances]).encode()).hexdigest()[:16]

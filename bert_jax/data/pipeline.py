@@ -44,7 +44,7 @@ def build_pretraining_data(config, workdir: epath.Path, *, batch_sharding, saved
     options = dict(global_batch_size=config.train.global_batch_size, max_seq_length=d.max_seq_length,
                    max_predictions_per_seq=d.max_predictions_per_seq, seed=config.train.seed,
                    whole_word_masking=d.whole_word_masking, host_rows=host_rows, worker_count=d.worker_count,
-                   dynamic_masking=d.dynamic_masking and not static, tokenizer=None if static else tok)
+                   dynamic_masking=d.dynamic_masking and not static, tokenizer=tok)
     splits = None if static else loader.source_metadata(train_source)["splits"]
     if train_source.kind == "tfds_corpus" and train_source.split not in splits:
         raise ValueError(f"config.data.tfds_split: {d.tfds_name} has no split {train_source.split!r} "

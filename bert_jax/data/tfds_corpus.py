@@ -165,6 +165,10 @@ class TfdsInstances:
     def __len__(self) -> int:
         return self._length
 
+    def describe(self, index: int) -> str:
+        """Where an example is (for error messages)."""
+        return f"{DATASET}/{self.name} in {self.data_dir}, split {self.split!r} example {index}"
+
     def read(self, indices) -> np.ndarray:
         if self._source is None:  # opened lazily: this object is pickled into Grain workers
             self._source = self._builder().as_data_source(

@@ -22,6 +22,7 @@ import struct
 import threading
 from collections.abc import Iterable, Iterator
 
+import crc32c
 import numpy as np
 
 from bert_jax.data.sources import expand_paths
@@ -103,9 +104,15 @@ def read_batches(paths, batch_size: int = 256, *, drop_remainder: bool = False) 
                    .batch(batch_size, drop_remainder=drop_remainder)
                    .map(lambda serialized: tf.io.parse_example(serialized, spec))  # in-graph, no eager op per batch
                    .prefetch(2))
+        batches = 0
         try:
             for parsed in dataset.as_numpy_iterator():
                 yield _to_batch_format(parsed)
+                batches += 1
+        except tf.errors.DataLossError as e:  # TensorFlow checks the CRCs of what it reads
+            raise TFRecordFormatError(f"{path}: a record in [{batches * batch_size}, {(batches + 1) * batch_size}) "
+                                      "is corrupted (fails its CRC32C check); copy the file again from its "
+                                      "source") from e
         except tf.errors.InvalidArgumentError as e:
             raise TFRecordFormatError(f"{path}: a record does not match the first one's shape "
                                       f"({e.message.splitlines()[0]})") from e
@@ -120,10 +127,22 @@ def read_examples(paths) -> Iterator[dict[str, np.ndarray]]:
 
 # ---- random access -------------------------------------------------------------------------
 
-def record_offsets(path: str) -> np.ndarray:
-    """Byte offsets of every record in an uncompressed TFRecord file (headers only are read).
+def masked_crc(data: bytes) -> int:
+    """The CRC32C of `data` masked as TFRecord stores it (rotated right by 15 bits, plus a constant)."""
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
-    Framing: uint64 length, uint32 crc(length), data, uint32 crc(data)."""
+
+def _corrupted(path: str, record: int, what: str) -> TFRecordFormatError:
+    return TFRecordFormatError(f"{path}: record {record} is corrupted ({what} fails its CRC32C check); "
+                               "copy the file again from its source, or leave it out of data.train_path/eval_path")
+
+
+def record_offsets(path: str) -> np.ndarray:
+    """Byte offsets of every record in an uncompressed TFRecord file (headers only are read,
+    and each length is checked against its CRC).
+
+    Framing: uint64 length, uint32 masked crc32c(length), data, uint32 masked crc32c(data)."""
     size = os.path.getsize(path)
     offsets = []
     with open(path, "rb", buffering=1 << 20) as f:
@@ -132,6 +151,8 @@ def record_offsets(path: str) -> np.ndarray:
             header = f.read(12)
             if len(header) < 12:
                 raise TFRecordFormatError(f"{path}: truncated record header at byte {position}")
+            if struct.unpack("<I", header[8:])[0] != masked_crc(header[:8]):
+                raise _corrupted(path, len(offsets), "its length")
             (length,) = struct.unpack("<Q", header[:8])
             end = position + 12 + length + 4
             if end > size:
@@ -190,10 +211,18 @@ class TFRecordDataSource:
         # shared seek()+read() position would hand one thread another thread's bytes.
         offset = int(self._offsets[file_index][record])
         (length,) = struct.unpack("<Q", os.pread(fd, 12, offset)[:8])
-        data = os.pread(fd, length, offset + 12)
-        if len(data) != length:
+        framed = os.pread(fd, length + 4, offset + 12)
+        if len(framed) != length + 4:
             raise TFRecordFormatError(f"{path}: record {record} is truncated")
+        data = framed[:length]
+        if struct.unpack("<I", framed[length:])[0] != masked_crc(data):
+            raise _corrupted(path, record, "its data")
         return data
+
+    def describe(self, index: int) -> str:
+        """'FILE record N' of a global record index (for error messages)."""
+        file_index, record = self._locate(int(index))
+        return f"{self.paths[file_index]} record {record}"
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         """One example (arrays without the batch dimension)."""
