@@ -10,7 +10,8 @@ Every `main` is wrapped in `@cli.entrypoint`: a user error (bad config, data, we
 checkpoint: see `is_user_error`) prints `error: <message>` on one line and `main` returns 2
 (1 for a run that failed, e.g. diverged), without a traceback; `--verbose` (every
 entrypoint has it) or BERT_JAX_TRACEBACK=1 re-raises it with its traceback. Any other
-exception is a bug and keeps its traceback. The wrapper also stops JAX from probing for a
+exception is a bug and keeps its traceback, unless another process of a jax.distributed job
+died (then one line names it: `distributed.exit_if_peer_lost`). The wrapper also stops JAX from probing for a
 TPU on a host without one (`skip_absent_tpu`).
 """
 from __future__ import annotations
@@ -111,6 +112,9 @@ def entrypoint(main: Callable[..., int | None]) -> Callable[..., int]:
         try:
             return main(argv) or 0
         except Exception as e:  # noqa: BLE001 (re-raised unless it is a user error)
+            if "jax" in sys.modules:  # another process of a jax.distributed job died: one line, exit
+                from bert_jax import distributed  # noqa: PLC0415 (JAX only where it is used)
+                distributed.exit_if_peer_lost(e)
             args = sys.argv[1:] if argv is None else argv
             if not is_user_error(e) or traceback_requested(args):
                 raise

@@ -70,6 +70,7 @@ def distributed_section() -> config_dict.ConfigDict:
     d.num_processes = 0
     d.process_id = -1
     d.initialize = "auto"                   # auto | always | never
+    d.heartbeat_timeout_seconds = 100       # a process silent this long counts as dead: the others stop
     return d
 
 
@@ -288,6 +289,7 @@ def _validate_shared(c, check) -> None:
     check(c.mesh.slices >= 1, "mesh.slices", "must be >= 1")
     check(c.distributed.initialize in ("auto", "always", "never"), "distributed.initialize",
           "must be auto, always or never")
+    check(c.distributed.heartbeat_timeout_seconds >= 1, "distributed.heartbeat_timeout_seconds", "must be >= 1")
 
 
 def _check_finite(c, prefix: str = "") -> None:

@@ -1,9 +1,20 @@
 """Processes: `jax.distributed` initialisation from `config.distributed`, barriers and
-gathering a sharded tree onto every host. One process (no cluster) makes all of these no-ops."""
+gathering a sharded tree onto every host. One process (no cluster) makes all of these no-ops.
+
+A peer that dies: the collective in flight fails at once on the survivors (its connection is
+reset), and `exit_if_peer_lost` turns that into one line naming the lost process and exits.
+A survivor that waits elsewhere is stopped by JAX's coordination service once the peer has
+sent no heartbeat for `distributed.heartbeat_timeout_seconds` (JAX's own fatal message).
+"""
 from __future__ import annotations
+
+import os
+import sys
 
 import jax
 from jax.experimental import multihost_utils
+
+from bert_jax import cli
 
 
 def initialize(c) -> None:
@@ -16,9 +27,41 @@ def initialize(c) -> None:
         jax.distributed.initialize(
             coordinator_address=c.coordinator_address or None,
             num_processes=c.num_processes or None,
-            process_id=c.process_id if c.process_id >= 0 else None)
+            process_id=c.process_id if c.process_id >= 0 else None,
+            heartbeat_timeout_seconds=c.heartbeat_timeout_seconds)
     elif c.initialize == "always" or cluster_detected():
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=c.heartbeat_timeout_seconds)
+
+
+def lost_processes() -> list[int]:
+    """The processes of this jax.distributed job the coordination service no longer counts
+    as alive ([0] when the coordinator itself cannot be reached); [] on one process."""
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return []
+    from jax._src import distributed as jax_distributed  # noqa: PLC0415 (no public API for the live set)
+    client = jax_distributed.global_state.client
+    try:
+        live = client.get_live_nodes(list(range(jax.process_count())))
+    except Exception:  # noqa: BLE001 - the coordinator (process 0) is gone
+        return [0]
+    return [p for p in range(jax.process_count()) if p not in live]
+
+
+def exit_if_peer_lost(error: BaseException, last_checkpoint: int | None = None) -> None:
+    """If another process of the job is gone, print one line naming it (and the error it
+    caused here) and exit this process with status 1 at once: nothing collective can finish
+    any more, and a normal exit would wait for the lost process at JAX's shutdown barrier.
+    Otherwise return (the caller re-raises `error`)."""
+    lost = lost_processes()
+    if not lost:
+        return
+    names = ", ".join(f"process {p}" + (" (the coordinator)" if p == 0 else "") for p in lost)
+    where = (f"the last checkpoint is step {last_checkpoint}" if last_checkpoint is not None
+             else "resume from the last checkpoint")
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    print(f"error: stopped: {names} of {jax.process_count()} is gone (this process {jax.process_index()} saw: "
+          f"{cause[:300]}); restart every process to resume ({where})", file=sys.stderr, flush=True)
+    os._exit(cli.RUN_FAILED)
 
 
 def cluster_detected() -> bool:

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from bert_jax import distributed
 from bert_jax.checkpoint import NonFiniteStateError
 
 
@@ -237,6 +238,9 @@ def train_loop(
         except (_Diverged, NonFiniteStateError) as error:
             state, step = recover(str(error))
             continue
+        except Exception as error:  # a collective fails at once when another process dies
+            distributed.exit_if_peer_lost(error, summary["last_checkpoint"])
+            raise
         if stop:
             break
 

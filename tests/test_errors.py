@@ -35,6 +35,7 @@ PRETRAINING_CASES = [
     ("data.masked_lm_prob=1.5", "config.data.masked_lm_prob: must be in (0, 1)"),
     ("optimizer.b2=1.0", "config.optimizer.b2: must be in [0, 1)"),
     ("optimizer.eps=0.0", "config.optimizer.eps: must be > 0"),
+    ("distributed.heartbeat_timeout_seconds=0", "config.distributed.heartbeat_timeout_seconds: must be >= 1"),
     ("optimizer.warmup_steps=-5", "config.optimizer.warmup_steps: must be >= 0"),
     ("optimizer.clip_norm=-1.0", "config.optimizer.clip_norm: must be >= 0"),
     ("train.init_optimizer=True", "config.train.init_optimizer: needs train.init_from"),

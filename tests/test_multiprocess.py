@@ -375,3 +375,66 @@ def jax_tree_flatten_with_path(tree):
 
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] if len(sys.argv) > 4 else None)
+
+
+# ----------------------------------------------------------------------------
+# A peer that dies (kill -9) mid-run: the survivor stops at once with one line naming it
+
+DEAD_PEER_WORKER = """
+import itertools, sys, time
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from bert_jax import checkpoint, cli, config_utils, distributed, loop, metrics_writer
+
+@cli.entrypoint
+def main(argv):
+    port, process_id, workdir = argv
+    c = config_utils.distributed_section()
+    c.coordinator_address, c.num_processes, c.process_id = f"127.0.0.1:{port}", 2, int(process_id)
+    c.heartbeat_timeout_seconds = 3
+    distributed.initialize(c)
+    sharding = NamedSharding(jax.make_mesh((2,), ("data",)), PartitionSpec("data"))
+    state = {"w": jax.make_array_from_callback((2, 256), sharding, lambda index: np.ones((1, 256), np.float32))}
+    step = jax.jit(lambda s: ({"w": s["w"] * 0.999}, {"loss": jnp.sum(s["w"])}))  # the sum crosses the processes
+    ckpt = checkpoint.Checkpointer(workdir, keep=1000)
+    settings = loop.LoopSettings(total_steps=10**6, log_every=10**6, eval_every=10**6, checkpoint_every=10,
+                                 max_nonfinite_steps=3, global_batch_size=2)
+    loop.train_loop(state=state, start_step=0, settings=settings,
+                    train_step=lambda s, b: (time.sleep(0.005), step(s))[1], train_batches=itertools.count(),
+                    to_global=lambda b: b, evaluate=None,
+                    save=lambda at, s, **kw: ckpt.save(at, s, data_state={}, config={}, meta={}),
+                    writer=metrics_writer.MetricsWriter(None, enabled=False), preemption=loop.PreemptionWatcher(),
+                    check_saves=ckpt.check)
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_dead_peer_stops_the_survivor_naming_it_and_loses_no_checkpoint(tmp_path):
+    from test_faults import _hashes
+
+    workdir, port = tmp_path / "run", _free_port()
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", DEAD_PEER_WORKER, str(port), str(i), str(workdir)], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        deadline = time.time() + 60
+        while len(_hashes(workdir)) < 2 * 3 and time.time() < deadline and procs[0].poll() is None:
+            time.sleep(0.05)  # until a few checkpoints are complete
+        procs[1].kill()
+        killed_at = time.time()
+        before = _hashes(workdir)
+        _, stderr = procs[0].communicate(timeout=30)
+        seconds = time.time() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert procs[0].returncode == 1 and len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("error: stopped: process 1 of 2 is gone (this process 0 saw: ")
+    assert "restart every process to resume (the last checkpoint is step " in lines[0]
+    assert seconds < 3 + 5, seconds  # well within the heartbeat timeout plus start-up slack
+    assert before and all(_hashes(workdir).get(name) == digest for name, digest in before.items())
