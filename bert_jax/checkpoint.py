@@ -215,6 +215,14 @@ class Checkpointer:
                                          "start again with another --workdir")
         return None
 
+    def rollback(self, abstract_state, *, damaged: str = "fallback", message=print):
+        """The loop's `rollback`: waits for the save in flight, -> (state, step) of the newest
+        intact checkpoint, or None without one. The caller's batches go on from where they
+        are, so the window that led to the divergence is skipped."""
+        self.wait()
+        found = self.restore_newest_intact(abstract_state, damaged=damaged, message=message)
+        return None if found is None else (found[1], found[0])
+
     def _set_aside(self, step: int) -> epath.Path:
         target = self.directory.parent / DAMAGED_DIR / str(step)
         distributed.barrier(f"damaged_checkpoint_{step}")

@@ -192,7 +192,11 @@ def finetune_config(glue_data: bool = True) -> config_dict.ConfigDict:
     c.eval_before_training = False  # also evaluate at step 0 (the untrained head's baseline)
     c.checkpoint_every_steps = 0    # 0: at every evaluation (a preempted run resumes from there)
     c.log_every_steps = 20          # metrics.jsonl / TensorBoard / progress bar (device metrics read then)
-    c.max_nonfinite_steps = 10      # consecutive skipped (non-finite) steps before a run stops
+    c.max_nonfinite_steps = 10      # consecutive skipped (non-finite) steps before a rollback
+    c.max_rollbacks = 3             # restores of the run's last checkpoint on divergence, then stop
+    c.loss_spike_factor = 0.0       # a loss over this x the recent mean rolls back; 0: off
+    c.resume_damaged = "fallback"   # damaged latest checkpoint: fallback (to an intact one) | refuse
+    c.keep_checkpoints = 2          # of the unfinished run (two: one to fall back to)
     c.max_train_examples = 0        # 0: all (a cap is for smoke tests)
     c.smallest_bucket = 16          # inputs padded to 16, 32, 64, ... max_seq_length tokens
 
@@ -223,8 +227,11 @@ def validate_finetune(c: config_dict.ConfigDict) -> None:
     check(c.init_format in ("auto", "orbax", "hf", "tf", "npz"), "init_format", "must be auto, orbax, hf, tf or npz")
     check(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
     check(1 <= c.smallest_bucket <= c.max_seq_length, "smallest_bucket", "must be in [1, max_seq_length]")
-    for key in ("batch_size", "eval_batch_size", "log_every_steps", "max_nonfinite_steps"):
+    for key in ("batch_size", "eval_batch_size", "log_every_steps", "max_nonfinite_steps", "keep_checkpoints"):
         check(c[key] >= 1, key, "must be >= 1")
+    check(c.resume_damaged in ("fallback", "refuse"), "resume_damaged", "must be 'fallback' or 'refuse'")
+    check(c.max_rollbacks >= 0, "max_rollbacks", "must be >= 0")
+    check(c.loss_spike_factor == 0 or c.loss_spike_factor > 1, "loss_spike_factor", "must be 0 (off) or > 1")
     for key in ("eval_every_steps", "checkpoint_every_steps", "max_train_examples"):
         check(c[key] >= 0, key, "must be >= 0")
     _validate_shared(c, check)

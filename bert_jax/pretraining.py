@@ -106,16 +106,6 @@ def run(config, workdir) -> dict:
         if final:
             ckpt.wait()
 
-    def rollback():
-        """The newest intact checkpoint (the data iterator goes on: the batches since are skipped)."""
-        ckpt.wait()
-        found = ckpt.restore_newest_intact(program.abstract_state, damaged=config.train.resume_damaged,
-                                           message=writer.message)
-        if found is None:
-            return None
-        step, state, _ = found
-        return state, step
-
     compute = hardware.compute_choice(model_config.dtype, model_config.matmul_impl)
     peak, peak_source = hardware.device_peak_flops(model_config.dtype, compute.f32_out)  # the step's matmuls
     flops_per_step = config.train.global_batch_size * hardware.pretraining_flops_per_sequence(
@@ -151,7 +141,9 @@ def run(config, workdir) -> dict:
             if eval_batches is not None else None,
             to_global=to_global,
             train_batches=train_batches, save=save, writer=writer, preemption=preemption,
-            check_saves=ckpt.check, rollback=rollback)
+            check_saves=ckpt.check,
+            rollback=lambda: ckpt.rollback(program.abstract_state, damaged=config.train.resume_damaged,
+                                           message=writer.message))
     finally:
         preemption.close()
         ckpt.wait()

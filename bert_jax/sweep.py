@@ -113,19 +113,21 @@ class FineTuning:
         """One run, resumed from run_dir's checkpoint if it has one -> (record, state), None if preempted."""
         c, task, main = self.c, self.task, jax.process_index() == 0
         key = self.run_key(learning_rate, seed)
-        ckpt = checkpoint.Checkpointer(run_dir, keep=1)
-        latest = ckpt.latest_step()
-        if latest is None:
+        ckpt = checkpoint.Checkpointer(run_dir, keep=c.keep_checkpoints)
+        saved_meta = ckpt.newest_meta()
+        if saved_meta is not None:  # before anything is restored, moved or written
+            _check_same_run(saved_meta["run"], key, run_dir / checkpoint.CHECKPOINTS_DIR)
+        say = print if main else lambda _: None
+        found = ckpt.restore_newest_intact(self.abstract_state, damaged=c.resume_damaged, message=say)
+        if found is None:
             params = {"bert": self.pretrained.encoder, **task.init_head(self.model_config, seed)}
             _, state, _ = train_step_lib.create_train_state(
                 self.model_config, self.optimizer(learning_rate), self.mesh, self.rules, seed,
                 params=params, model_fn=self.model_fn)
             start_step, record = 0, None
         else:
-            meta = ckpt.read_json(latest, checkpoint.META)
-            _check_same_run(meta["run"], key, run_dir / checkpoint.CHECKPOINTS_DIR)
-            state, _ = ckpt.restore(latest, self.abstract_state)
-            start_step, record = latest, meta["loop"]
+            start_step, state, _ = found
+            record = ckpt.read_json(start_step, checkpoint.META)["loop"]
         base_key = jax.random.key(seed)
         config_dict = c.to_dict()
 
@@ -140,7 +142,8 @@ class FineTuning:
             total_steps=self.total_steps, log_every=c.log_every_steps, eval_every=self.eval_every,
             checkpoint_every=c.checkpoint_every_steps or self.eval_every, max_nonfinite_steps=c.max_nonfinite_steps,
             global_batch_size=c.batch_size, eval_at_start=c.eval_before_training,
-            progress_metrics=(("loss", "loss"), ("acc", "accuracy")))
+            progress_metrics=(("loss", "loss"), ("acc", "accuracy")),
+            max_rollbacks=c.max_rollbacks, loss_spike_factor=c.loss_spike_factor)
         writer = metrics_writer.MetricsWriter(run_dir, enabled=main, total_steps=self.total_steps,
                                               initial_step=start_step, progress_bar=c.progress_bar,
                                               description=f"{task.name} lr={learning_rate:g} seed={seed}")
@@ -151,7 +154,9 @@ class FineTuning:
                 train_step=lambda s, b: self.train_step(s, b, base_key),
                 train_batches=_epochs(task, seed, start_step), to_global=self.global_batch,
                 evaluate=lambda s: task.evaluate(self.predictor(s.params)),
-                save=save, writer=writer, preemption=preemption, record=record, check_saves=ckpt.check)
+                save=save, writer=writer, preemption=preemption, record=record, check_saves=ckpt.check,
+                rollback=lambda: ckpt.rollback(self.abstract_state, damaged=c.resume_damaged,
+                                               message=writer.message))
         finally:
             ckpt.wait()
             ckpt.close()
@@ -163,7 +168,7 @@ class FineTuning:
         return {"learning_rate": learning_rate, "seed": seed, "total_steps": self.total_steps,
                 "evaluations": evaluations, "final": evaluations[-1],
                 "train_seconds": round(time.perf_counter() - started, 2),
-                "skipped_steps": int(state.skipped_steps)}, state
+                "skipped_steps": int(state.skipped_steps), "rollbacks": summary["rollbacks"]}, state
 
 
 def _epochs(task, seed: int, start_step: int):

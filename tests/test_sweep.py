@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from bert_jax import checkpoint, finetune, metrics_writer, sweep
@@ -112,6 +113,7 @@ def test_sigterm_in_second_run_then_resume_equals_uninterrupted_sweep(inputs, re
 
 KILLED_SWEEP = """
 import pathlib, signal, sys
+import numpy as np
 import pytest
 import test_sweep
 from bert_jax import finetune
@@ -135,3 +137,44 @@ def test_kill_9_in_second_run_then_resume_equals_uninterrupted_sweep(inputs, ref
     assert (_run_dir(tmp_path, LEARNING_RATES[0]) / sweep.RUN_RESULT).is_file()
     assert not (_run_dir(tmp_path, LEARNING_RATES[1]) / sweep.RUN_RESULT).exists()
     _resume_and_compare(tmp_path, reference, inputs, monkeypatch)
+
+
+def test_nan_batches_roll_back_and_a_damaged_checkpoint_falls_back(inputs, tmp_path, monkeypatch, capsys,
+                                                                    compilation_cache):  # noqa: F811
+    """One run, a checkpoint every step: its 2nd and 3rd batches give NaN (an injected bad
+    window), so it rolls back to step 2 and goes on; SIGTERM at step 4. Then the latest
+    checkpoint gets a flipped bit: the restart sets it aside unchanged, resumes from step 3
+    and finishes (the pretraining loop and checkpoints, shared)."""
+    from test_faults import _flip_a_bit, _hashes, _largest_array_file
+
+    c = sweep_config(inputs)
+    c.learning_rates, c.checkpoint_every_steps, c.max_nonfinite_steps, c.max_rollbacks = (1e-2,), 1, 2, 1
+    make_step = sweep.train_step_lib.make_train_step
+
+    def make_poisoned_step(*args, **kw):
+        step, calls = make_step(*args, **kw), iter(range(1, 100))
+
+        def poisoned(state, batch, key):
+            state, metrics = step(state, batch, key)
+            if next(calls) in (2, 3):
+                metrics = {**metrics, "loss": np.float32("nan"), "update_skipped": np.int32(1)}
+            return state, metrics
+        return poisoned
+    monkeypatch.setattr(sweep.train_step_lib, "make_train_step", make_poisoned_step)
+    _stop_in_second_run(monkeypatch, epoch_count=2, batch=1, signum=signal.SIGTERM)  # the 5th batch: step 4
+    assert finetune.run(c, tmp_path)["preempted"]
+    assert "rollback 1/1 to the checkpoint at step 2; the batches since are skipped" in capsys.readouterr().out
+    run_dir = _run_dir(tmp_path, 1e-2)
+    assert [r["step"] for r in metrics_writer.read_jsonl(run_dir, "train")] == [1, 2, 3, 4]
+    monkeypatch.undo()
+
+    assert checkpoint.Checkpointer(run_dir, read_only=True).all_steps() == [3, 4]  # keep_checkpoints=2
+    _flip_a_bit(_largest_array_file(run_dir / checkpoint.CHECKPOINTS_DIR / "4"))
+    before = _hashes(run_dir)
+    results = finetune.run(c, tmp_path)
+    out = capsys.readouterr().out
+    assert not results["preempted"] and "checkpoint at step 4 is damaged (" in out and "resuming from an earlier" in out
+    assert [r["step"] for r in metrics_writer.read_jsonl(run_dir, "train")] == [1, 2, 3, 4, 5, 6]
+    after = _hashes(run_dir)  # the finished run's checkpoints/ is removed; the damaged one is kept as it was
+    assert {k: v for k, v in before.items() if k.startswith("4/")} == after
+    assert results["tasks"]["continuation"]["runs"][0]["final"]["step"] == 6
