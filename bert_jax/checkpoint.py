@@ -285,11 +285,13 @@ def _bit_sum(x):
 
 
 def root_cause(error: BaseException) -> str:
-    """The innermost exception of a chain, as one line (TensorStore and Orbax wrap theirs)."""
+    """The innermost exception of a chain, as one line of at most 300 characters (TensorStore
+    and Orbax wrap theirs)."""
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
+    # TensorStore ends with the OS error (`... No space left on device [os_error_code='28']`): keep both ends.
+    return text if len(text) <= 300 else text[:140] + " ... " + text[-155:]
 
 
 def abstract_with_shardings(abstract_state, shardings):

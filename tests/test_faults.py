@@ -280,3 +280,57 @@ def test_kill_9_during_a_save_then_restart(tmp_path):
     leftovers = [p.name for p in (tmp_path / checkpoint.CHECKPOINTS_DIR).iterdir() if not p.name.isdigit()]
     assert leftovers == []  # the interrupted save's tmp dir is cleaned
     assert _hashes(tmp_path) == before
+
+
+def _small_filesystem(path, monkeypatch):
+    """A 2 MiB tmpfs at `path` where this host allows mounting one (root); elsewhere a disk
+    that fills at the third save of the state (an injected ENOSPC). -> unmount function."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(path)], capture_output=True).returncode == 0:
+        return lambda: subprocess.run(["umount", "-l", str(path)], check=True)
+    from orbax.checkpoint._src.handlers import standard_checkpoint_handler
+    save = standard_checkpoint_handler.StandardCheckpointHandler.async_save
+    saves = []
+
+    async def filling(self, directory, *args, **kwargs):
+        saves.append(directory)
+        if len(saves) >= 3:
+            raise OSError(28, "No space left on device", str(directory))
+        return await save(self, directory, *args, **kwargs)
+    monkeypatch.setattr(standard_checkpoint_handler.StandardCheckpointHandler, "async_save", filling)
+    return lambda: None
+
+
+def _incompressible(step):
+    return jnp.asarray(np.random.default_rng(step).normal(size=(128, 1024)), jnp.float32)
+
+
+def test_disk_full_in_a_run_stops_it_naming_the_workdir_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
+    """A real small filesystem filled by the checkpoints of a short run (states of 0.5 MiB):
+    the run stops with one line naming the workdir and the OS error; every checkpoint
+    completed before is intact (hashes) and restores."""
+    workdir = tmp_path / "small"
+    unmount = _small_filesystem(workdir, monkeypatch)
+    try:
+        ckpt = checkpoint.Checkpointer(workdir, keep=100)
+        committed = {}
+
+        def save(step, state, **kw):
+            ckpt.wait()  # the previous save is complete: its files are final
+            committed.update(_hashes(workdir))
+            ckpt.save(step, {"w": _incompressible(step)}, data_state={"next": step}, config={}, meta={})
+        with pytest.raises(checkpoint.CheckpointSaveError) as caught:
+            _loop(lambda batch: {"loss": np.float32(1.0)}, save=save, check_saves=ckpt.check, total_steps=100)
+        message = str(caught.value)
+        assert "\n" not in message and str(workdir) in message and "No space left on device" in message
+        monkeypatch.undo()
+        steps = sorted({int(name.split("/")[0]) for name in committed})
+        assert len(steps) >= 2 and {k: v for k, v in _hashes(workdir).items() if k in committed} == committed
+        assert message.endswith(f"the last complete checkpoint is step {steps[-1]}")
+        abstract = {"w": jax.ShapeDtypeStruct((128, 1024), jnp.float32, sharding=ABSTRACT["step"].sharding)}
+        step, state, _ = ckpt.restore_newest_intact(abstract)
+        assert step == steps[-1]
+        np.testing.assert_array_equal(state["w"], _incompressible(step))
+        ckpt.close()
+    finally:
+        unmount()

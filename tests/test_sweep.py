@@ -149,6 +149,7 @@ def test_nan_batches_roll_back_and_a_damaged_checkpoint_falls_back(inputs, tmp_p
 
     c = sweep_config(inputs)
     c.learning_rates, c.checkpoint_every_steps, c.max_nonfinite_steps, c.max_rollbacks = (1e-2,), 1, 2, 1
+    c.eval_before_training = c.write_predictions = c.save_checkpoint = False
     make_step = sweep.train_step_lib.make_train_step
 
     def make_poisoned_step(*args, **kw):
