@@ -11,7 +11,9 @@
    resume (`saved_meta`, the checkpoint's meta) it must be unchanged.
 2. Text (demo, files, a TFDS text dataset) is prepared once into workdir/data by
    `bert_jax.data.prepare` (process 0; the others wait); on a URI workdir it is prepared in
-   this host's cache, uploaded, and every host reads a local copy. Instances (a prepared
+   this host's cache, uploaded, and every host reads a local copy. workdir/data records what it
+   was prepared from (source_fingerprint.json: the source, each text file's size and time; its
+   tokenizer/); reused with another source or tokenizer it is an error, never silently. Instances (a prepared
    directory, TFRecords, a converted TFDS corpus) are read as they are.
 3. Loaders: every host loads the rows of each global batch that its devices hold
    (`sharding.process_batch_rows` of `batch_sharding`). `train_batches` has
@@ -20,6 +22,8 @@
 """
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import tempfile
 
@@ -29,6 +33,8 @@ from etils import epath
 from bert_jax import checkpoint, distributed, paths, sharding, tokenizer as tokenizer_lib
 from bert_jax.data import loader, prepare, sources
 from bert_jax.data.sources import DataSource
+
+FINGERPRINT_FILE = "source_fingerprint.json"  # in workdir/data: what it was prepared from
 
 
 def build_pretraining_data(config, workdir: epath.Path, *, batch_sharding, saved_meta: dict | None = None):
@@ -150,9 +156,11 @@ def prepare_text_data(config, source: DataSource, workdir: epath.Path) -> str:
     so its presence means complete); every host then reads a local copy of workdir/data."""
     data_dir = workdir / "data"
     local_dir = data_dir if paths.is_local(data_dir) else paths.cache_dir(data_dir, "data")
-    if jax.process_index() == 0 and not (data_dir / loader.METADATA_FILE).is_file():
+    tokenizer_dir = workdir / checkpoint.TOKENIZER_DIR
+    if jax.process_index() == 0 and (data_dir / loader.METADATA_FILE).is_file():
+        check_prepared_data(data_dir, source, tokenizer_dir)
+    elif jax.process_index() == 0:
         d = config.data
-        tokenizer_dir = workdir / checkpoint.TOKENIZER_DIR
         prepare.prepare(
             source, tokenizer_dir if paths.is_local(workdir) else paths.local_copy(tokenizer_dir, "tokenizer"),
             local_dir, max_seq_length=d.max_seq_length, max_predictions_per_seq=d.max_predictions_per_seq,
@@ -161,12 +169,54 @@ def prepare_text_data(config, source: DataSource, workdir: epath.Path) -> str:
             whole_word_masking=d.whole_word_masking, seed=config.train.seed, max_unk_fraction=d.max_unk_fraction,
             overwrite=True,
             progress=config.train.progress_bar)
+        (epath.Path(local_dir) / FINGERPRINT_FILE).write_text(json.dumps(source_fingerprint(source), indent=1))
         if local_dir != data_dir:
             paths.copy_tree(local_dir, data_dir, last=loader.METADATA_FILE)
     distributed.barrier("data_prepared")
     if local_dir != data_dir:
         _download_prepared(data_dir, local_dir)
     return str(local_dir)
+
+
+def source_fingerprint(source: DataSource) -> dict:
+    """What workdir/data was prepared from: the source as configured and, for text files,
+    each file's size and modification time (cheap to compare on every start)."""
+    files = {}
+    if source.kind == "text":
+        for path in sources.expand_paths(source.paths):
+            stat = os.stat(path)
+            files[os.path.abspath(path)] = [stat.st_size, stat.st_mtime_ns]
+    return {"source": source.spec(), "files": files}
+
+
+def check_prepared_data(data_dir: epath.Path, source: DataSource, tokenizer_dir: epath.Path) -> None:
+    """workdir/data is reused only if it was prepared from this source (the same spec; no text
+    file changed or added since; a source deleted since is not compared) with this tokenizer.
+    Data prepared before fingerprints were recorded is checked by its spec and tokenizer."""
+    def refuse(what: str):
+        raise ValueError(f"{data_dir} was prepared from {what}; delete {data_dir} to prepare it again "
+                         "(or use another --workdir)")
+    metadata = json.loads((data_dir / loader.METADATA_FILE).read_text())
+    fingerprinted = (data_dir / FINGERPRINT_FILE).is_file()
+    recorded = json.loads((data_dir / FINGERPRINT_FILE).read_text()) if fingerprinted else \
+        {"source": metadata["source"], "files": {}}
+    try:
+        current = source_fingerprint(source)
+    except FileNotFoundError:
+        current = {"source": source.spec(), "files": {}}
+    if not fingerprinted:
+        current["files"] = {}
+    if current["source"] != recorded["source"]:
+        refuse(f"another source ({recorded['source']!r}, this run's config.data names {current['source']!r})")
+    for path, (size, mtime) in current["files"].items():
+        if path not in recorded["files"]:
+            refuse(f"files without {path} (it was added to the source since)")
+        if recorded["files"][path] != [size, mtime]:
+            then_size, then_mtime = recorded["files"][path]
+            refuse(f"{path} as it was then ({then_size} bytes, modified {then_mtime / 1e9:.0f}); it has changed "
+                   f"since ({size} bytes, modified {mtime / 1e9:.0f})")
+    if not _load_tokenizer(data_dir / metadata["tokenizer"]).same_as(_load_tokenizer(tokenizer_dir)):
+        refuse(f"another tokenizer than {tokenizer_dir} ({data_dir / metadata['tokenizer']} differs)")
 
 
 def _download_prepared(data_dir: epath.Path, local_dir: epath.Path) -> None:
