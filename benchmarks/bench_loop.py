@@ -1,14 +1,16 @@
 """Training-loop overhead: this tree's `loop.train_loop` and `checkpoint.Checkpointer`
 (failed-save check every step, divergence watch, save-time finiteness check and checksums)
 vs those of another git revision, on the same jitted BERT step, in one process, runs
-alternating.
+alternating; and the whole of the finiteness checks: this tree (the step's non-finite
+update skip, the loop's and the saves' checks) vs no checks at all (the other revision's
+loop and Checkpointer driving a step built with `skip_nonfinite=False`).
 
     python benchmarks/bench_loop.py [--baseline-rev 62aeb47] [--config tiny] [--batch 16]
                                     [--seq 128] [--steps 60] [--checkpoint-every 20] [--repeats 3]
 
-Both save real (async Orbax) checkpoints through their revision's `Checkpointer` every
+All save real (async Orbax) checkpoints through their revision's `Checkpointer` every
 `--checkpoint-every` steps into a temporary workdir. Reported: seconds per step (median
-over repeats, from the second step's launch to the last save's end), the ratio, and the
+over repeats, from the second step's launch to the last save's end), the ratios, and the
 time of one save-time check (`checkpoint._digest`) alone.
 """
 from __future__ import annotations
@@ -99,13 +101,16 @@ def main():
     graphdef, state, shardings = T.create_train_state(cfg, opt, mesh, seed=0)
     step_fn = T.make_train_step(graphdef, opt, mesh, None, shardings, schedule=schedule)
     program = (state, step_fn, mesh)
+    unchecked = (state, T.make_train_step(graphdef, opt, mesh, None, shardings, schedule=schedule,
+                                          skip_nonfinite=False), mesh)
     batch = make_batch(args.batch, args.seq, cfg.vocab_size)
     baseline = (module_at(args.baseline_rev, "loop"), module_at(args.baseline_rev, "checkpoint"))
 
-    results = {"baseline": [], "this_tree": []}
+    results = {"baseline": [], "this_tree": [], "no_checks": []}
     for _ in range(args.repeats):
         results["baseline"].append(run(*baseline, program, batch, args))
         results["this_tree"].append(run(loop, checkpoint, program, batch, args))
+        results["no_checks"].append(run(*baseline, unchecked, batch, args))
     jax.block_until_ready(checkpoint._digest(state))
     start = time.perf_counter()
     for _ in range(5):
@@ -115,6 +120,7 @@ def main():
                       "seq": args.seq, "steps": args.steps, "checkpoint_every": args.checkpoint_every,
                       "seconds_per_step": median, "all": results,
                       "ratio_this_tree_over_baseline": median["this_tree"] / median["baseline"],
+                      "ratio_this_tree_over_no_checks": median["this_tree"] / median["no_checks"],
                       "save_time_check_seconds": (time.perf_counter() - start) / 5}, indent=1))
 
 

@@ -10,8 +10,10 @@ Workdir layout:
                                           while it trains, result.json once it finished
 
 Resume: a finished run (its result.json is on disk) is not trained again; the unfinished
-one continues from its last checkpoint (params, optimizer state, step, loop record), exactly
-as if never stopped. SIGTERM saves a checkpoint and stops (`finished` False). Outputs are
+one continues from its newest intact checkpoint (params, optimizer state, step, loop record),
+exactly as if never stopped; a damaged one is set aside (`resume_damaged`). Divergence rolls
+a run back to its last checkpoint (`max_rollbacks`), as in pretraining: the same loop and
+`Checkpointer`. SIGTERM saves a checkpoint and stops (`finished` False). Outputs are
 written when a run becomes the best so far, so a restarted sweep never needs the params of
 runs it skipped.
 
