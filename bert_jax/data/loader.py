@@ -32,6 +32,9 @@ does not depend on the number of hosts, the mesh or the workers, and the state i
 fingerprint checked on restore). Every host gets the same number
 of batches (a trailing partial global batch is dropped), so no host waits on a collective alone.
 Dynamic masks depend only on (seed, epoch, instance index) (see masking.py).
+Every batch is checked on the host as it is read (`checks.check_batch`): token ids within the
+vocabulary (the prepared data's, or the tokenizer's for TFRecords) and masked positions within
+the sequence; a bad record is an error naming its file and record.
 A TFDS conversion holds the directory's rows in the same order, so it gives the same batches,
 and a state saved reading one restores reading the other.
 """
