@@ -3,12 +3,14 @@ gathering a sharded tree onto every host. One process (no cluster) makes all of 
 
 A peer that dies: the collective in flight fails at once on the survivors (its connection is
 reset), and `exit_if_peer_lost` turns that into one line naming the lost process and exits.
-A survivor that waits elsewhere is stopped by JAX's coordination service once the peer has
-sent no heartbeat for `distributed.heartbeat_timeout_seconds` (JAX's own fatal message).
+A survivor that waits elsewhere (or is slower to get there) is stopped by JAX's coordination
+service once the peer has sent no heartbeat for `distributed.heartbeat_timeout_seconds`, with
+JAX's own fatal message ("... another task died ...").
 """
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import jax
@@ -33,9 +35,14 @@ def initialize(c) -> None:
         jax.distributed.initialize(heartbeat_timeout_seconds=c.heartbeat_timeout_seconds)
 
 
+# How a collective fails when a peer's connection is gone (gloo on CPU, NCCL, gRPC status).
+_CONNECTION_LOST = re.compile(r"Gloo|NCCL|Connection (reset|closed|refused)|Socket closed|UNAVAILABLE|heartbeat")
+
+
 def lost_processes() -> list[int]:
     """The processes of this jax.distributed job the coordination service no longer counts
-    as alive ([0] when the coordinator itself cannot be reached); [] on one process."""
+    as alive ([0] when the coordinator itself cannot be reached); [] on one process. Every
+    live process must call it (JAX's live-node query waits for them all, like a barrier)."""
     if not jax.distributed.is_initialized() or jax.process_count() == 1:
         return []
     from jax._src import distributed as jax_distributed  # noqa: PLC0415 (no public API for the live set)
@@ -51,7 +58,10 @@ def exit_if_peer_lost(error: BaseException, last_checkpoint: int | None = None) 
     """If another process of the job is gone, print one line naming it (and the error it
     caused here) and exit this process with status 1 at once: nothing collective can finish
     any more, and a normal exit would wait for the lost process at JAX's shutdown barrier.
-    Otherwise return (the caller re-raises `error`)."""
+    Otherwise return (the caller re-raises `error`). Only an error that looks like a lost
+    connection asks the coordination service (a query every live process must join)."""
+    if not jax.distributed.is_initialized() or not _CONNECTION_LOST.search(str(error)):
+        return
     lost = lost_processes()
     if not lost:
         return

@@ -391,7 +391,7 @@ def main(argv):
     port, process_id, workdir = argv
     c = config_utils.distributed_section()
     c.coordinator_address, c.num_processes, c.process_id = f"127.0.0.1:{port}", 2, int(process_id)
-    c.heartbeat_timeout_seconds = 3
+    c.heartbeat_timeout_seconds = 10  # JAX's own (fatal) stop when this process is not in a collective
     distributed.initialize(c)
     sharding = NamedSharding(jax.make_mesh((2,), ("data",)), PartitionSpec("data"))
     state = {"w": jax.make_array_from_callback((2, 256), sharding, lambda index: np.ones((1, 256), np.float32))}
@@ -436,5 +436,5 @@ def test_a_dead_peer_stops_the_survivor_naming_it_and_loses_no_checkpoint(tmp_pa
     assert procs[0].returncode == 1 and len(lines) == 1, stderr[-3000:]
     assert lines[0].startswith("error: stopped: process 1 of 2 is gone (this process 0 saw: ")
     assert "restart every process to resume (the last checkpoint is step " in lines[0]
-    assert seconds < 3 + 5, seconds  # well within the heartbeat timeout plus start-up slack
+    assert seconds < 10, seconds  # within the heartbeat timeout (at once when idle)
     assert before and all(_hashes(workdir).get(name) == digest for name, digest in before.items())
