@@ -130,10 +130,12 @@ def article_openings(shared_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def streamed(article_openings, vocab_file, tmp_path_factory):
-    """Prepared one document per tokenizer task: the corpus reaches the disk in 16 pieces."""
+    """Prepared one document per tokenizer task (the corpus reaches the disk in 16 pieces), the
+    instance workers mapping the corpus afresh every 500 tokens of documents."""
     out = tmp_path_factory.mktemp("streamed") / "out"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(prepare_module, "_DOCUMENTS_PER_TASK", 1)
+        patch.setattr(prepare_module, "_TOKENS_PER_MAP", 500)
         metadata = prepare(DataSource.text(article_openings), vocab_file, out, workers=1, progress=False,
                            **STATIC_SETTINGS)
     return out, metadata

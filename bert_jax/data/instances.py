@@ -107,12 +107,14 @@ def create_instances(corpus: TokenizedCorpus, split_documents: np.ndarray, docum
     split_documents = np.asarray(split_documents, np.int64)
     if len(split_documents) < 2:
         raise ValueError(f"a split needs at least 2 documents for random next sentences, got {len(split_documents)}")
-    position_in_split = {int(d): k for k, d in enumerate(split_documents)}
+    documents = np.asarray(documents, np.int64)
+    order = np.argsort(split_documents, kind="stable")  # O(D) for a sorted split; no per-call dict of it
+    positions_in_split = order[np.searchsorted(split_documents, documents, sorter=order)]
     spans = []
-    for document in np.asarray(documents, np.int64):
+    for document, position in zip(documents, positions_in_split):
         rng = random.Random(int(example_keys(seed, dupe, document)))
         spans.extend(_document_spans(corpus, int(document), split_documents,
-                                     position_in_split[int(document)], max_seq_length - 3, short_seq_prob, rng))
+                                     int(position), max_seq_length - 3, short_seq_prob, rng))
     return _build_rows(corpus.tokens, np.asarray(spans, np.int64).reshape(-1, 7),
                        instance_dtype(max_seq_length, vocab_size), cls_id, sep_id)
 

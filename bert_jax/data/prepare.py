@@ -54,6 +54,8 @@ OUTPUT_FORMATS = ("npy", "tfrecord")
 FORMAT_NAMES = {"npy": "bert_jax.pretraining_instances/1", "tfrecord": "google_bert.tfrecord/1"}  # metadata "format"
 DEFAULT_MAX_UNK_FRACTION = 0.05  # a fitting WordPiece vocabulary gives well under 1% [UNK] on English text
 _UNK_TOKENS = "[UNK] tokens"
+_TOKENS_PER_MAP = 1 << 20  # documents per corpus map in an instance worker: ~20 MB of its pages at a time
+_DOCUMENT_TOKENS = "document_tokens.npy"
 _STATIC_MASK_PURPOSE = 0x737461  # keeps static-mask keys apart from the loader's dynamic ones
 _DOCUMENTS_PER_TASK = 256
 _CHARACTERS_PER_TASK = 50_000  # pysbd splits ~50 kB/s: small tasks keep every worker busy
@@ -93,12 +95,16 @@ def _tokenize_documents(task):
 def _make_shard(task):
     """Instances of one range of documents of a split, for one dupe; written as one .npy."""
     (path, corpus_dir, split, first, last, dupe, settings) = task
-    corpus = corpus_files.open_corpus(corpus_dir)  # mapped per shard: its pages leave this process after it
     split_documents = np.load(os.path.join(corpus_dir, f"{split}_documents.npy"))
-    rows = instances_lib.create_instances(
-        corpus, split_documents, split_documents[first:last], max_seq_length=settings["max_seq_length"],
-        short_seq_prob=settings["short_seq_prob"], seed=settings["seed"], dupe=dupe,
-        cls_id=settings["cls_id"], sep_id=settings["sep_id"], vocab_size=settings["vocab_size"])
+    documents = split_documents[first:last]
+    document_tokens = np.load(os.path.join(corpus_dir, _DOCUMENT_TOKENS), mmap_mode="r")[documents]
+    # The corpus is mapped afresh per group of documents: the pages that a group's random next
+    # sentences touched (anywhere in the corpus) leave this process with its map.
+    rows = np.concatenate([instances_lib.create_instances(
+        corpus_files.open_corpus(corpus_dir), split_documents, documents[a:b],
+        max_seq_length=settings["max_seq_length"], short_seq_prob=settings["short_seq_prob"], seed=settings["seed"],
+        dupe=dupe, cls_id=settings["cls_id"], sep_id=settings["sep_id"], vocab_size=settings["vocab_size"])
+        for a, b in _token_ranges(document_tokens, _TOKENS_PER_MAP)])
     if settings["static_masking"]:
         batch = instances_lib.unmasked_batch(rows)
         keys = masking.example_keys(settings["seed"], _STATIC_MASK_PURPOSE, dupe, rows["document"],
@@ -223,16 +229,13 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
                     "masked_lm_prob": masked_lm_prob, "whole_word_masking": whole_word_masking,
                     "output_format": output_format}
         shard_tasks = []
+        np.save(corpus_dir / _DOCUMENT_TOKENS, document_tokens)
         for split, documents in splits.items():
             np.save(corpus_dir / f"{split}_documents.npy", documents)
-            split_tokens = np.cumsum(document_tokens[documents])
-            bounds = np.unique(np.searchsorted(split_tokens, np.arange(shard_tokens, split_tokens[-1], shard_tokens)))
-            ranges = list(zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(documents)]])))
             for dupe in range(dupe_factor):
-                for first, last in ranges:
-                    if last > first:
-                        shard_tasks.append((str(staging / f"{split}-{len(shard_tasks):05d}.{output_format}"),
-                                            str(corpus_dir), split, int(first), int(last), dupe, settings))
+                for first, last in _token_ranges(document_tokens[documents], shard_tokens):
+                    shard_tasks.append((str(staging / f"{split}-{len(shard_tasks):05d}.{output_format}"),
+                                        str(corpus_dir), split, first, last, dupe, settings))
         metadata_splits = {split: {"documents": int(len(documents)), "shards": [], "instances": 0,
                                    "random_next": 0} for split, documents in splits.items()}
         results = pool.imap(_make_shard, shard_tasks)
@@ -286,6 +289,14 @@ class _InProcess:
         pass
 
     terminate = join = close
+
+
+def _token_ranges(document_tokens: np.ndarray, every: int) -> list[tuple[int, int]]:
+    """[first, last) ranges of consecutive documents, a new one from each multiple of `every` tokens."""
+    cumulative = np.cumsum(document_tokens)
+    bounds = np.unique(np.searchsorted(cumulative, np.arange(every, cumulative[-1], every)))
+    edges = np.concatenate([[0], bounds, [len(document_tokens)]])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
 
 def _imap_ahead(pool, function, tasks, *, ahead: int):
