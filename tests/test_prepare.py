@@ -173,8 +173,10 @@ def test_tfrecord_output_is_google_format_and_reads_back_exactly(streamed, artic
     assert main(["--input", str(article_openings), "--tokenizer", vocab_file, "--output", str(out),
                  "--output_format", "tfrecord", "--dupe_factor", "2", "--eval_fraction", "0.2",
                  "--shard_tokens", "3000", "--seed", "5", "--workers", "1"]) == 0
-    metadata = loader.read_metadata(out)
+    metadata = json.loads((out / "metadata.json").read_text())
     assert metadata["format"] == "google_bert.tfrecord/1" and metadata["static_masking"]
+    with pytest.raises(ValueError, match=f"{out} holds google_bert.tfrecord/1 files .* data.source=tfrecord"):
+        loader.read_metadata(out)  # not a directory of instance rows
     spec = _google_feature_spec(tf, 128, 20)
     for npy_entry, entry in zip(npy_metadata["splits"].values(), metadata["splits"].values()):
         assert [s["instances"] for s in entry["shards"]] == [s["instances"] for s in npy_entry["shards"]]

@@ -35,6 +35,7 @@ import numpy as np
 from bert_jax.data.masking import example_keys
 
 METADATA_FILE = "metadata.json"        # files of a `bert_jax.data.prepare` output directory
+INSTANCES_FORMAT = "bert_jax.pretraining_instances/1"  # its "format" when it holds .npy instance rows
 VOCAB_TABLES_FILE = "vocab_tables.npz"
 
 

@@ -234,9 +234,13 @@ def read_metadata(data_dir) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {data_dir} a `python -m bert_jax.data.prepare` output?")
     try:
-        return json.loads(path.read_text())
+        metadata = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if metadata.get("format", instances_lib.INSTANCES_FORMAT) != instances_lib.INSTANCES_FORMAT:
+        raise ValueError(f"{data_dir} holds {metadata['format']} files (prepare --output_format tfrecord), not"
+                         f" instance rows: read them with data.source=tfrecord, data.train_path={data_dir}/train-*.tfrecord")
+    return metadata
 
 
 def _check_metadata(metadata: dict, where: str, split: str, *, max_seq_length, max_predictions_per_seq,

@@ -51,7 +51,7 @@ from bert_jax.data import sentences, sources
 from bert_jax.data.sources import DataSource
 
 OUTPUT_FORMATS = ("npy", "tfrecord")
-FORMAT_NAMES = {"npy": "bert_jax.pretraining_instances/1", "tfrecord": "google_bert.tfrecord/1"}  # metadata "format"
+FORMAT_NAMES = {"npy": instances_lib.INSTANCES_FORMAT, "tfrecord": "google_bert.tfrecord/1"}  # metadata "format"
 DEFAULT_MAX_UNK_FRACTION = 0.05  # a fitting WordPiece vocabulary gives well under 1% [UNK] on English text
 _UNK_TOKENS = "[UNK] tokens"
 _TOKENS_PER_MAP = 1 << 18  # documents per corpus map in an instance worker: ~6 MB of its pages at a time
