@@ -39,7 +39,7 @@ _MODEL_DEFAULTS = {
     "param_dtype": "float32",
     "remat_policy": "none",                 # see bert_jax.model for the names
     "scan_layers": False,
-    "attention_impl": "auto",               # auto | xla | cudnn | explicit
+    "attention_impl": "auto",               # auto | explicit | xla | cudnn | splash (bert_jax/attention.py)
     "matmul_impl": "auto",                  # auto | xla | f32_out (bf16 matmuls, f32 outputs and weight
                                             # grads; auto: f32_out on a fast-bf16 CPU; bert_jax/matmul.py)
 }

@@ -37,11 +37,16 @@ def check_keys(batch, keys) -> None:
         raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
 
 
+PACKING_KEYS = ("position_ids", "packed_segment_ids")  # packed rows: passed to the model when present
+
+
 def forward(params, graphdef, batch, dropout_key, deterministic: bool, *extra_inputs) -> dict:
-    """The model's outputs on ``input_ids, input_mask, segment_ids`` (+ ``extra_inputs``)."""
+    """The model's outputs on ``input_ids, input_mask, segment_ids`` (+ ``extra_inputs``, and
+    ``PACKING_KEYS`` where the batch has them)."""
     model = nnx.merge(graphdef, params)
+    packing = {k: batch[k] for k in PACKING_KEYS if k in batch}
     return model(batch["input_ids"], batch["input_mask"], batch["segment_ids"], *extra_inputs,
-                 deterministic=deterministic, rngs=None if deterministic else dropout_key)
+                 deterministic=deterministic, rngs=None if deterministic else dropout_key, **packing)
 
 
 def cross_entropy_sums(logits, labels, weights) -> tuple[jax.Array, jax.Array]:

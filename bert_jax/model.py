@@ -19,6 +19,8 @@ Design notes
 * Params are float32 (``param_dtype``); matmuls run in ``dtype`` (bfloat16 on
   accelerators). Softmax, LayerNorm statistics and logits used by losses are
   float32.
+* Attention's core (explicit mask, XLA, cuDNN fused or Pallas splash, chosen per platform and
+  batch kind, named in the start-up line) is :mod:`bert_jax.attention`.
 * ``remat_policy`` and ``scan_layers`` trade memory and compile time (``full`` saves only
   each layer's input, ``dots`` every matmul output, ``dots_no_batch`` those without batch
   dimensions (not attention's), ``attention_out`` only the attention context); the
@@ -29,14 +31,13 @@ Design notes
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from bert_jax import hardware
+from bert_jax import attention, hardware
 from bert_jax.matmul import f32_einsum
 from bert_jax.partitioning import constrain
 
@@ -75,7 +76,7 @@ class BertConfig:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     scan_layers: bool = False
-    attention_impl: str = "auto"  # auto | xla | cudnn | explicit
+    attention_impl: str = "auto"  # auto | explicit | xla | cudnn | splash (bert_jax/attention.py)
     # auto | xla | f32_out. f32_out: matmuls in `dtype` give float32 outputs and float32 weight
     # gradients (bert_jax/matmul.py); auto = f32_out on a CPU with a fast bfloat16 path when dtype
     # is not float32, else xla (hardware.compute_choice). Config files' dtype "auto" is resolved
@@ -90,8 +91,8 @@ class BertConfig:
             raise ValueError(f"BertConfig: remat_policy={self.remat_policy!r}, expected one of {REMAT_POLICIES}")
         if self.hidden_act not in HIDDEN_ACTS:
             raise ValueError(f"BertConfig: hidden_act={self.hidden_act!r}, expected one of {HIDDEN_ACTS}")
-        if self.attention_impl not in ("auto", "xla", "cudnn", "explicit"):
-            raise ValueError(f"BertConfig: attention_impl={self.attention_impl!r}")
+        if self.attention_impl not in attention.IMPLS:
+            raise ValueError(f"BertConfig: attention_impl={self.attention_impl!r}, expected one of {attention.IMPLS}")
         if self.matmul_impl not in MATMUL_IMPLS:
             raise ValueError(f"BertConfig: matmul_impl={self.matmul_impl!r}, expected one of {MATMUL_IMPLS}")
         for name in ("dtype", "param_dtype"):
@@ -208,16 +209,6 @@ def _dropout(x, rate: float, deterministic: bool, key):
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
-def attention_mask(input_mask: jax.Array, packed_segment_ids: jax.Array | None = None) -> jax.Array:
-    """Boolean [B, 1, T, S] mask: keys that are real tokens (and, for packed
-    sequences, in the same packed segment as the query)."""
-    valid = input_mask.astype(bool)
-    if packed_segment_ids is None:
-        return valid[:, None, None, :]
-    same = packed_segment_ids[:, :, None] == packed_segment_ids[:, None, :]
-    return (same & valid[:, None, :])[:, None, :, :]
-
-
 def _lookup(embed: nnx.Embed, ids, rows: str | None = None):
     """Rows of an embedding table, gathered from the table with its ``embed`` (FSDP) axis all-gathered
     first: the gather then yields batch-sharded rows directly. Gathering from the FSDP-sharded
@@ -258,7 +249,7 @@ class SelfAttention(nnx.Module):
         self.value = dense(cfg, h, h, ("embed", "heads"), rngs)
         self.output = dense(cfg, h, h, ("heads", "embed"), rngs)
 
-    def __call__(self, x, mask, deterministic, key):
+    def __call__(self, x, prepared: attention.Prepared, deterministic, key):
         cfg = self.cfg
         b, t, _ = x.shape
         names = ("batch", "length", "heads", "kv")
@@ -267,21 +258,8 @@ class SelfAttention(nnx.Module):
             return constrain(y.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), names)
 
         q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
-        rate = cfg.attention_probs_dropout_prob
-        if cfg.attention_impl == "explicit" or (not deterministic and rate > 0.0):
-            # jax.nn.dot_product_attention has no dropout on the probabilities.
-            # Plain einsums here: the batched attention matmuls are ~3% of the FLOPs, and XLA:CPU
-            # 0.10 fails at run time ("DotThunk: BF16 x BF16 = F32") on some of their f32_einsum
-            # gradients at BERT-base sizes.
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            logits = logits / math.sqrt(cfg.head_dim)
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(logits, axis=-1)
-            probs = _dropout(probs, rate, deterministic, key).astype(v.dtype)
-            ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        else:
-            impl = None if cfg.attention_impl == "auto" else cfg.attention_impl
-            ctx = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        ctx = attention.attend(prepared, q, k, v, dropout=cfg.attention_probs_dropout_prob,
+                               deterministic=deterministic, key=key)
         ctx = constrain(ctx, names).reshape(b, t, cfg.hidden_size)
         # remat_policy="attention_out" saves this [B, T, H] per layer and recomputes the rest.
         return self.output(checkpoint_name(ctx, "attention_out"))
@@ -298,10 +276,10 @@ class Layer(nnx.Module):
         self.output = dense(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs)
         self.output_layer_norm = layer_norm(cfg, rngs)
 
-    def __call__(self, x, mask, deterministic, key):
+    def __call__(self, x, prepared, deterministic, key):
         cfg = self.cfg
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
-        a = self.attention(x, mask, deterministic, keys[0])
+        a = self.attention(x, prepared, deterministic, keys[0])
         a = _dropout(a, cfg.hidden_dropout_prob, deterministic, keys[1])
         x = self.attention_layer_norm(x + a).astype(cfg.dtype)
         x = constrain(x, ("batch", "length", "embed"))
@@ -334,11 +312,11 @@ class Encoder(nnx.Module):
         else:
             self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, x, mask, deterministic, key):
+    def __call__(self, x, prepared, deterministic, key):
         cfg = self.cfg
 
         def apply(layer_state, graphdef, h, layer_key):
-            return nnx.merge(graphdef, layer_state)(h, mask, deterministic, layer_key)
+            return nnx.merge(graphdef, layer_state)(h, prepared, deterministic, layer_key)
 
         if cfg.remat_policy != "none":
             apply = jax.checkpoint(apply, policy=_remat_policy(cfg.remat_policy), static_argnums=(1,))
@@ -389,8 +367,8 @@ class BertModel(nnx.Module):
         key = _key(rngs)
         keys = [None, None] if key is None else list(jax.random.split(key, 2))
         x = self.embeddings(input_ids, segment_ids, position_ids, deterministic, keys[0])
-        mask = attention_mask(input_mask, packed_segment_ids)
-        x = self.encoder(x, mask, deterministic, keys[1])
+        prepared = attention.prepare(cfg, input_mask, packed_segment_ids, deterministic=deterministic)
+        x = self.encoder(x, prepared, deterministic, keys[1])
         first = x[:, 0] if cls_positions is None else gather_positions(x, cls_positions)
         pooled = jnp.tanh(self.pooler(first))
         return {"sequence_output": x, "pooled_output": pooled}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from bert_jax import checkpoint, config_utils, distributed, hardware, loop, metrics_writer, paths, sharding
+from bert_jax import attention, checkpoint, config_utils, distributed, hardware, loop, metrics_writer, paths, sharding
 from bert_jax import params as params_lib
 from bert_jax import train_step as train_step_lib
 from bert_jax.data import pipeline
@@ -129,6 +129,7 @@ def run(config, workdir) -> dict:
                    f"BERT-{config.model.preset} ({params_lib.count(state.params) / 1e6:.1f}M params, "
                    f"vocab {model_config.vocab_size}), mesh {dict(mesh.shape)}, "
                    f"{jax.process_count()} process(es); {compute.describe()}; "
+                   f"{attention.describe(model_config, seq_len=program.seq_len)}; "
                    f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     preemption = loop.PreemptionWatcher()
     to_global = lambda b: sharding.make_global_batch(b, mesh, rules)  # noqa: E731

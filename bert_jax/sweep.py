@@ -35,8 +35,8 @@ import optax
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bert_jax import checkpoint, distributed, glue_metrics, hardware, loop, metrics_writer, optim, partitioning
-from bert_jax import paths, sharding, weights
+from bert_jax import attention, checkpoint, distributed, glue_metrics, hardware, loop, metrics_writer, optim
+from bert_jax import partitioning, paths, sharding, weights
 from bert_jax import train_step as train_step_lib
 
 RESULTS_FILE = "results.json"
@@ -199,7 +199,8 @@ def run_sweep(tuner: FineTuning, workdir: epath.Path, results: dict, preemption)
     compute = hardware.compute_choice(tuner.model_config.dtype, tuner.model_config.matmul_impl)
     if jax.process_index() == 0:  # the start-up line, whatever the logging verbosity
         print(f"{task.name}: {task.num_train_examples} train examples, {task.steps_per_epoch} steps/epoch, "
-              f"{tuner.total_steps} steps; {compute.describe()}", flush=True)
+              f"{tuner.total_steps} steps; {compute.describe()}; "
+              f"{attention.describe(tuner.model_config, seq_len=c.max_seq_length)}", flush=True)
     entry = results["tasks"][task.name] = {"primary_metric": task.primary_metric, "runs": []}
     for learning_rate, seed in itertools.product(c.learning_rates, c.seeds):
         learning_rate, seed = float(learning_rate), int(seed)
