@@ -10,7 +10,9 @@
    ``python -m bert_jax.finetune --config configs/glue.py --config.task=continuation``.
 3. Exports the fine-tuned model to NumPy (``.npz``) and Hugging Face format:
    ``python -m bert_jax.convert``.
-4. Prints a short summary.
+4. Prints a short summary: held-out masked-LM accuracy of the pretrained model against the
+   unigram baseline on the same masked positions, a few held-out sentences with a masked
+   word and the model's top predictions (``bert_jax.mlm_eval``), the fine-tuned result.
 
 Each stage is the real entrypoint run as its own process, exactly as a user would
 run it; this file only wires them together. Run it again on the same workdir and
@@ -100,13 +102,17 @@ def main(argv=None) -> int:
                       f"--dst={export / 'hf'}", "--dst_format=hf", "--overwrite"])
     times["export"] = time.time() - t
 
+    from bert_jax import mlm_eval
+
     pre_eval = last_metrics(pre / "metrics.jsonl", "eval")
+    report = mlm_eval.pretraining_report(pre)
     results = json.loads((fine / "results.json").read_text()) if (fine / "results.json").is_file() else {}
     chosen = results.get("tasks", {}).get("continuation", {}).get("chosen", {})
     print("\n=== summary")
     print(f"pretraining  ({times['pretrain']:.0f} s): workdir {pre}")
     print(f"  held-out at step {pre_eval.get('step')}: " + ", ".join(
         f"{k}={pre_eval[k]:.4g}" for k in ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy") if k in pre_eval))
+    print("  " + report.replace("\n", "\n  "))
     print(f"fine-tuning  ({times['finetune']:.0f} s): workdir {fine}")
     print(f"  chosen run: {json.dumps(chosen.get('metrics', chosen), default=str)[:300]}")
     print(f"export       ({times['export']:.0f} s): {export / 'npz' / 'bert.npz'} and {export / 'hf'}")

@@ -17,6 +17,9 @@ def test_demo_runs_every_stage_and_exports(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "=== summary" in result.stdout
+    summary = result.stdout[result.stdout.index("=== summary"):]
+    assert "unigram baseline accuracy" in summary and "model            accuracy" in summary
+    assert summary.count("[MASK]") >= 1 and "answer '" in summary  # a held-out word and the top predictions
     assert (tmp_path / "export" / "npz" / "bert.npz").is_file()
     assert (tmp_path / "export" / "hf" / "config.json").is_file()
     results = json.loads((tmp_path / "finetune" / "results.json").read_text())

