@@ -47,7 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bert_jax import config_utils, hardware, mlm_eval, sharding  # noqa: E402
+from bert_jax import config_utils, hardware, mlm_eval, paths, sharding  # noqa: E402
 from bert_jax import tokenizer as tokenizer_lib  # noqa: E402
 from bert_jax import train_step as train_step_lib  # noqa: E402
 from bert_jax.data import masking, pipeline, sources  # noqa: E402
@@ -106,7 +106,7 @@ class BertJax:
         self.settings, self.model_config_name = settings, args.size
         mesh = sharding.make_mesh(config.mesh)
         started = time.perf_counter()
-        tok, self.batches, _ = pipeline.build_pretraining_data(config, work,
+        tok, self.batches, _ = pipeline.build_pretraining_data(config, paths.workdir_path(work),
                                                                batch_sharding=sharding.batch_sharding(mesh))
         self.prepare_seconds = time.perf_counter() - started
         self.model_config = train_step_lib.pretraining_model_config(config, tok.vocab_size)

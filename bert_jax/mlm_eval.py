@@ -149,12 +149,13 @@ def prepared_rows(data_dir, split: str) -> np.ndarray:
         np.arange(sum(s["instances"] for s in shards)))
 
 
-def pretraining_report(workdir, *, sequences: int = 256, examples: int = 4, seed: int = 0) -> str:
-    """A pretraining workdir's newest checkpoint on its held-out instances (fixed 15% masks)
-    against the unigram baseline of its training instances, and a few masked held-out words."""
+def pretraining_report(workdir, *, data_dir=None, sequences: int = 256, examples: int = 4, seed: int = 0) -> str:
+    """A pretraining workdir's newest checkpoint on the held-out instances of its prepared data
+    (``data_dir``, default workdir/data; fixed 15% masks) against the unigram baseline of the
+    training instances, and a few masked held-out words."""
     model_config, params, tokenizer_dir = checkpoint.restore_params(workdir)
     tok = tokenizer_lib.load_tokenizer(tokenizer_dir)
-    data_dir = pathlib.Path(workdir) / "data"
+    data_dir = pathlib.Path(data_dir or pathlib.Path(workdir) / "data")
     held_out = instances.unmasked_batch(prepared_rows(data_dir, "eval")[:sequences])
     train = instances.unmasked_batch(prepared_rows(data_dir, "train"))
     batch = {**fixed_mask_batch(held_out["input_ids"], held_out["input_mask"], masking.MaskingVocab.from_tokenizer(tok),
