@@ -291,15 +291,16 @@ def main():
         print(f"{len(train_articles)} training articles ({len(reference.blocks)} blocks of {args.seq}), "
               f"{len(held_out)} held out -> {len(rows)} sequences, {int(batch['masked_lm_weights'].sum())} masked "
               f"tokens; unigram baseline accuracy {baseline['accuracy']:.4f} "
-              f"(always {tok.ids_to_tokens([baseline['token']])[0]!r})")
+              f"(always {tok.ids_to_tokens([baseline['token']])[0]!r})", flush=True)
         print(f"not in the curves: data preparation bert_jax {ours.prepare_seconds:.1f} s, reference "
-              f"{reference.prepare_seconds:.1f} s; bert_jax's compilation {ours.compile_seconds:.1f} s")
+              f"{reference.prepare_seconds:.1f} s; bert_jax's compilation {ours.compile_seconds:.1f} s", flush=True)
         print(f"bert_jax: {ours.describe()}\nreference: {reference.describe()}")
         print(f"batch {args.batch} x {args.seq}, {args.steps} steps each, AdamW lr {args.lr}, warmup "
               f"{args.warmup:.0%}, alternating slices of {args.slice:.0f} s", flush=True)
 
         runners = [ours, reference]
         curves = {r.name: [(0.0, r.evaluate(batch))] for r in runners}
+        print("  untrained accuracy: " + ", ".join(f"{n} {c[0][1]:.4f}" for n, c in curves.items()), flush=True)
         loads = []
         while any(r.steps_done < r.total_steps for r in runners):
             for r in runners:
