@@ -175,6 +175,9 @@ def finetune_config(glue_data: bool = True) -> config_dict.ConfigDict:
         c.glue_dir = ""             # GLUE's TSV layout: GLUE_DIR/MRPC/train.tsv, ...
         c.tfds_data_dir = ""        # else TFDS glue/<task> prepared here ('' : TFDS default)
         c.skip_bad_rows = False     # drop rows with a wrong column count (with a warning)
+        c.packing = True            # several examples per row of max_seq_length tokens, each with its own
+                                    # [CLS], positions and attention (False: one per row, padded to buckets)
+        c.max_examples_per_row = 16  # examples a packed row holds at most
 
     c.max_seq_length = 128
     c.batch_size = 32               # global, over all hosts and devices
@@ -227,6 +230,8 @@ def validate_finetune(c: config_dict.ConfigDict) -> None:
     check(c.init_format in ("auto", "orbax", "hf", "tf", "npz"), "init_format", "must be auto, orbax, hf, tf or npz")
     check(c.dtype in DTYPES, "dtype", f"must be one of {DTYPES}")
     check(1 <= c.smallest_bucket <= c.max_seq_length, "smallest_bucket", "must be in [1, max_seq_length]")
+    if "max_examples_per_row" in c:
+        check(c.max_examples_per_row >= 1, "max_examples_per_row", "must be >= 1 (a packed row holds one example or more)")
     for key in ("batch_size", "eval_batch_size", "log_every_steps", "max_nonfinite_steps", "keep_checkpoints"):
         check(c[key] >= 1, key, "must be >= 1")
     check(c.resume_damaged in ("fallback", "refuse"), "resume_damaged", "must be 'fallback' or 'refuse'")

@@ -37,7 +37,8 @@ def check_keys(batch, keys) -> None:
         raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
 
 
-PACKING_KEYS = ("position_ids", "packed_segment_ids")  # packed rows: passed to the model when present
+# Packed rows' extra model inputs, passed when the batch has them (`tasks.batching.packed_encoder_inputs`).
+PACKING_KEYS = ("position_ids", "packed_segment_ids", "cls_positions")
 
 
 def forward(params, graphdef, batch, dropout_key, deterministic: bool, *extra_inputs) -> dict:
@@ -100,7 +101,8 @@ PRETRAINING = LossFns(pretraining_normalizers, pretraining_loss, pretraining_met
 
 # ----------------------------------------------------------------------------
 # Sequence classification (cross-entropy) and regression (squared error, STS-B) over the
-# real rows of a batch (`is_real_example`: fill rows of the last batch weigh 0)
+# real examples of a batch (`is_real_example`: fill rows of the last batch weigh 0). Packed
+# batches have label_ids, is_real_example and logits per (row, slot): [B, N] and [B, N, C].
 
 CLASSIFICATION_KEYS = ("input_ids", "input_mask", "segment_ids", "label_ids", "is_real_example")
 
@@ -116,7 +118,7 @@ def classification_loss(params, graphdef, batch, dropout_key, normalizers=None, 
     logits = forward(params, graphdef, batch, dropout_key, deterministic)["logits"].astype(jnp.float32)
     weights = batch["is_real_example"].astype(jnp.float32)
     if logits.shape[-1] == 1:  # regression
-        squared_error = jnp.square(logits[:, 0] - batch["label_ids"].astype(jnp.float32))
+        squared_error = jnp.square(logits[..., 0] - batch["label_ids"].astype(jnp.float32))
         loss_sum, correct = jnp.sum(squared_error * weights), jnp.zeros((), jnp.float32)
     else:
         loss_sum, correct = cross_entropy_sums(logits, batch["label_ids"].astype(jnp.int32), weights)

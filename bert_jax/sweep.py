@@ -44,7 +44,8 @@ SUBMISSION_DIR = "submission"
 RUN_RESULT = "result.json"
 # The config keys that change what a run computes (with its learning rate, seed and model).
 RUN_KEYS = ("batch_size", "max_seq_length", "smallest_bucket", "num_epochs", "warmup_fraction", "weight_decay",
-            "clip_norm", "max_train_examples", "eval_every_steps", "eval_before_training")
+            "clip_norm", "max_train_examples", "eval_every_steps", "eval_before_training", "packing",
+            "max_examples_per_row")
 
 
 class FineTuning:
@@ -71,6 +72,7 @@ class FineTuning:
         self.train_step = train_step_lib.make_train_step(
             self.graphdef, self.optimizer(1.0), mesh, rules, self.state_shardings, loss_fns=task.loss_fns)
         self.batch_sharding = sharding.batch_sharding(mesh, rules)
+        self.batch_shards = math.prod(mesh.shape[a] for a in sharding.batch_axes(mesh, rules))
 
         def predict(params, batch):
             with partitioning.axis_rules(mesh, rules):
@@ -95,7 +97,11 @@ class FineTuning:
     def global_batch(self, batch: dict) -> dict:
         """A global numpy batch (every host holds all of it) -> sharded jax.Arrays. Each device
         takes its rows by index, whatever the mesh: processes holding the same shard read the
-        same rows."""
+        same rows. A row count the batch shards do not divide (packed batches) gets zero rows
+        added (no tokens, no weight in any loss)."""
+        fill = -len(next(iter(batch.values()))) % self.batch_shards
+        if fill:
+            batch = {k: np.concatenate([v, np.zeros((fill, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
         return {k: jax.make_array_from_callback(v.shape, self.batch_sharding, lambda index, v=v: v[index])
                 for k, v in batch.items()}
 
@@ -109,7 +115,7 @@ class FineTuning:
     def run_key(self, learning_rate: float, seed: int) -> dict:
         """What a run's checkpoint and result must agree on to be resumed or reused."""
         return {"learning_rate": learning_rate, "seed": seed, "total_steps": self.total_steps,
-                **{k: self.c[k] for k in RUN_KEYS}, "model_config": self.model_config.to_dict()}
+                **{k: self.c[k] for k in RUN_KEYS if k in self.c}, "model_config": self.model_config.to_dict()}
 
     def train(self, learning_rate: float, seed: int, run_dir: epath.Path, preemption) -> tuple[dict, object] | None:
         """One run, resumed from run_dir's checkpoint if it has one -> (record, state), None if preempted."""

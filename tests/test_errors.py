@@ -60,6 +60,7 @@ FINETUNING_CASES = [
     ("weight_decay=-0.1", "config.weight_decay: must be >= 0"),
     ("dtype=float64", "config.dtype: must be one of"),
     ("smallest_bucket=512", "config.smallest_bucket: must be in [1, max_seq_length]"),
+    ("max_examples_per_row=0", "config.max_examples_per_row: must be >= 1"),
 ]
 
 

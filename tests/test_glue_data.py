@@ -195,19 +195,43 @@ def test_train_batches_cover_every_example_once_with_few_shapes():
     features = glue.featurize(glue.GlueSplit(texts, None, labels, [str(i) for i in range(203)]),
                               CharTokenizer(), 128)
     buckets = glue.bucket_lengths(128)
-    batches = list(glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=0))
+    layout = glue.Layout(buckets, 0)
+    batches = list(glue.train_batches(features, 16, layout, seed=3, epoch=0))
     seen = np.concatenate([b["label_ids"][b["is_real_example"] > 0] for b in batches])
     assert sorted(seen.tolist()) == list(range(203))
     assert {b["input_ids"].shape[1] for b in batches} <= set(buckets)
     padded = sum(b["input_ids"].size for b in batches)
     assert padded < 0.75 * len(batches) * 16 * 128  # bucketing beats padding everything to 128
-    again = list(glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=0))
-    other_epoch = list(glue.train_batches(features, 16, buckets, 0, regression=False, seed=3, epoch=1))
+    again = list(glue.train_batches(features, 16, layout, seed=3, epoch=0))
+    other_epoch = list(glue.train_batches(features, 16, layout, seed=3, epoch=1))
     assert all((a["input_ids"] == b["input_ids"]).all() for a, b in zip(batches, again))
     assert any(a["input_ids"].shape != b["input_ids"].shape or (a["input_ids"] != b["input_ids"]).any()
                for a, b in zip(batches, other_epoch))
-    order = np.concatenate([idx for idx, _ in glue.eval_batches(features, 16, buckets, 0, regression=False)])
-    assert sorted(order.tolist()) == list(range(203))
+    order = np.concatenate([idx for idx, _ in glue.eval_batches(features, 16, layout)])
+    assert sorted(order[order >= 0].tolist()) == list(range(203))
+
+
+def test_packed_batches_hold_every_example_once_in_few_rows():
+    rng = np.random.default_rng(1)
+    texts = ["x" * int(n) for n in rng.integers(1, 60, size=203)]
+    features = glue.featurize(glue.GlueSplit(texts, ["y"] * 203, np.arange(203, dtype=np.int32),
+                                             [str(i) for i in range(203)]), CharTokenizer(), 64)
+    layout = glue.Layout(glue.bucket_lengths(64), 0, packing=True, row_length=64, max_per_row=4, rows_multiple=2)
+    batches = list(glue.train_batches(features, 16, layout, seed=3, epoch=0))
+    assert len(batches) == 13 and all(b["input_ids"].shape[0] % 2 == 0 and b["input_ids"].shape[1] == 64
+                                      for b in batches)
+    seen = np.concatenate([b["label_ids"][b["is_real_example"] > 0] for b in batches])
+    assert sorted(seen.tolist()) == list(range(203))
+    real = sum(int(b["input_mask"].sum()) for b in batches)
+    assert real > 0.8 * sum(b["input_ids"].size for b in batches)  # hardly any padding
+    b = batches[0]
+    for row in range(b["input_ids"].shape[0]):  # each slot's [CLS] starts a sequence whose positions restart
+        for slot in np.flatnonzero(b["is_real_example"][row]):
+            start = b["cls_positions"][row, slot]
+            assert b["input_ids"][row, start] == CharTokenizer.cls_id and b["position_ids"][row, start] == 0
+            assert b["packed_segment_ids"][row, start] == slot + 1
+    again = list(glue.train_batches(features, 16, layout, seed=3, epoch=0))
+    assert all((x["input_ids"] == y["input_ids"]).all() for x, y in zip(batches, again))
 
 
 def test_continuation_task_round_trips(tmp_path):
@@ -243,3 +267,51 @@ def test_submission_files_spell_labels_as_glue_expects(tmp_path):
         assert lines[1:] == [f"{10 + i}\t{label}" for i, label in enumerate(expected)]
     with pytest.raises(ValueError, match="2 predictions for 3 test examples"):
         glue.write_submission(glue.get_task("rte"), "RTE", split(3), np.zeros(2, int), str(tmp_path))
+
+
+def test_packed_batch_gives_the_unpacked_loss_gradients_and_predictions():
+    """The same examples packed (several per row) and padded (one per row): equal loss and
+    gradients (dropout off) and the same logits for every example, on the same weights."""
+    import jax
+    from flax import nnx
+
+    from bert_jax import losses
+    from bert_jax.model import BertConfig, BertForSequenceClassification
+
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    graphdef, params = nnx.split(BertForSequenceClassification(cfg, 3, rngs=nnx.Rngs(0)), nnx.Param)
+    rng = np.random.default_rng(2)
+    texts = ["x" * int(n) for n in rng.integers(1, 30, size=10)]
+    split = glue.GlueSplit(texts, ["yz"] * 10, rng.integers(0, 3, 10).astype(np.int32), [str(i) for i in range(10)])
+    features = glue.featurize(split, CharTokenizer(), 64)
+    padded = glue.Layout(glue.bucket_lengths(64), 0)
+    packed = glue.Layout(glue.bucket_lengths(64), 0, packing=True, row_length=64, max_per_row=4)
+
+    @jax.jit
+    def loss_and_grads(batch):
+        return jax.value_and_grad(lambda p: losses.classification_loss(p, graphdef, batch, None,
+                                                                       deterministic=True)[0])(params)
+
+    @jax.jit
+    def forward(batch):
+        return losses.forward(params, graphdef, batch, None, True)["logits"]
+
+    indices = np.arange(10)
+    (loss, grads), (packed_loss, packed_grads) = (
+        loss_and_grads(layout.batch(features, indices, 12)[0]) for layout in (padded, packed))
+    assert packed.batch(features, indices, 12)[0]["input_ids"].shape[0] < 10  # it did pack
+    np.testing.assert_allclose(packed_loss, loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), packed_grads, grads)
+
+    def logits(layout):
+        out = np.zeros((10, 3), np.float32)
+        for examples, batch in glue.eval_batches(features, 12, layout):  # the shapes compiled above
+            real = examples >= 0
+            out[examples[real]] = np.asarray(forward(batch))[real]
+        return out
+    np.testing.assert_allclose(logits(packed), logits(padded), atol=1e-5)
+    with pytest.raises(ValueError, match="does not fit a packed row of 8 tokens"):
+        glue.pack_batch(features, indices, 8, 4, 0, regression=False)
+    with pytest.raises(ValueError, match="max_examples_per_row=0"):
+        glue.pack_batch(features, indices, 64, 0, 0, regression=False)

@@ -1,8 +1,10 @@
-"""Padding unpadded per-example arrays into fixed-shape batches (token tasks: NER, SQuAD).
+"""Padding unpadded per-example arrays into fixed-shape batches (GLUE, NER, SQuAD), or
+packing several examples into each row (GLUE with `packing`).
 
-A batch is `batch_size` rows padded to the smallest bucket length that holds its longest
+A padded batch is `batch_size` rows padded to the smallest bucket length that holds its longest
 example, so only a few shapes compile; rows past the real examples are filled with
-padding (and weigh nothing in the losses).
+padding (and weigh nothing in the losses). A packed batch is rows of a fixed length holding up
+to a fixed number of examples each (`pack_rows`, `packed_encoder_inputs`): hardly any padding.
 """
 from __future__ import annotations
 
@@ -46,3 +48,61 @@ def eval_batch_indices(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndar
     order = np.argsort(lengths, kind="stable")
     for start in range(0, len(order), batch_size):
         yield order[start: start + batch_size]
+
+
+# ---------------------------------------------------------------------------- packing
+
+def pack_rows(lengths: Sequence[int], row_length: int, max_per_row: int) -> list[list[int]]:
+    """First-fit decreasing: the positions (into `lengths`) of the examples each row holds,
+    at most `max_per_row` of them and `row_length` tokens together. Deterministic."""
+    if max_per_row < 1:
+        raise ValueError(f"max_examples_per_row={max_per_row}: a packed row must hold at least one example")
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):  # stable: ties keep their order
+        n = int(lengths[i])
+        if n > row_length:
+            raise ValueError(f"an example of {n} tokens does not fit a packed row of {row_length} tokens "
+                             "(max_seq_length): raise max_seq_length or truncate the example")
+        row = next((r for r in range(len(rows)) if used[r] + n <= row_length and len(rows[r]) < max_per_row), None)
+        if row is None:
+            rows.append([])
+            used.append(0)
+            row = len(rows) - 1
+        rows[row].append(i)
+        used[row] += n
+    return rows
+
+
+def packed_encoder_inputs(token_ids: Sequence[np.ndarray], first_segment_lengths: Sequence[int] | None,
+                          rows: Sequence[Sequence[int]], num_rows: int, row_length: int, max_per_row: int,
+                          pad_id: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Examples laid out in `rows` (from `pack_rows`) -> (encoder inputs, slots).
+
+    Each example keeps its own token types, position ids restart at 0, `packed_segment_ids`
+    numbers the examples of a row from 1 (0: padding) so attention stays inside each one, and
+    `cls_positions` [num_rows, max_per_row] points at each example's first token ([CLS]).
+    `slots` [num_rows, max_per_row] is the position in `token_ids` of the example in each
+    (row, slot), -1 where none: labels and predictions go through it. Rows past `rows` are padding.
+    """
+    shape = (num_rows, row_length)
+    out = {"input_ids": np.full(shape, pad_id, np.int32), "input_mask": np.zeros(shape, np.int32),
+           "segment_ids": np.zeros(shape, np.int32), "position_ids": np.zeros(shape, np.int32),
+           "packed_segment_ids": np.zeros(shape, np.int32),
+           "cls_positions": np.zeros((num_rows, max_per_row), np.int32)}
+    slots = np.full((num_rows, max_per_row), -1, np.int64)
+    for r, row in enumerate(rows):
+        start = 0
+        for s, i in enumerate(row):
+            ids = token_ids[i]
+            end = start + len(ids)
+            out["input_ids"][r, start:end] = ids
+            out["input_mask"][r, start:end] = 1
+            if first_segment_lengths is not None:
+                out["segment_ids"][r, start + first_segment_lengths[i]: end] = 1
+            out["position_ids"][r, start:end] = np.arange(len(ids))
+            out["packed_segment_ids"][r, start:end] = s + 1
+            out["cls_positions"][r, s] = start
+            slots[r, s] = i
+            start = end
+    return out, slots

@@ -18,6 +18,9 @@ from bert_jax.model import BertConfig, BertForSequenceClassification
 from bert_jax.tasks import glue_data, heads
 
 NAMES = tuple(glue_data.TASKS)
+# Packed batches have a row count rounded up to a multiple of this: fewer shapes to compile
+# for a little padding (benchmarks/bench_finetune.py).
+PACKED_ROWS_MULTIPLE = 2
 GLUE_TASKS = glue_data.GLUE_TASKS
 
 
@@ -52,8 +55,10 @@ class Glue:
         self.train = featurize(train)
         self.dev = {name: featurize(split) for name, split in splits["dev"].items()}
         self.test = {name: (split, featurize(split)) for name, split in splits["test"].items()}
-        self.batch_size, self.eval_batch_size, self.pad_id = c.batch_size, c.eval_batch_size, tokenizer.pad_id
-        self.buckets = glue_data.bucket_lengths(c.max_seq_length, c.smallest_bucket)
+        self.batch_size, self.eval_batch_size = c.batch_size, c.eval_batch_size
+        self.layout = glue_data.Layout(glue_data.bucket_lengths(c.max_seq_length, c.smallest_bucket), tokenizer.pad_id,
+                                       regression=spec.is_regression, packing=c.packing, row_length=c.max_seq_length,
+                                       max_per_row=c.max_examples_per_row, rows_multiple=PACKED_ROWS_MULTIPLE)
         self.num_train_examples = len(self.train)
         self.steps_per_epoch = math.ceil(len(self.train) / c.batch_size)
 
@@ -68,8 +73,7 @@ class Glue:
         return {"classifier": heads.dense_init(model_config, self.spec.num_labels, seed)}
 
     def train_batches(self, seed: int, epoch: int) -> Iterator[dict]:
-        return glue_data.train_batches(self.train, self.batch_size, self.buckets, self.pad_id,
-                                       regression=self.spec.is_regression, seed=seed, epoch=epoch)
+        return glue_data.train_batches(self.train, self.batch_size, self.layout, seed=seed, epoch=epoch)
 
     def predict_outputs(self, params, graphdef, batch):
         return losses.forward(params, graphdef, batch, None, True)["logits"].astype(jnp.float32)
@@ -78,10 +82,10 @@ class Glue:
         """Class ids (scores for regression) in the order of `features`."""
         regression = self.spec.is_regression
         out = np.zeros((len(features),), np.float32 if regression else np.int64)
-        for indices, batch in glue_data.eval_batches(features, self.eval_batch_size, self.buckets, self.pad_id,
-                                                     regression=regression):
-            logits = predict(batch)[: len(indices)]
-            out[indices] = logits[:, 0] if regression else logits.argmax(-1)
+        for examples, batch in glue_data.eval_batches(features, self.eval_batch_size, self.layout):
+            logits, real = predict(batch), examples >= 0  # [rows(, slots), classes]
+            logits = logits[: len(examples)][real]  # rows past `examples`: fill to the batch shards
+            out[examples[real]] = logits[:, 0] if regression else logits.argmax(-1)
         return out
 
     def evaluate(self, predict: Callable) -> dict[str, float]:

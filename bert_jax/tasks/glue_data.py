@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from bert_jax.tasks import tfds_split
+from bert_jax.tasks import batching, tfds_split
 
 _BINARY = ("0", "1")
 _NLI3 = ("entailment", "neutral", "contradiction")
@@ -340,25 +340,60 @@ def bucket_lengths(max_seq_length: int, smallest: int = 16) -> tuple[int, ...]:
 def pad_batch(features: Features, indices: Sequence[int], batch_size: int,
               buckets: Sequence[int], pad_id: int, regression: bool) -> dict[str, np.ndarray]:
     """Pads examples `indices` to [batch_size, bucket]; fill rows have is_real_example=0."""
-    longest = max((len(features.token_ids[i]) for i in indices), default=1)
-    length = next((b for b in buckets if b >= longest), None)
-    if length is None:
-        raise ValueError(f"example of {longest} tokens exceeds the largest bucket {buckets[-1]}")
-    input_ids = np.full((batch_size, length), pad_id, np.int32)
-    input_mask = np.zeros((batch_size, length), np.int32)
-    segment_ids = np.zeros((batch_size, length), np.int32)
-    label_ids = np.zeros((batch_size,), np.float32 if regression else np.int32)
-    is_real = np.zeros((batch_size,), np.float32)
-    for row, i in enumerate(indices):
-        ids = features.token_ids[i]
-        input_ids[row, : len(ids)] = ids
-        input_mask[row, : len(ids)] = 1
-        segment_ids[row, features.first_segment_lengths[i]: len(ids)] = 1
-        if features.labels is not None:
-            label_ids[row] = features.labels[i]
-        is_real[row] = 1.0
-    return {"input_ids": input_ids, "input_mask": input_mask, "segment_ids": segment_ids,
-            "label_ids": label_ids, "is_real_example": is_real}
+    length = batching.bucket_length([len(features.token_ids[i]) for i in indices], buckets)
+    batch = batching.encoder_inputs([features.token_ids[i] for i in indices],
+                                    [features.first_segment_lengths[i] for i in indices], batch_size, length, pad_id)
+    batch["label_ids"] = np.zeros((batch_size,), np.float32 if regression else np.int32)
+    if features.labels is not None:
+        batch["label_ids"][: len(indices)] = features.labels[np.asarray(indices, np.int64)]
+    batch["is_real_example"] = (np.arange(batch_size) < len(indices)).astype(np.float32)
+    return batch
+
+
+def pack_batch(features: Features, indices: Sequence[int], row_length: int, max_per_row: int, pad_id: int,
+               regression: bool, rows_multiple: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Packs examples `indices` into rows of `row_length` tokens (`batching.pack_rows`; the row
+    count rounded up to a multiple of `rows_multiple`). -> (batch, examples): label_ids and
+    is_real_example are [rows, max_per_row], one per (row, slot), and `examples` holds the
+    example index of each slot (-1: empty)."""
+    indices = np.asarray(indices, np.int64)
+    rows = batching.pack_rows([len(features.token_ids[i]) for i in indices], row_length, max_per_row)
+    num_rows = -(-len(rows) // rows_multiple) * rows_multiple
+    batch, slots = batching.packed_encoder_inputs(
+        [features.token_ids[i] for i in indices], features.first_segment_lengths[indices], rows, num_rows,
+        row_length, max_per_row, pad_id)
+    real = slots >= 0
+    examples = np.where(real, indices[np.maximum(slots, 0)], -1)
+    batch["label_ids"] = np.zeros(slots.shape, np.float32 if regression else np.int32)
+    if features.labels is not None:
+        batch["label_ids"][real] = features.labels[examples[real]]
+    batch["is_real_example"] = real.astype(np.float32)
+    return batch, examples
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How examples become a batch: padded one per row to the smallest bucket that holds the
+    longest (`packing` False), or packed several per row of `row_length` tokens."""
+    buckets: tuple[int, ...]
+    pad_id: int
+    regression: bool = False
+    packing: bool = False
+    row_length: int = 128
+    max_per_row: int = 1
+    rows_multiple: int = 1
+
+    def batch(self, features: Features, indices: Sequence[int], batch_size: int
+              ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(batch, examples): `examples` [batch_size] or [rows, max_per_row] is the example index
+        behind each row's (slot's) label and logits, -1 for fill."""
+        if self.packing:
+            return pack_batch(features, indices, self.row_length, self.max_per_row, self.pad_id, self.regression,
+                              self.rows_multiple)
+        batch = pad_batch(features, indices, batch_size, self.buckets, self.pad_id, self.regression)
+        examples = np.full((batch_size,), -1, np.int64)
+        examples[: len(indices)] = indices
+        return batch, examples
 
 
 def train_batch_indices(lengths: np.ndarray, batch_size: int, *, seed: int, epoch: int,
@@ -380,24 +415,26 @@ def train_batch_indices(lengths: np.ndarray, batch_size: int, *, seed: int, epoc
     return batches
 
 
-def train_batches(features: Features, batch_size: int, buckets: Sequence[int], pad_id: int, *,
-                  regression: bool, seed: int, epoch: int, group_batches: int = 50
+def train_batches(features: Features, batch_size: int, layout: Layout, *, seed: int, epoch: int
                   ) -> Iterator[dict[str, np.ndarray]]:
-    """Padded batches of `train_batch_indices`, made as they are consumed (big tasks stay small
-    in memory). The last partial batch is filled with rows that have is_real_example=0 (no
-    example is dropped, the shape stays fixed)."""
+    """Batches of `batch_size` examples in the order of `train_batch_indices`, made as they are
+    consumed (big tasks stay small in memory). The last batch holds fewer examples (fill weighs
+    is_real_example=0: no example is dropped, padded shapes stay fixed). Packed batches take
+    examples of any length together (no length grouping: packing wastes little on mixed lengths)."""
     for indices in train_batch_indices(features.lengths, batch_size, seed=seed, epoch=epoch,
-                                       group_batches=group_batches):
-        yield pad_batch(features, indices, batch_size, buckets, pad_id, regression)
+                                       group_batches=1 if layout.packing else 50):
+        yield layout.batch(features, indices, batch_size)[0]
 
 
-def eval_batches(features: Features, batch_size: int, buckets: Sequence[int], pad_id: int, *,
-                 regression: bool) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
-    """(example indices, batch) sorted by length, so batches pad little; reorder by the indices."""
-    order = np.argsort(features.lengths, kind="stable")
+def eval_batches(features: Features, batch_size: int, layout: Layout
+                 ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(examples, batch) of `batch_size` examples, sorted by length so padded batches pad little
+    (packed ones mix lengths: in file order); `examples` (see `Layout.batch`) says where each
+    output goes."""
+    order = np.arange(len(features)) if layout.packing else np.argsort(features.lengths, kind="stable")
     for start in range(0, len(order), batch_size):
-        chunk = order[start: start + batch_size]
-        yield chunk, pad_batch(features, chunk, batch_size, buckets, pad_id, regression)
+        batch, examples = layout.batch(features, order[start: start + batch_size], batch_size)
+        yield examples, batch
 
 
 # ---------------------------------------------------------------------------- continuation task
