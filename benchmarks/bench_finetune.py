@@ -89,6 +89,10 @@ def finetune_config(overrides: dict):
     spec.loader.exec_module(module)
     c = module.get_config()
     for key, value in overrides.items():
+        if isinstance(c[key], bool):  # bool("False") is True
+            if value not in ("True", "False"):
+                raise SystemExit(f"--variant {key}={value}: expected True or False")
+            value = value == "True"
         c[key] = type(c[key])(value)
     return c
 
