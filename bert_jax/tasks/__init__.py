@@ -9,9 +9,10 @@ the learning-rate x seed sweep, results.json, the chosen run and its outputs.
 
 Batches are dicts of numpy arrays with a leading batch dimension of the configured
 (global) batch size. Every host holds the whole task dataset and builds the same global
-batch; the sweep hands each device its rows. Pad to a few fixed lengths (buckets) so
-few programs compile, and give padding rows zero weight in the loss (GLUE:
-`is_real_example`). The input names are Google's: `input_ids`, `input_mask`,
+batch; the sweep hands each device its rows (adding empty rows where the batch shards do not
+divide the row count). Pad to a few fixed lengths (buckets), or pack several examples per row
+(GLUE's `packing`: `tasks.batching.pack_rows`), so few programs compile, and give padding
+rows and empty slots zero weight in the loss (GLUE: `is_real_example`). The input names are Google's: `input_ids`, `input_mask`,
 `segment_ids`, plus whatever the task's loss reads (`label_ids`, ...).
 
 A task module under `bert_jax/tasks/` (listed in `FAMILIES`) exposes
