@@ -78,11 +78,12 @@ def matmul_peak(dtype, f32_out: bool, n: int = 2048, repeats: int = 10) -> float
     return 2 * n ** 3 / best
 
 
-def bench_ours(cfg: M.BertConfig, batch: dict, steps: int, warmup: int) -> dict:
+def bench_ours(cfg: M.BertConfig, batch: dict, steps: int, warmup: int, compiler_options=None) -> dict:
     opt, schedule = optim.make_optimizer({"learning_rate": 1e-4, "warmup_steps": 0, "total_steps": 1000})
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     graphdef, state, shardings = T.create_train_state(cfg, opt, mesh, seed=0)
-    step = T.make_train_step(graphdef, opt, mesh, None, shardings, schedule=schedule)
+    step = T.make_train_step(graphdef, opt, mesh, None, shardings, schedule=schedule,
+                             compiler_options=compiler_options)
     device_batch = sharding.make_global_batch(batch, mesh)
     key = jax.random.key(0)
     for _ in range(warmup):

@@ -1,0 +1,26 @@
+"""benchmarks/device_check.py --tiny: the one-shot accelerator check keeps working (CPU, seconds)."""
+import importlib.util
+import json
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_tiny_device_check_writes_its_json_and_table(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("device_check", ROOT / "benchmarks" / "device_check.py")
+    device_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(device_check)
+    out = tmp_path / "check.json"
+    assert device_check.main(["--tiny", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["platform"] == "cpu" and report["peak_flops"] > 0 and not report["skipped"]
+    runs = {(r["batch"], r["attention"]): r for r in report["pretraining"]}
+    assert set(runs) == {(b, a) for b in ("padded", "packed") for a in ("xla", "explicit")}
+    padded, packed = runs["padded", "xla"], runs["packed", "xla"]
+    assert packed["packing_efficiency"] > 2 * padded["packing_efficiency"]  # GLUE lengths fill 128 poorly
+    assert packed["sequences_per_s"] > 2 * packed["rows_per_s"]  # several instances per packed row
+    assert padded["sequences_per_s"] == padded["rows_per_s"]
+    assert all(r["mfu"] > 0 and r["path"].startswith("attention: xla") for r in runs.values())
+    assert [r["task"] for r in report["finetuning"]] == ["CoLA", "MRPC", "RTE"]
+    assert all(r["examples_per_s"] > 0 for r in report["finetuning"])
+    assert "seq 128 packed xla" in capsys.readouterr().out
