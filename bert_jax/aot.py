@@ -1,13 +1,15 @@
 r"""Pod planner: compile the pretraining step for a TPU topology on a CPU host.
 
     python -m bert_jax.aot --config configs/bert_large.py --topology v5e:16x16 \
-        [--num_slices 2] [--mfu 0.5] [--search_batch] \
+        [--num_slices 2] [--mfu 0.5] [--search_batch] [--packed] \
         [--config.mesh.fsdp=-1 --config.mesh.data=1 --config.train.global_batch_size=4096 ...]
 
 Needs libtpu (``pip install -r requirements-tpu.txt``), no TPU. Prints the plan of
 ``bert_jax.planner`` (the real pretraining step compiled for the topology: per-chip memory
 against HBM, FLOPs, step time at --mfu); ``--search_batch`` finds the largest global batch
-that fits. Exit status: 0 fits, 1 does not fit, 2 bad input (named on stderr).
+that fits; ``--packed`` plans the step on packed rows (with
+``--config.model.attention_probs_dropout_prob=0`` its attention is Pallas splash attention with
+segment ids). Exit status: 0 fits, 1 does not fit, 2 bad input (named on stderr).
 
 Topologies: ``v4:2x2x2``, ``v5e:16x16`` (also ``v5litepod``), ``v5p:4x4x4``,
 ``v6e:4x4``, or accelerator types as gcloud names them: ``v5litepod-256``,
@@ -39,6 +41,8 @@ def _define_flags(fv) -> None:
     flags.DEFINE_integer("vocab_size", 30522, "vocabulary size when config.model.vocab_size is unset", flag_values=fv)
     flags.DEFINE_boolean("search_batch", False, "find the largest global batch that fits", flag_values=fv)
     flags.DEFINE_integer("search_max_compiles", 10, "compile budget of --search_batch", flag_values=fv)
+    flags.DEFINE_boolean("packed", False, "plan the step on packed rows (position and packed segment ids)",
+                         flag_values=fv)
     flags.DEFINE_string("json", None, "also write the result(s) as JSON to this file", flag_values=fv)
 
 
@@ -52,7 +56,7 @@ def main(argv=None) -> int:
         jax.config.update("jax_platforms", "cpu")
     try:
         topology = planner.parse_topology(fv.topology, fv.num_slices)
-        kwargs = dict(mfu=fv.mfu, vocab_size=fv.vocab_size)
+        kwargs = dict(mfu=fv.mfu, vocab_size=fv.vocab_size, packed=fv.packed)
         if fv.search_batch:
             print(f"searching the largest global batch that fits on {topology}:", flush=True)
             best, results = planner.search_batch(fv.config, topology, max_compiles=fv.search_max_compiles, **kwargs)

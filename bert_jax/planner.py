@@ -13,9 +13,15 @@ RESOURCE_EXHAUSTED: reported as "does not fit". `search_batch` finds the largest
 that fits (doubling, then bisection, one compile per probe).
 
     parse_topology("v5e:16x16" | "v5litepod-256" | "v5p-128", num_slices=1) -> Topology
-    plan(config, topology, num_slices=1, global_batch_size=None) -> Plan
+    plan(config, topology, num_slices=1, global_batch_size=None, packed=False) -> Plan
     search_batch(config, topology, ...) -> (largest fitting Plan or None, every probe)
-    lower_pretraining_step(config, mesh) -> (PretrainingStep, jax.stages.Lowered)
+    lower_pretraining_step(config, mesh, packed=False) -> (PretrainingStep, jax.stages.Lowered)
+
+``packed=True`` lowers the step on packed rows (``losses.PACKING_KEYS`` in the batch: position
+ids and packed segment ids). The attention path is the one the model takes on the TPU
+(``bert_jax.attention``): Pallas splash attention with segment ids when attention dropout is
+off (``--config.model.attention_probs_dropout_prob=0``); the report names it and counts the
+Pallas kernels in the lowered step.
 
 The command line is ``python -m bert_jax.aot``; chips come from ``bert_jax.hardware.CHIPS``.
 """
@@ -31,7 +37,7 @@ import time
 import jax
 from ml_collections import config_dict
 
-from bert_jax import config_utils, hardware, sharding
+from bert_jax import attention, config_utils, hardware, losses, sharding
 from bert_jax import train_step as train_step_lib
 from bert_jax.hardware import GiB
 
@@ -155,6 +161,9 @@ class Plan:
     remat_policy: str
     scan_layers: bool
     fits: bool
+    packed: bool = False
+    attention: str = ""      # attention.describe() on the TPU
+    pallas_kernels: int = 0  # tpu_custom_call ops (splash: forward, dq, dkv) in the lowered text
     compile_seconds: float
     # Per chip, from compiled.memory_analysis() (None when it does not fit).
     argument_bytes: int | None = None
@@ -200,7 +209,9 @@ class Plan:
             f"remat {self.remat_policy}, scan_layers {self.scan_layers}",
             f"mesh       {mesh}",
             f"batch      global {self.global_batch_size} ({per_chip:g} per chip), seq {self.seq_len}, "
-            f"{self.max_predictions} predictions, micro_batches {self.micro_batches}",
+            f"{self.max_predictions} predictions, micro_batches {self.micro_batches}"
+            f"{', packed rows' if self.packed else ''}",
+            f"attention  {self.attention.removeprefix('attention: ')}; {self.pallas_kernels} Pallas kernels",
             f"compile    {self.compile_seconds:.1f} s",
         ]
         if self.fits:
@@ -275,17 +286,21 @@ def _copy_for_topology(config, topology: Topology) -> config_dict.ConfigDict:
     return config
 
 
-def lower_pretraining_step(config, mesh, *, vocab_size: int = 30522):
+def lower_pretraining_step(config, mesh, *, vocab_size: int = 30522, packed: bool = False):
     """The step `python -m bert_jax.pretrain` runs for `config` on `mesh`
     (``train_step.build_pretraining_step``, the builder pretraining itself calls),
-    lowered with abstract arguments. -> (PretrainingStep, jax.stages.Lowered)."""
+    lowered with abstract arguments (and packed rows' keys with ``packed``).
+    -> (PretrainingStep, jax.stages.Lowered)."""
     model_config = train_step_lib.pretraining_model_config(config, vocab_size)  # unless the config sets it
     program = train_step_lib.build_pretraining_step(config, model_config, mesh)
-    return program, program.train_step.lower(*program.abstract_arguments())
+    state, batch, key = program.abstract_arguments()
+    if packed:  # [B, T] int32 and sharded like input_ids
+        batch = dict(batch, **{name: batch["input_ids"] for name in losses.PACKING_KEYS})
+    return program, program.train_step.lower(state, batch, key)
 
 
 def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_size: int | None = None,
-         mfu: float = 0.5, vocab_size: int = 30522) -> Plan:
+         mfu: float = 0.5, vocab_size: int = 30522, packed: bool = False) -> Plan:
     """Compile the pretraining step of `config` for `topology`; -> Plan (fits or not).
 
     `vocab_size` is used when the config leaves model.vocab_size to the tokenizer.
@@ -315,7 +330,7 @@ def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_
         raise ValueError(f"config.train.global_batch_size={batch} on mesh {dict(mesh.shape)}: {e}") from None
 
     start = time.perf_counter()
-    program, lowered = lower_pretraining_step(config, mesh, vocab_size=vocab_size)
+    program, lowered = lower_pretraining_step(config, mesh, vocab_size=vocab_size, packed=packed)
     model_config, seq, preds = program.model_config, program.seq_len, program.max_predictions
     result = Plan(
         topology=topology, mesh_shape=dict(mesh.shape), global_batch_size=batch, seq_len=seq,
@@ -323,7 +338,9 @@ def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_
         model=f"{config.model.preset} ({model_config.num_hidden_layers} layers, hidden {model_config.hidden_size})",
         num_params=sum(math.prod(x.shape) for x in jax.tree.leaves(program.abstract_state.params)),
         dtype=model_config.dtype, remat_policy=model_config.remat_policy, scan_layers=model_config.scan_layers,
-        fits=False, compile_seconds=0.0, mfu=mfu,
+        fits=False, compile_seconds=0.0, mfu=mfu, packed=packed,
+        attention=attention.describe(model_config, seq_len=seq, packed=packed, platform_name="tpu"),
+        pallas_kernels=lowered.as_text().count("tpu_custom_call"),
         analytic_flops_per_step=batch * hardware.pretraining_flops_per_sequence(model_config, seq, preds))
     try:
         compiled = lowered.compile()

@@ -1,7 +1,7 @@
 """Pod planner (bert_jax.planner, CLI bert_jax.aot): compiles the real pretraining step for TPU topologies on this CPU host.
 
 The compile tests need libtpu (requirements-tpu.txt); they skip, saying so, only
-when it is not installed. Three compiles: ~25 s (tiny), ~45 s (BERT-base, one
+when it is not installed. Three compiles: ~25 s (tiny, packed, splash attention), ~45 s (BERT-base, one
 chip) and ~10 s (an out-of-memory failure) of CPU.
 """
 import dataclasses
@@ -105,13 +105,17 @@ def test_search_batch_finds_the_largest_fitting_multiple(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_plan():
-    return planner.plan(tiny_config(train__global_batch_size=32, mesh__data=1, mesh__fsdp=-1), "v5e:2x2")
+    """The packed step with attention dropout off: splash attention with segment ids."""
+    return planner.plan(tiny_config(train__global_batch_size=32, mesh__data=1, mesh__fsdp=-1,
+                                    model__attention_probs_dropout_prob=0.0), "v5e:2x2", packed=True)
 
 
 @needs_libtpu
-def test_tiny_config_compiles_for_v5e_2x2(tiny_plan):
+def test_tiny_packed_step_compiles_with_splash_for_v5e_2x2(tiny_plan):
     plan = tiny_plan
     assert plan.fits and plan.topology.chips == 4 and plan.mesh_shape == {"data": 1, "fsdp": 4, "tensor": 1}
+    # Splash attention's three kernels (forward, dq, dkv) are in the program.
+    assert plan.attention == "attention: splash (segment ids)" and plan.pallas_kernels == 3
     model = BertConfig.preset("tiny", vocab_size=30522)
     # FSDP: each chip holds a quarter of the float32 params and both Adam moments.
     assert plan.num_params == pytest.approx(4.4e6, rel=0.05)
@@ -125,6 +129,7 @@ def test_tiny_config_compiles_for_v5e_2x2(tiny_plan):
     assert 0.5 < plan.compiler_flops_per_step / plan.analytic_flops_per_step < 2.0
     report = plan.report()
     assert "fits       yes" in report and "v5e:2x2 (4 chips of TPU v5 lite)" in report
+    assert "attention  splash (segment ids); 3 Pallas kernels" in report and "packed rows" in report
 
 
 def base_config(batch):
@@ -137,6 +142,8 @@ def base_config(batch):
 def test_bert_base_step_on_one_chip_reports_its_memory():
     plan = planner.plan(base_config(2), "v5e:1x1")
     assert plan.fits and plan.num_params == pytest.approx(110e6, rel=0.05)
+    assert plan.attention.startswith("attention: xla explicit mask (attention dropout 0.1 forces the unfused path)")
+    assert plan.pallas_kernels == 0
     state = 3 * 4 * plan.num_params  # float32 params + Adam's two moments
     assert state <= plan.argument_bytes < state * 1.05
     assert state < plan.total_bytes < plan.hbm_bytes
