@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bert_jax import model as M
-from bert_jax import hardware
+from bert_jax import attention, hardware
 from bert_jax import optim, sharding, train_step as T
 from bert_jax.weights.hf import config_to_hf
 
@@ -178,6 +178,7 @@ def main():
     default = hardware.compute_choice()
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}; default: {default.describe()}; "
+          f"{attention.describe(M.BertConfig(dtype=default.dtype), seq_len=args.seq)}; "
           f"batch {args.batch}, seq {args.seq}, {PREDICTIONS} predictions, {args.steps} timed steps")
     choices = {label: hardware.compute_choice(d, m) for label, d, m in VARIANTS if label in args.variants.split(",")}
     variants = [(label, c.dtype, c.matmul_impl) for label, c in choices.items()]
