@@ -161,9 +161,6 @@ class Plan:
     remat_policy: str
     scan_layers: bool
     fits: bool
-    packed: bool = False
-    attention: str = ""      # attention.describe() on the TPU
-    pallas_kernels: int = 0  # tpu_custom_call ops (splash: forward, dq, dkv) in the lowered text
     compile_seconds: float
     # Per chip, from compiled.memory_analysis() (None when it does not fit).
     argument_bytes: int | None = None
@@ -178,6 +175,9 @@ class Plan:
     analytic_flops_per_step: float = 0.0
     compiler_flops_per_step: float | None = None
     mfu: float = 0.5
+    packed: bool = False
+    attention: str = ""      # attention.describe() on the TPU
+    pallas_kernels: int = 0  # tpu_custom_call ops (splash: forward, dq, dkv) in the lowered text
 
     @property
     def total_bytes(self) -> int | None:
