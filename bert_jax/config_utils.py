@@ -22,7 +22,7 @@ import pathlib
 from ml_collections import config_dict
 
 from bert_jax import hardware
-from bert_jax.data import sources
+from bert_jax.data import instances, masking, sources
 from bert_jax.model import BertConfig
 
 PRESETS = ("tiny", "mini", "small", "medium", "base", "large")
@@ -96,8 +96,9 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     c.data.tokenizer_model_type = "unigram"
     c.data.lowercase = True
     c.data.max_seq_length = 128
-    c.data.max_predictions_per_seq = 20
-    c.data.masked_lm_prob = 0.15
+    c.data.masked_lm_prob = 0.15            # share of tokens masked (Google's masked_lm_prob; MosaicBERT: 0.3)
+    c.data.max_predictions_per_seq = config_dict.placeholder(int)  # None: ceil(masked_lm_prob x
+                                            # max_seq_length), 20 at 0.15 x 128 (max_predictions_per_seq)
     c.data.short_seq_prob = 0.1
     c.data.whole_word_masking = False
     c.data.dynamic_masking = True           # fresh masks every epoch, from the seed
@@ -106,6 +107,9 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
 
     c.train = config_dict.ConfigDict()
     c.train.seed = 0
+    c.train.objective = "mlm_nsp"           # mlm_nsp: BERT's masked LM + next sentence; mlm: masked LM
+                                            # alone on one-segment rows (RoBERTa, MosaicBERT): no NSP
+                                            # pairs, head or loss. The data, model and checkpoints follow it
     c.train.global_batch_size = 256
     c.train.micro_batches = 1               # gradient accumulation inside the step
     c.train.steps = 1_000_000
@@ -247,6 +251,7 @@ def validate(c: config_dict.ConfigDict) -> None:
     check = _checker(c)
     _check_finite(c)
 
+    check(c.train.objective in instances.OBJECTIVES, "train.objective", f"must be one of {instances.OBJECTIVES}")
     check(c.model.preset in PRESETS, "model.preset", f"must be one of {PRESETS}")
     sources.from_config(c.data)  # the data source keys, with messages naming them
     check(c.optimizer.name in OPTIMIZERS, "optimizer.name", f"must be one of {OPTIMIZERS}")
@@ -257,17 +262,22 @@ def validate(c: config_dict.ConfigDict) -> None:
     check(c.optimizer.decay in DECAYS, "optimizer.decay", f"must be one of {DECAYS}")
     for key in ("train.global_batch_size", "train.micro_batches", "train.steps",
                 "train.log_every", "train.checkpoint_every", "train.keep",
-                "data.max_seq_length", "data.max_predictions_per_seq"):
+                "data.max_seq_length"):
         check(_get(c, key) >= 1, key, "must be >= 1")
     check(c.train.global_batch_size % c.train.micro_batches == 0, "train.micro_batches",
           f"must divide train.global_batch_size={c.train.global_batch_size}")
     check(c.data.max_seq_length <= c.model.max_position_embeddings, "data.max_seq_length",
           f"exceeds model.max_position_embeddings={c.model.max_position_embeddings}")
-    check(c.data.max_predictions_per_seq <= c.data.max_seq_length,
+    check(0 < c.data.masked_lm_prob < 1, "data.masked_lm_prob", "must be in (0, 1)")
+    needed = masking.predictions_needed(c.data.masked_lm_prob, c.data.max_seq_length)
+    check(c.data.max_predictions_per_seq is None or c.data.max_predictions_per_seq >= needed,
+          "data.max_predictions_per_seq", f"must be >= {needed}, what data.masked_lm_prob="
+          f"{c.data.masked_lm_prob} masks in a row of data.max_seq_length={c.data.max_seq_length}; "
+          "raise it, or leave it unset to follow the rate")
+    check(max_predictions_per_seq(c) <= c.data.max_seq_length,
           "data.max_predictions_per_seq", "exceeds data.max_seq_length")
     check(c.data.tokenizer_model_type in ("unigram", "bpe"), "data.tokenizer_model_type", "must be unigram or bpe")
     check(c.data.tokenizer_vocab_size >= 16, "data.tokenizer_vocab_size", "must be >= 16")
-    check(0 < c.data.masked_lm_prob < 1, "data.masked_lm_prob", "must be in (0, 1)")
     check(0 <= c.data.short_seq_prob <= 1, "data.short_seq_prob", "must be in [0, 1]")
     check(0 <= c.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
     check(0 <= c.data.max_unk_fraction <= 1, "data.max_unk_fraction", "must be in [0, 1] (1: no limit)")
@@ -325,6 +335,14 @@ def _get(c, dotted):
     for part in dotted.split("."):
         c = c[part]
     return c
+
+
+def max_predictions_per_seq(c: config_dict.ConfigDict) -> int:
+    """data.max_predictions_per_seq, or when unset the one following data.masked_lm_prob."""
+    d = c.data
+    if d.max_predictions_per_seq is not None:
+        return d.max_predictions_per_seq
+    return masking.default_max_predictions(d.masked_lm_prob, d.max_seq_length)
 
 
 def model_overrides(c: config_dict.ConfigDict, vocab_size: int) -> dict:

@@ -1,4 +1,4 @@
-"""Every loss of the codebase: pretraining (MLM + NSP), sequence classification and regression,
+"""Every loss of the codebase: pretraining (MLM + NSP, or MLM alone), sequence classification and regression,
 token classification (NER) and spans (extractive QA).
 
 A loss is a ``LossFns(normalizers, loss, metrics)``, what ``bert_jax.train_step``'s steps call:
@@ -60,43 +60,70 @@ def cross_entropy_sums(logits, labels, weights) -> tuple[jax.Array, jax.Array]:
 
 # ----------------------------------------------------------------------------
 # Pretraining: masked LM (Google's normalisation: sum / (sum of weights + 1e-5)) + mean NSP
+# (objective "mlm_nsp", BERT's), or the masked LM alone (objective "mlm": RoBERTa, MosaicBERT)
 
-PRETRAINING_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids",
-                    "masked_lm_weights", "next_sentence_labels")
+MLM_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids", "masked_lm_weights")
+PRETRAINING_KEYS = MLM_KEYS + ("next_sentence_labels",)
+
+
+def mlm_normalizers(batch) -> dict:
+    return {"mlm": jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)) + 1e-5}
 
 
 def pretraining_normalizers(batch) -> dict:
-    return {"mlm": jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)) + 1e-5,
+    return {**mlm_normalizers(batch),
             "nsp": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)}
+
+
+def _mlm_sums(params, graphdef, batch, dropout_key, deterministic) -> tuple[dict, dict]:
+    """(the model's outputs, the masked-LM sums) of a pretraining batch."""
+    out = forward(params, graphdef, batch, dropout_key, deterministic, batch["masked_lm_positions"])
+    weights = batch["masked_lm_weights"].astype(jnp.float32)
+    mlm_loss_sum, mlm_correct = cross_entropy_sums(out["mlm_logits"], batch["masked_lm_ids"], weights)
+    return out, {"mlm_loss_sum": mlm_loss_sum, "mlm_correct": mlm_correct, "masked_tokens": jnp.sum(weights),
+                 "sequences": jnp.asarray(batch["input_ids"].shape[0], jnp.float32),
+                 "tokens": jnp.sum(batch["input_mask"]).astype(jnp.float32)}
+
+
+def mlm_loss(params, graphdef, batch, dropout_key, normalizers=None, *, deterministic=False):
+    check_keys(batch, MLM_KEYS)
+    if normalizers is None:
+        normalizers = mlm_normalizers(batch)
+    _, sums = _mlm_sums(params, graphdef, batch, dropout_key, deterministic)
+    return sums["mlm_loss_sum"] / normalizers["mlm"], sums
 
 
 def pretraining_loss(params, graphdef, batch, dropout_key, normalizers=None, *, deterministic=False):
     check_keys(batch, PRETRAINING_KEYS)
     if normalizers is None:
         normalizers = pretraining_normalizers(batch)
-    out = forward(params, graphdef, batch, dropout_key, deterministic, batch["masked_lm_positions"])
-    weights = batch["masked_lm_weights"].astype(jnp.float32)
-    mlm_loss_sum, mlm_correct = cross_entropy_sums(out["mlm_logits"], batch["masked_lm_ids"], weights)
+    out, sums = _mlm_sums(params, graphdef, batch, dropout_key, deterministic)
     nsp_labels = batch["next_sentence_labels"].reshape(-1)
-    nsp_loss_sum, nsp_correct = cross_entropy_sums(out["nsp_logits"], nsp_labels, jnp.ones(nsp_labels.shape))
-    sums = {"mlm_loss_sum": mlm_loss_sum, "mlm_correct": mlm_correct, "masked_tokens": jnp.sum(weights),
-            "nsp_loss_sum": nsp_loss_sum, "nsp_correct": nsp_correct,
-            "sequences": jnp.asarray(nsp_labels.shape[0], jnp.float32),
-            "tokens": jnp.sum(batch["input_mask"]).astype(jnp.float32)}
+    sums["nsp_loss_sum"], sums["nsp_correct"] = cross_entropy_sums(out["nsp_logits"], nsp_labels,
+                                                                   jnp.ones(nsp_labels.shape))
     loss = sums["mlm_loss_sum"] / normalizers["mlm"] + sums["nsp_loss_sum"] / normalizers["nsp"]
     return loss, sums
 
 
-def pretraining_metrics(sums) -> dict:
+def mlm_metrics(sums) -> dict:
     mlm_loss = sums["mlm_loss_sum"] / (sums["masked_tokens"] + 1e-5)
-    nsp_loss = sums["nsp_loss_sum"] / sums["sequences"]
-    return {"loss": mlm_loss + nsp_loss, "mlm_loss": mlm_loss, "nsp_loss": nsp_loss,
+    return {"loss": mlm_loss, "mlm_loss": mlm_loss,
             "mlm_accuracy": sums["mlm_correct"] / (sums["masked_tokens"] + 1e-5),
-            "nsp_accuracy": sums["nsp_correct"] / sums["sequences"],
             "sequences": sums["sequences"], "tokens": sums["tokens"], "masked_tokens": sums["masked_tokens"]}
 
 
+def pretraining_metrics(sums) -> dict:
+    metrics = mlm_metrics(sums)
+    nsp_loss = sums["nsp_loss_sum"] / sums["sequences"]
+    return {**metrics, "loss": metrics["mlm_loss"] + nsp_loss, "nsp_loss": nsp_loss,
+            "nsp_accuracy": sums["nsp_correct"] / sums["sequences"]}
+
+
 PRETRAINING = LossFns(pretraining_normalizers, pretraining_loss, pretraining_metrics)
+MLM = LossFns(mlm_normalizers, mlm_loss, mlm_metrics)
+# train.objective -> its loss; the objective also decides the data (instances.create_instances)
+# and whether the model has a next-sentence head (model.BertForPreTraining).
+OBJECTIVES = {"mlm_nsp": PRETRAINING, "mlm": MLM}
 
 
 # ----------------------------------------------------------------------------

@@ -403,13 +403,15 @@ def gather_positions(sequence_output: jax.Array, positions: jax.Array) -> jax.Ar
 
 
 class BertForPreTraining(nnx.Module):
-    """BERT with the masked-LM and next-sentence heads."""
+    """BERT with the masked-LM and (``next_sentence=True``, BERT's objective) next-sentence
+    heads; without it there is no `nsp` parameter and no `nsp_logits` (MLM-only pretraining)."""
 
-    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: BertConfig, *, next_sentence: bool = True, rngs: nnx.Rngs):
         self.cfg = cfg
         self.bert = BertModel(cfg, rngs=rngs)
         self.mlm = MaskedLMHead(cfg, rngs)
-        self.nsp = dense(cfg, cfg.hidden_size, 2, ("embed", "classes"), rngs, dtype=jnp.float32)
+        if next_sentence:
+            self.nsp = dense(cfg, cfg.hidden_size, 2, ("embed", "classes"), rngs, dtype=jnp.float32)
 
     def __call__(self, input_ids, input_mask=None, segment_ids=None, masked_lm_positions=None, *,
                  deterministic=True, rngs=None, **kw):
@@ -419,7 +421,8 @@ class BertForPreTraining(nnx.Module):
             seq = gather_positions(seq, masked_lm_positions)
         word = self.bert.embeddings.word_embeddings.embedding.get_value()
         out["mlm_logits"] = self.mlm(seq, word)
-        out["nsp_logits"] = self.nsp(out["pooled_output"].astype(jnp.float32))
+        if hasattr(self, "nsp"):
+            out["nsp_logits"] = self.nsp(out["pooled_output"].astype(jnp.float32))
         return out
 
 

@@ -3,18 +3,34 @@ shared loop, checkpoints. `bert_jax.pretrain` is its command line.
 
 `run(config, workdir)` pretrains as configured in `workdir`. Started again on the same
 workdir it resumes from the newest intact checkpoint (params, optimizer, step, data order);
-a workdir holding a checkpoint of another model is an error, and nothing is written before
-the restore succeeded. SIGTERM saves a checkpoint at a step all hosts agree on and stops.
+a workdir holding a checkpoint of another model or objective is an error, and nothing is
+written before the restore succeeded. SIGTERM saves a checkpoint at a step all hosts agree on
+and stops.
+
+`train.init_from` starts a fresh run (step 0, fresh optimizer unless `train.init_optimizer`)
+from other params: a bert_jax workdir (phase 2) or released weights, a Hugging Face
+directory, a Google TF checkpoint or an .npz (continued pretraining), read by
+`bert_jax.weights.load_pretrained`. The model keys must match the weights' (vocab_size
+too: the weights' own tokenizer is the run's, `data.pipeline`); pretraining heads the
+source lacks are made fresh and reported, heads the objective does not use are dropped.
 """
 from __future__ import annotations
+
+import functools
+import pathlib
 
 import jax
 import optax
 
-from bert_jax import attention, checkpoint, config_utils, distributed, hardware, loop, metrics_writer, paths, sharding
+from bert_jax import attention, checkpoint, config_utils, distributed, hardware, loop, losses, metrics_writer
+from bert_jax import paths, sharding, weights
 from bert_jax import params as params_lib
 from bert_jax import train_step as train_step_lib
 from bert_jax.data import pipeline
+
+# Compared between train.init_from's weights and the run's model (a config key each: model.KEY).
+_INIT_FROM_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                   "max_position_embeddings", "type_vocab_size", "hidden_act")
 
 
 # ----------------------------------------------------------------------------
@@ -31,9 +47,7 @@ def initial_state(config, program: train_step_lib.PretrainingStep, ckpt, message
         return state, start_step, data_state
     params = None
     if config.train.init_from:
-        init_model_config, params, _ = checkpoint.restore_params(config.train.init_from)
-        checkpoint.check_same_model(init_model_config.to_dict(), model_config.to_dict(),
-                                    f"train.init_from={config.train.init_from}")
+        params = init_from_params(config, model_config, message)
         if model_config.scan_layers:
             params = params_lib.stack_layers(params, model_config.num_hidden_layers)
     state = program.create_state(params)
@@ -41,6 +55,50 @@ def initial_state(config, program: train_step_lib.PretrainingStep, ckpt, message
         state = state.replace(opt_state=_init_from_opt_state(config.train.init_from, state,
                                                              program.state_shardings))
     return state, 0, None
+
+
+def init_from_params(config, model_config, message) -> dict:
+    """train.init_from's params (canonical layout) for this run's model and objective; the
+    heads it lacks are made fresh (from train.seed) and reported in one `message` line."""
+    path, objective = config.train.init_from, config.train.objective
+    fmt = _weights_format(path)
+    if fmt == "orbax":  # a bert_jax checkpoint records the objective that made it (exports do not)
+        made_by = checkpoint.read_json_item(checkpoint.resolve_step_dir(path), checkpoint.META).get("objective")
+        if made_by not in (None, objective):
+            raise ValueError(f"train.init_from={path} was pretrained with train.objective={made_by!r}, this run's is"
+                             f" {objective!r}: set train.objective={made_by!r}, or export its weights"
+                             " (python -m bert_jax.convert) and start from those")
+    if config.train.init_optimizer and fmt != "orbax":
+        raise ValueError(f"config.train.init_optimizer: train.init_from={path} is {fmt} weights, without optimizer"
+                         " state (only a bert_jax workdir has one); set train.init_optimizer=False")
+    source_config, params, report = weights.load_pretrained(path, fmt, seed=config.train.seed)
+    where = f"{path}/config.json" if fmt == "hf" else path
+    diffs = [f"model.{k} is {getattr(source_config, k)!r} there, {getattr(model_config, k)!r} here"
+             for k in _INIT_FROM_KEYS if getattr(source_config, k) != getattr(model_config, k)]
+    if diffs:
+        raise ValueError(f"train.init_from={where}: the weights do not fit this run's model: {'; '.join(diffs)}"
+                         " (set those config keys, or the tokenizer, to the weights')")
+    heads = ("mlm", "nsp") if objective == "mlm_nsp" else ("mlm",)
+    lacking = [h for h in heads if h not in params or h in report["initialised"]]
+    dropped = sorted(k for k in params if k != "bert" and k not in heads and k not in report["initialised"])
+    if any(h not in params for h in heads):  # a fine-tuned checkpoint: load_pretrained made no heads
+        params = {**params_lib.init_heads(source_config, seed=config.train.seed), **params}
+    params = {k: params[k] for k in ("bert",) + heads}
+    optimizer = "its optimizer state" if config.train.init_optimizer else "a fresh optimizer"
+    message(f"init from {path} ({fmt} weights, {optimizer}): heads initialised fresh: {lacking or 'none'};"
+            f" not used by objective {objective}: {dropped or 'none'}")
+    return params
+
+
+def _weights_format(path) -> str:
+    """train.init_from's format (weights.FORMATS_IN), a bert_jax workdir read in place."""
+    if weights.orbax.is_checkpoint(path):
+        return "orbax"
+    if paths.is_uri(path):
+        path = paths.local_copy(path, "checkpoints")
+    if not pathlib.Path(path).exists() and not pathlib.Path(f"{path}.index").exists():
+        raise FileNotFoundError(f"train.init_from={path}: no such file or directory")
+    return weights.detect_format(path)
 
 
 def _init_from_opt_state(path, state, shardings):
@@ -72,6 +130,10 @@ def run(config, workdir) -> dict:
     ckpt = checkpoint.Checkpointer(workdir, keep=config.train.keep, keep_best=config.train.keep_best,
                                    async_save=config.train.async_checkpoints)
     saved_meta = ckpt.newest_meta()
+    if saved_meta is not None and saved_meta.get("objective", "mlm_nsp") != config.train.objective:
+        raise checkpoint.CheckpointMismatchError(
+            f"{workdir} holds checkpoints of train.objective={saved_meta.get('objective', 'mlm_nsp')!r}, this run's is"
+            f" {config.train.objective!r}: set it back, or use another --workdir (the checkpoints were left untouched)")
     mesh = sharding.make_mesh(config.mesh)
     tok, train_batches, eval_batches = pipeline.build_pretraining_data(
         config, workdir, batch_sharding=sharding.batch_sharding(mesh), saved_meta=saved_meta)
@@ -92,7 +154,8 @@ def run(config, workdir) -> dict:
         train_batches.set_state(data_state)
 
     step_fn, eval_fn, base_key = program.train_step, program.eval_step, program.base_key()
-    meta = {"model_config": model_config.to_dict(),
+    eval_metrics = functools.partial(train_step_lib.eval_metrics, loss_fns=losses.OBJECTIVES[program.objective])
+    meta = {"model_config": model_config.to_dict(), "objective": config.train.objective,
             "tokenizer": {"dir": checkpoint.TOKENIZER_DIR,
                           "sha256": checkpoint.tokenizer_fingerprint(workdir / checkpoint.TOKENIZER_DIR),
                           "kind": tok.kind, "vocab_size": tok.vocab_size},
@@ -109,7 +172,7 @@ def run(config, workdir) -> dict:
     compute = hardware.compute_choice(model_config.dtype, model_config.matmul_impl)
     peak, peak_source = hardware.device_peak_flops(model_config.dtype, compute.f32_out)  # the step's matmuls
     flops_per_step = config.train.global_batch_size * hardware.pretraining_flops_per_sequence(
-        model_config, config.data.max_seq_length, config.data.max_predictions_per_seq)
+        model_config, config.data.max_seq_length, config_utils.max_predictions_per_seq(config))
     # A CPU device is a share of one host: the measured matmul peak is the host's.
     peak_total = peak if jax.devices()[0].platform == "cpu" else peak * jax.device_count()
     settings = loop.LoopSettings(
@@ -138,7 +201,7 @@ def run(config, workdir) -> dict:
             state=state, start_step=start_step, settings=settings,
             train_step=lambda s, b: step_fn(s, b, base_key),
             evaluate=(lambda s: loop.evaluate_sums(s, lambda s, b: eval_fn(s.params, b), eval_batches(), to_global,
-                                                   config.train.eval_steps, train_step_lib.eval_metrics))
+                                                   config.train.eval_steps, eval_metrics))
             if eval_batches is not None else None,
             to_global=to_global,
             train_batches=train_batches, save=save, writer=writer, preemption=preemption,

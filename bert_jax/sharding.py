@@ -236,12 +236,13 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, rules=DEFAULT_RULES) ->
                          f"{dict((a, mesh.shape[a]) for a in axes)} (product {n})")
 
 
-def abstract_batch(batch_size: int, seq_len: int, max_predictions: int, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+def abstract_batch(batch_size: int, seq_len: int, max_predictions: int, mesh: Mesh, rules=DEFAULT_RULES, *,
+                   next_sentence: bool = True) -> dict:
     """ShapeDtypeStructs (sharded like real batches) of a pretraining batch, for ``.lower``."""
     check_batch_size(batch_size, mesh, rules)
     s = batch_sharding(mesh, rules)
-    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
-            for name, (shape, dtype) in instances.batch_spec(batch_size, seq_len, max_predictions).items()}
+    spec = instances.batch_spec(batch_size, seq_len, max_predictions, next_sentence=next_sentence)
+    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=s) for name, (shape, dtype) in spec.items()}
 
 
 def process_batch_rows(batch_sharding: NamedSharding, global_shape: Sequence[int]) -> np.ndarray:

@@ -37,7 +37,7 @@ Public API
   ``pretraining_model_config(config, vocab_size)`` is the model both use.
 
 Metrics of a train step (replicated scalars): loss, mlm_loss, nsp_loss,
-mlm_accuracy, nsp_accuracy, grad_norm (before clipping), learning_rate (when
+mlm_accuracy, nsp_accuracy (objective mlm_nsp only), grad_norm (before clipping), learning_rate (when
 ``schedule`` is given), sequences, tokens (non-padding), masked_tokens,
 update_skipped, skipped_steps.
 """
@@ -55,7 +55,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bert_jax import config_utils, optim, partitioning, sharding
-from bert_jax.losses import PRETRAINING, LossFns
+from bert_jax.losses import OBJECTIVES, PRETRAINING, LossFns
 from bert_jax import params as params_lib
 from bert_jax.model import BertConfig, BertForPreTraining
 
@@ -71,8 +71,9 @@ class TrainState:
 # ----------------------------------------------------------------------------
 # State
 
-def _default_model_fn(model_cfg):
-    return lambda rngs: BertForPreTraining(model_cfg, rngs=rngs)
+def _default_model_fn(model_cfg, objective: str = "mlm_nsp"):
+    """BertForPreTraining for a pretraining objective (no next-sentence head for "mlm")."""
+    return lambda rngs: BertForPreTraining(model_cfg, next_sentence=objective == "mlm_nsp", rngs=rngs)
 
 
 def _init_fn(model_fn, opt):
@@ -259,6 +260,7 @@ class PretrainingStep:
     state_shardings: Any
     train_step: Any                  # jitted (state, batch, base_key) -> (state, metrics)
     eval_step: Any                   # jitted (params, batch) -> sums
+    objective: str                   # train.objective: mlm_nsp | mlm
     global_batch_size: int
     seq_len: int
     max_predictions: int
@@ -275,13 +277,15 @@ class PretrainingStep:
         """(state, batch, key) as sharded ShapeDtypeStructs: ``train_step.lower(*these)``."""
         key = jax.eval_shape(self.base_key)
         key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(self.mesh, PartitionSpec()))
-        batch = sharding.abstract_batch(self.global_batch_size, self.seq_len, self.max_predictions, self.mesh, self.rules)
+        batch = sharding.abstract_batch(self.global_batch_size, self.seq_len, self.max_predictions, self.mesh,
+                                        self.rules, next_sentence=self.objective == "mlm_nsp")
         return self.abstract_state, batch, key
 
     def create_state(self, params=None) -> TrainState:
         """A fresh state (from ``params`` when given), every array made on its shard."""
         _, state, _ = create_train_state(self.model_config, self.optimizer, self.mesh, self.rules,
-                                         seed=self.seed, params=params)
+                                         seed=self.seed, params=params,
+                                         model_fn=_default_model_fn(self.model_config, self.objective))
         return state
 
 
@@ -291,12 +295,15 @@ def build_pretraining_step(config, model_config: BertConfig, mesh: Mesh, rules=N
     rules = sharding.DEFAULT_RULES if rules is None else rules
     sharding.check_batch_size(config.train.global_batch_size, mesh, rules)
     opt, schedule = optim.make_optimizer(config_utils.optimizer_config(config))
-    graphdef, abstract, shardings = abstract_train_state(model_config, opt, mesh, rules)
+    objective = config.train.objective
+    graphdef, abstract, shardings = abstract_train_state(model_config, opt, mesh, rules,
+                                                         model_fn=_default_model_fn(model_config, objective))
+    loss_fns = OBJECTIVES[objective]
     step = make_train_step(graphdef, opt, mesh, rules, shardings, micro_batches=config.train.micro_batches,
-                           schedule=schedule)
+                           schedule=schedule, loss_fns=loss_fns)
     return PretrainingStep(
         model_config=model_config, mesh=mesh, rules=rules, optimizer=opt, schedule=schedule, graphdef=graphdef,
         abstract_state=abstract, state_shardings=shardings, train_step=step,
-        eval_step=make_eval_step(graphdef, mesh, rules, shardings),
+        eval_step=make_eval_step(graphdef, mesh, rules, shardings, loss_fns=loss_fns), objective=objective,
         global_batch_size=config.train.global_batch_size, seq_len=config.data.max_seq_length,
-        max_predictions=config.data.max_predictions_per_seq, seed=config.train.seed)
+        max_predictions=config_utils.max_predictions_per_seq(config), seed=config.train.seed)

@@ -24,6 +24,13 @@ from (seed, dupe, document), so instances do not depend on how documents are spl
 
 Instances are fixed-size rows `[CLS] A [SEP] B [SEP] [PAD]...` (see `INSTANCE_FIELDS`), turned
 into a batch by `unmasked_batch`.
+
+Objective "mlm" (RoBERTa's FULL-SENTENCES within a document, MosaicBERT, ModernBERT: no next
+sentence prediction) makes rows `[CLS] segment [SEP] [PAD]...`: a document's consecutive whole
+sentences up to the same per-document target length (a sentence longer than it is cut into
+pieces of the target length, so no token is dropped), one segment (token type 0), no pairing
+and no NSP fields (`instance_dtype(..., objective="mlm")`); a batch of them has no
+`next_sentence_labels`.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import numpy as np
 
 from bert_jax.data.masking import example_keys
 
+OBJECTIVES = ("mlm_nsp", "mlm")       # train.objective: BERT's MLM + next sentence, or MLM alone
 METADATA_FILE = "metadata.json"        # files of a `bert_jax.data.prepare` output directory
 INSTANCES_FORMAT = "bert_jax.pretraining_instances/1"  # its "format" when it holds .npy instance rows
 VOCAB_TABLES_FILE = "vocab_tables.npz"
@@ -72,13 +80,20 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
-def instance_dtype(max_seq_length: int, vocab_size: int, max_predictions_per_seq: int | None = None) -> np.dtype:
+def instance_dtype(max_seq_length: int, vocab_size: int, max_predictions_per_seq: int | None = None,
+                   objective: str = "mlm_nsp") -> np.dtype:
     """One instance row (a numpy structured dtype, so one shard is one memory-mapped .npy).
 
     With max_predictions_per_seq (static masking) the row also holds its masks and
-    `input_ids` are the masked ones.
+    `input_ids` are the masked ones. Objective "mlm" rows have one segment and no NSP fields.
     """
     masks = [] if max_predictions_per_seq is None else _mask_fields(max_predictions_per_seq)
+    if objective == "mlm":
+        return np.dtype([
+            ("input_ids", token_dtype(vocab_size), (max_seq_length,)),  # [CLS] segment [SEP], 0-padded
+            ("num_tokens", np.int16),          # real tokens including [CLS] and [SEP]
+            ("document", np.int32),            # the segment's document (index in the corpus)
+        ] + masks)
     return np.dtype([
         ("input_ids", token_dtype(vocab_size), (max_seq_length,)),  # [CLS] A [SEP] B [SEP], 0-padded
         ("num_tokens", np.int16),              # real tokens including [CLS] and both [SEP]
@@ -100,11 +115,23 @@ INSTANCE_FIELDS = instance_dtype(8, 100).names
 
 def create_instances(corpus: TokenizedCorpus, split_documents: np.ndarray, documents: np.ndarray, *,
                      max_seq_length: int, short_seq_prob: float, seed: int, dupe: int = 0,
-                     cls_id: int, sep_id: int, vocab_size: int) -> np.ndarray:
+                     cls_id: int, sep_id: int, vocab_size: int, objective: str = "mlm_nsp") -> np.ndarray:
     """Instances of `documents` (a subset of `split_documents`, the pool for random B).
 
-    Returns a structured array with `instance_dtype(max_seq_length, vocab_size)`.
+    Returns a structured array with `instance_dtype(max_seq_length, vocab_size, objective=objective)`.
     """
+    if objective == "mlm":
+        spans = []
+        for document in np.asarray(documents, np.int64):
+            rng = random.Random(int(example_keys(seed, dupe, document)))
+            spans.extend(_document_segments(corpus, int(document), max_seq_length - 2, short_seq_prob, rng))
+        spans = np.asarray(spans, np.int64).reshape(-1, 3)
+        rows = np.zeros(len(spans), instance_dtype(max_seq_length, vocab_size, objective="mlm"))
+        empty = spans[:, 1:2]
+        rows["input_ids"], rows["num_tokens"] = _assemble(corpus.tokens, spans[:, 0:1], spans[:, 1:2], empty, empty,
+                                                          max_seq_length, cls_id, sep_id)
+        rows["document"] = spans[:, 2]
+        return rows
     split_documents = np.asarray(split_documents, np.int64)
     if len(split_documents) < 2:
         raise ValueError(f"a split needs at least 2 documents for random next sentences, got {len(split_documents)}")
@@ -180,53 +207,86 @@ def _document_spans(corpus, document, split_documents, position, max_num_tokens,
         i += 1
 
 
-def _build_rows(tokens, spans, dtype, cls_id, sep_id):
-    """Vectorised `[CLS] A [SEP] B [SEP]` assembly from (a0, a1, b0, b1, ...) token spans."""
-    rows = np.zeros(len(spans), dtype)
-    if not len(spans):
-        return rows
-    a0, a1, b0, b1 = (spans[:, k:k + 1] for k in range(4))
+def _document_segments(corpus, document, max_num_tokens, short_seq_prob, rng):
+    """Objective mlm: consecutive whole sentences up to the target length (drawn per document as
+    in Google's loop); a longer sentence is cut into pieces of the target. -> (t0, t1, document)."""
+    offsets = corpus.sentence_offsets
+    first, last = corpus.document_offsets[document], corpus.document_offsets[document + 1]
+    target_length = max_num_tokens
+    if rng.random() < short_seq_prob:
+        target_length = rng.randint(2, max_num_tokens)
+    start = offsets[first]
+    for i in range(first, last):
+        if offsets[i + 1] - start <= target_length:
+            continue
+        if offsets[i] > start:  # the sentences before this one
+            yield (start, offsets[i], document)
+            start = offsets[i]
+        while offsets[i + 1] - start > target_length:  # a sentence longer than the target
+            yield (start, start + target_length, document)
+            start += target_length
+    if offsets[last] > start:
+        yield (start, offsets[last], document)
+
+
+def _assemble(tokens, a0, a1, b0, b1, max_seq_length, cls_id, sep_id):
+    """Vectorised `[CLS] A [SEP] B [SEP]` (`[CLS] A [SEP]` where B is empty) from [N, 1] token
+    span bounds -> (input_ids [N, max_seq_length], 0-padded; num_tokens [N])."""
     length_a, length_b = a1 - a0, b1 - b0
-    j = np.arange(dtype["input_ids"].shape[0])[None, :]
+    j = np.arange(max_seq_length)[None, :]
     in_a = (j >= 1) & (j <= length_a)
     in_b = (j >= length_a + 2) & (j < length_a + 2 + length_b)
     source = np.where(in_a, a0 + j - 1, np.where(in_b, b0 + j - length_a - 2, 0))
     ids = np.where(in_a | in_b, tokens[source], 0)
     ids = np.where(j == 0, cls_id, ids)
-    ids = np.where((j == length_a + 1) | (j == length_a + length_b + 2), sep_id, ids)
-    rows["input_ids"] = ids
-    rows["num_tokens"] = (length_a + length_b + 3)[:, 0]
-    rows["first_segment_length"] = (length_a + 2)[:, 0]
+    ids = np.where((j == length_a + 1) | ((j == length_a + length_b + 2) & (length_b > 0)), sep_id, ids)
+    return ids, (length_a + length_b + 2 + (length_b > 0))[:, 0]
+
+
+def _build_rows(tokens, spans, dtype, cls_id, sep_id):
+    """`[CLS] A [SEP] B [SEP]` rows from (a0, a1, b0, b1, label, document, b_document) token spans."""
+    rows = np.zeros(len(spans), dtype)
+    if not len(spans):
+        return rows
+    a0, a1, b0, b1 = (spans[:, k:k + 1] for k in range(4))
+    rows["input_ids"], rows["num_tokens"] = _assemble(tokens, a0, a1, b0, b1, dtype["input_ids"].shape[0],
+                                                      cls_id, sep_id)
+    rows["first_segment_length"] = (a1 - a0 + 2)[:, 0]
     rows["next_sentence_label"] = spans[:, 4]
     rows["document"] = spans[:, 5]
     rows["b_document"] = spans[:, 6]
     return rows
 
 
-def batch_spec(batch_size: int, max_seq_length: int, max_predictions_per_seq: int) -> dict:
-    """Shapes and dtypes of a pretraining batch (what the loader yields), for AOT compilation (`jax.ShapeDtypeStruct(*spec[name])`)."""
+def batch_spec(batch_size: int, max_seq_length: int, max_predictions_per_seq: int, *,
+               next_sentence: bool = True) -> dict:
+    """Shapes and dtypes of a pretraining batch (what the loader yields), for AOT compilation
+    (`jax.ShapeDtypeStruct(*spec[name])`); `next_sentence_labels` only with `next_sentence`."""
     sequence = ((batch_size, max_seq_length), np.dtype(np.int32))
     predictions = ((batch_size, max_predictions_per_seq), np.dtype(np.int32))
-    return {
+    spec = {
         "input_ids": sequence, "input_mask": sequence, "segment_ids": sequence,
         "masked_lm_positions": predictions, "masked_lm_ids": predictions,
         "masked_lm_weights": ((batch_size, max_predictions_per_seq), np.dtype(np.float32)),
-        "next_sentence_labels": ((batch_size,), np.dtype(np.int32)),
     }
+    if next_sentence:
+        spec["next_sentence_labels"] = ((batch_size,), np.dtype(np.int32))
+    return spec
 
 
 def unmasked_batch(rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Instance rows -> `input_ids`, `input_mask`, `segment_ids` (int32 [B, L]), `next_sentence_labels`."""
+    """Instance rows -> `input_ids`, `input_mask`, `segment_ids` (int32 [B, L]) and, for rows
+    with NSP fields, `next_sentence_labels` (rows of objective mlm: one segment, no labels)."""
     input_ids = rows["input_ids"].astype(np.int32)
     j = np.arange(input_ids.shape[1])[None, :]
     input_mask = j < rows["num_tokens"][:, None]
-    segment_ids = input_mask & (j >= rows["first_segment_length"][:, None])
-    return {
-        "input_ids": input_ids,
-        "input_mask": input_mask.astype(np.int32),
-        "segment_ids": segment_ids.astype(np.int32),
-        "next_sentence_labels": rows["next_sentence_label"].astype(np.int32),
-    }
+    batch = {"input_ids": input_ids, "input_mask": input_mask.astype(np.int32)}
+    if "next_sentence_label" not in rows.dtype.names:
+        batch["segment_ids"] = np.zeros_like(input_ids)
+        return batch
+    batch["segment_ids"] = (input_mask & (j >= rows["first_segment_length"][:, None])).astype(np.int32)
+    batch["next_sentence_labels"] = rows["next_sentence_label"].astype(np.int32)
+    return batch
 
 
 def with_stored_masks(rows: np.ndarray, masked: dict[str, np.ndarray]) -> np.ndarray:

@@ -11,6 +11,7 @@ Public API (the trainer calls exactly this):
         global_batch_size=256, max_seq_length=128, max_predictions_per_seq=20, seed=0,
         dynamic_masking=True,         # False: masks stored by `prepare --static_masking`
         whole_word_masking=False, num_epochs=None,   # None: repeat forever
+        objective="mlm_nsp",          # train.objective; "mlm": batches without next_sentence_labels
         host_rows=None,               # rows of each global batch this host loads:
                                       # sharding.process_batch_rows (None: all, one process)
         worker_count=0,               # >0: Grain worker processes (mp_prefetch)
@@ -22,7 +23,8 @@ Public API (the trainer calls exactly this):
     instances.batch_spec(batch_size, max_seq_length, max_predictions_per_seq) -> {name: (shape, dtype)}
 
 Batch: `input_ids`, `input_mask`, `segment_ids` int32 [B, L]; `masked_lm_positions`,
-`masked_lm_ids` int32 [B, P]; `masked_lm_weights` float32 [B, P]; `next_sentence_labels` int32 [B].
+`masked_lm_ids` int32 [B, P]; `masked_lm_weights` float32 [B, P]; `next_sentence_labels` int32 [B]
+(objective mlm_nsp only; a prepared directory records the objective it was made for).
 
 How the stream is laid out: the split's instances are shuffled per epoch (a seeded numpy
 permutation per epoch) into one global stream; global batch k is
@@ -131,7 +133,8 @@ class _ReadBatch:
     """Index k of a global batch -> this host's part of it, as the batch dict. Picklable for workers."""
 
     def __init__(self, source, shuffle, *, host_rows, global_batch_size, seed, max_predictions_per_seq,
-                 dynamic_masking, whole_word_masking, masked_lm_prob, masking_vocab, vocab_size):
+                 dynamic_masking, whole_word_masking, masked_lm_prob, masking_vocab, vocab_size,
+                 next_sentence):
         self.source = source
         self.shuffle = shuffle
         self.host_rows = host_rows
@@ -143,6 +146,7 @@ class _ReadBatch:
         self.masked_lm_prob = masked_lm_prob
         self.masking_vocab = masking_vocab
         self.vocab_size = vocab_size
+        self.next_sentence = next_sentence
 
     def __call__(self, batch_index):
         # This host's rows of global batch k are stream[k*G + host_rows].
@@ -154,6 +158,8 @@ class _ReadBatch:
     def _read(self, epochs, indices):
         rows = self.source.read(indices)
         if not isinstance(rows, np.ndarray):  # a per-example source (TFRecord): already a batch
+            if not self.next_sentence:  # Google's pairs, trained on by the masked LM alone
+                rows.pop("next_sentence_labels")
             return rows
         batch = instances_lib.unmasked_batch(rows)
         if self.dynamic_masking:
@@ -244,10 +250,14 @@ def read_metadata(data_dir) -> dict:
 
 
 def _check_metadata(metadata: dict, where: str, split: str, *, max_seq_length, max_predictions_per_seq,
-                    dynamic_masking, whole_word_masking, tokenizer) -> None:
+                    dynamic_masking, whole_word_masking, tokenizer, objective) -> None:
     """prepare's settings (metadata.json) against what the caller asks for; `where` names the data."""
     if split not in metadata["splits"]:
         raise ValueError(f"split {split!r} not in {where} (has {sorted(metadata['splits'])})")
+    prepared_for = metadata.get("objective", "mlm_nsp")  # directories from before the option: BERT's pairs
+    if prepared_for != objective:
+        raise ValueError(f"{where} was prepared for train.objective={prepared_for!r}, this run's is {objective!r}:"
+                         f" set train.objective={prepared_for!r} or prepare it again with --objective={objective}")
     if metadata["max_seq_length"] != max_seq_length:
         raise ValueError(f"{where} holds max_seq_length={metadata['max_seq_length']}, asked for {max_seq_length}")
     if metadata["static_masking"] == dynamic_masking:
@@ -315,7 +325,7 @@ def _tfrecord_source(source: DataSource, max_seq_length, max_predictions_per_seq
 def make_pretraining_loader(source: DataSource, *, global_batch_size: int, max_seq_length: int,
                             max_predictions_per_seq: int, seed: int, dynamic_masking: bool = True, whole_word_masking: bool = False,
                             num_epochs: int | None = None, host_rows=None, worker_count: int = 0,
-                            tokenizer=None) -> PretrainingLoader:
+                            tokenizer=None, objective: str = "mlm_nsp") -> PretrainingLoader:
     """This host's pretraining batches (see the module docstring)."""
     host_rows = np.arange(global_batch_size) if host_rows is None else np.asarray(host_rows, np.int64)
     if host_rows.ndim != 1 or not len(host_rows) or np.any(np.diff(host_rows) <= 0) \
@@ -324,7 +334,8 @@ def make_pretraining_loader(source: DataSource, *, global_batch_size: int, max_s
                          "as sharding.process_batch_rows gives them")
 
     settings = dict(max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq,
-                    dynamic_masking=dynamic_masking, whole_word_masking=whole_word_masking, tokenizer=tokenizer)
+                    dynamic_masking=dynamic_masking, whole_word_masking=whole_word_masking, tokenizer=tokenizer,
+                    objective=objective)
     if source.kind == "tfds_corpus":
         rows, vocab, masked_lm_prob, files, vocab_size = _tfds_source(source, **settings)
     elif source.kind == "prepared":
@@ -348,7 +359,7 @@ def make_pretraining_loader(source: DataSource, *, global_batch_size: int, max_s
         rows, _Shuffle(num_instances, seed), host_rows=host_rows, global_batch_size=global_batch_size, seed=seed,
         max_predictions_per_seq=max_predictions_per_seq, dynamic_masking=dynamic_masking,
         whole_word_masking=whole_word_masking, masked_lm_prob=masked_lm_prob, masking_vocab=vocab,
-        vocab_size=vocab_size))
+        vocab_size=vocab_size, next_sentence=objective == "mlm_nsp"))
 
     # The data's identity as a short hash, so the state stays small with thousands of shards.
     data_hash = hashlib.sha256(json.dumps([files, num_instances]).encode()).hexdigest()[:16]

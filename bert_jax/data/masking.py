@@ -17,6 +17,7 @@ order, host count or worker count. That is what makes dynamic masking reproducib
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 import numpy as np
@@ -48,6 +49,17 @@ def _uniform(keys: np.ndarray, length: int, stream: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         bits = _splitmix64(keys[:, None] ^ _splitmix64(counters)[None, :])
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def predictions_needed(masked_lm_prob: float, max_seq_length: int) -> int:
+    """What `mask_batch` predicts in a full row: the smallest max_predictions_per_seq that never caps."""
+    return max(1, int(np.round(max_seq_length * masked_lm_prob)))
+
+
+def default_max_predictions(masked_lm_prob: float, max_seq_length: int) -> int:
+    """max_predictions_per_seq following the masking rate: ceil(rate x length), so Google's
+    0.15 x 128 gives its 20 (and never fewer than `predictions_needed`)."""
+    return math.ceil(round(masked_lm_prob * max_seq_length, 6))
 
 
 @dataclasses.dataclass(frozen=True)

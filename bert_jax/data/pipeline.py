@@ -6,9 +6,10 @@
 `config.data` is parsed once into `sources.DataSource` values (`sources.from_config`). Then:
 
 1. Tokenizer: the workdir keeps its own copy in workdir/tokenizer, written once by process 0
-   from `data.tokenizer`, from `train.init_from`'s workdir, or trained (SentencePiece) on the
-   text source; a prepared directory brings its own (a given one must be the same). On
-   resume (`saved_meta`, the checkpoint's meta) it must be unchanged.
+   from `data.tokenizer`, from the one beside `train.init_from`'s weights (a workdir's or a
+   released model's: the same vocabulary as `data.tokenizer` if both are given), or trained
+   (SentencePiece) on the text source; a prepared directory brings its own (a given one must
+   be the same). On resume (`saved_meta`, the checkpoint's meta) it must be unchanged.
 2. Text (demo, files, a TFDS text dataset) is prepared once into workdir/data by
    `bert_jax.data.prepare` (process 0; the others wait); on a URI workdir it is prepared in
    this host's cache, uploaded, and every host reads a local copy. workdir/data records what it
@@ -30,7 +31,8 @@ import tempfile
 import jax
 from etils import epath
 
-from bert_jax import checkpoint, distributed, paths, sharding, tokenizer as tokenizer_lib
+from bert_jax import checkpoint, config_utils, distributed, paths, sharding, weights
+from bert_jax import tokenizer as tokenizer_lib
 from bert_jax.data import loader, prepare, sources
 from bert_jax.data.sources import DataSource
 
@@ -48,9 +50,10 @@ def build_pretraining_data(config, workdir: epath.Path, *, batch_sharding, saved
     host_rows = sharding.process_batch_rows(batch_sharding, (config.train.global_batch_size,))
     static = train_source.kind == "tfrecord"  # Google's instances carry their masks
     options = dict(global_batch_size=config.train.global_batch_size, max_seq_length=d.max_seq_length,
-                   max_predictions_per_seq=d.max_predictions_per_seq, seed=config.train.seed,
+                   max_predictions_per_seq=config_utils.max_predictions_per_seq(config), seed=config.train.seed,
                    whole_word_masking=d.whole_word_masking, host_rows=host_rows, worker_count=d.worker_count,
-                   dynamic_masking=d.dynamic_masking and not static, tokenizer=tok)
+                   dynamic_masking=d.dynamic_masking and not static, tokenizer=tok,
+                   objective=config.train.objective)
     splits = None if static else loader.source_metadata(train_source)["splits"]
     if train_source.kind == "tfds_corpus" and train_source.split not in splits:
         raise ValueError(f"config.data.tfds_split: {d.tfds_name} has no split {train_source.split!r} "
@@ -76,7 +79,7 @@ def _replayable(eval_loader):
 
 def prepare_tokenizer(config, source: DataSource, workdir: epath.Path, saved_meta: dict | None):
     """-> Tokenizer loaded from workdir/tokenizer (created on a fresh run from
-    data.tokenizer, from train.init_from's workdir, from a prepared directory, or trained on the
+    data.tokenizer, from train.init_from's weights, from a prepared directory, or trained on the
     text `source`)."""
     tokenizer_dir = workdir / checkpoint.TOKENIZER_DIR
     if saved_meta is not None:  # resuming: exactly the tokenizer the checkpoint was trained with
@@ -88,7 +91,7 @@ def prepare_tokenizer(config, source: DataSource, workdir: epath.Path, saved_met
                 f"{tokenizer_dir} changed since the checkpoint was written (sha256 differs from "
                 f"{expected[:12]}...); restore the original tokenizer files")
         return _load_tokenizer(tokenizer_dir)
-    given = config.data.tokenizer or _init_from_tokenizer(config)
+    given = _given_tokenizer(config)
     if source.kind == "prepared":
         given = _prepared_tokenizer(source, given)
     if not given and not source.is_text:  # on every process, before any waits for process 0
@@ -122,17 +125,22 @@ def _load_tokenizer(path):
     return tokenizer_lib.load_tokenizer(paths.local_copy(path, "tokenizer"))
 
 
-def _init_from_tokenizer(config) -> str:
-    """The tokenizer/ beside train.init_from's checkpoint ('' without init_from)."""
-    if not config.train.init_from:
-        return ""
-    step_dir = checkpoint.resolve_step_dir(config.train.init_from)
-    meta = checkpoint.read_json_item(step_dir, checkpoint.META)
-    tokenizer_dir = step_dir.parent.parent / meta.get("tokenizer", {}).get("dir", checkpoint.TOKENIZER_DIR)
-    if not tokenizer_dir.is_dir():
-        raise FileNotFoundError(f"train.init_from={config.train.init_from}: no tokenizer/ beside the "
-                                "checkpoint; set data.tokenizer")
-    return str(tokenizer_dir)
+def _given_tokenizer(config) -> str:
+    """data.tokenizer, or the tokenizer that belongs with train.init_from's weights (a workdir's
+    tokenizer/, a Hugging Face or Google directory's vocabulary); with both, they must hold the
+    same vocabulary. '' : neither (a text source trains one)."""
+    given, init_from = config.data.tokenizer, config.train.init_from
+    own = weights.find_tokenizer_files(init_from) if init_from else None
+    if init_from and own is None and not given:
+        raise FileNotFoundError(f"train.init_from={init_from}: no tokenizer beside the weights (vocab.txt, "
+                                "tokenizer.json, spiece.model or tokenizer/); set data.tokenizer")
+    if own is not None and given:
+        theirs, ours = _load_tokenizer(own), _load_tokenizer(given)
+        if not ours.same_as(theirs):
+            raise ValueError(f"config.data.tokenizer={given} is not the vocabulary of train.init_from's weights "
+                             f"({own}, {theirs.vocab_size} tokens vs {ours.vocab_size}): leave data.tokenizer unset"
+                             " to use theirs")
+    return given or (str(own) if own is not None else "")
 
 
 def train_tokenizer_on_corpus(config, source: DataSource, output_dir):
@@ -163,8 +171,9 @@ def prepare_text_data(config, source: DataSource, workdir: epath.Path) -> str:
         d = config.data
         prepare.prepare(
             source, tokenizer_dir if paths.is_local(workdir) else paths.local_copy(tokenizer_dir, "tokenizer"),
-            local_dir, max_seq_length=d.max_seq_length, max_predictions_per_seq=d.max_predictions_per_seq,
-            masked_lm_prob=d.masked_lm_prob, short_seq_prob=d.short_seq_prob,
+            local_dir, max_seq_length=d.max_seq_length, objective=config.train.objective,
+            max_predictions_per_seq=config_utils.max_predictions_per_seq(config), masked_lm_prob=d.masked_lm_prob,
+            short_seq_prob=d.short_seq_prob,
             eval_fraction=d.eval_fraction, static_masking=not d.dynamic_masking,
             whole_word_masking=d.whole_word_masking, seed=config.train.seed, max_unk_fraction=d.max_unk_fraction,
             overwrite=True,

@@ -5,6 +5,7 @@
     python -m bert_jax.data.prepare --input demo ...              # embedded demo corpus
     python -m bert_jax.data.prepare --input tfds:wikipedia/20230601.en --tfds_data_dir ...
     ... --static_masking --dupe_factor 5 --max_predictions_per_seq 20   # Google-style static masks
+    ... --objective mlm --masked_lm_prob 0.3     # MLM only: one-segment rows, no NSP pairs (MosaicBERT)
     ... --output_format tfrecord       # Google/MLPerf TFRecords (static masks) for any BERT trainer
 
 Output directory (read by `bert_jax.data.loader.make_pretraining_loader`):
@@ -103,7 +104,8 @@ def _make_shard(task):
     rows = np.concatenate([instances_lib.create_instances(
         corpus_files.open_corpus(corpus_dir), split_documents, documents[a:b],
         max_seq_length=settings["max_seq_length"], short_seq_prob=settings["short_seq_prob"], seed=settings["seed"],
-        dupe=dupe, cls_id=settings["cls_id"], sep_id=settings["sep_id"], vocab_size=settings["vocab_size"])
+        dupe=dupe, cls_id=settings["cls_id"], sep_id=settings["sep_id"], vocab_size=settings["vocab_size"],
+        objective=settings["objective"])
         for a, b in _token_ranges(document_tokens, _TOKENS_PER_MAP)])
     if settings["static_masking"]:
         batch = instances_lib.unmasked_batch(rows)
@@ -119,8 +121,8 @@ def _make_shard(task):
             writer.write_batch({**instances_lib.unmasked_batch(rows), **instances_lib.stored_masks(rows)})
     else:
         np.save(path, rows)
-    return {"file": os.path.basename(path), "instances": len(rows),
-            "random_next": int(rows["next_sentence_label"].sum())}
+    random_next = int(rows["next_sentence_label"].sum()) if "next_sentence_label" in rows.dtype.names else 0
+    return {"file": os.path.basename(path), "instances": len(rows), "random_next": random_next}
 
 
 def _read_tasks(source: DataSource, *, input_format, stats):
@@ -154,15 +156,24 @@ def _text_file_stream(source: DataSource, input_format, stats):
 
 
 def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=128, short_seq_prob=0.1,
-            eval_fraction=0.0, seed=12345, static_masking=False, dupe_factor=None, max_predictions_per_seq=20,
+            eval_fraction=0.0, seed=12345, static_masking=False, dupe_factor=None, max_predictions_per_seq=None,
             masked_lm_prob=0.15, whole_word_masking=False, workers=None, input_format="auto",
             shard_tokens=20_000_000, overwrite=False, progress=True, output_format="npy",
-            max_unk_fraction=DEFAULT_MAX_UNK_FRACTION) -> dict:
+            max_unk_fraction=DEFAULT_MAX_UNK_FRACTION, objective="mlm_nsp") -> dict:
     """Runs the whole preparation of a text source (`sources.DataSource` of kind demo, text or
     tfds_text); returns the metadata written to output_dir/metadata.json.
 
     output_format 'tfrecord' writes Google's TFRecords (static masks) instead of .npy rows. A share
-    of [UNK] tokens over max_unk_fraction is an error (the vocabulary does not fit the corpus)."""
+    of [UNK] tokens over max_unk_fraction is an error (the vocabulary does not fit the corpus).
+    `objective`: mlm_nsp (sentence pairs with NSP labels) or mlm (one-segment rows,
+    `instances.create_instances`); max_predictions_per_seq None: it follows masked_lm_prob
+    (`masking.default_max_predictions`)."""
+    if objective not in instances_lib.OBJECTIVES:
+        raise ValueError(f"objective must be one of {instances_lib.OBJECTIVES}, got {objective!r}")
+    if output_format == "tfrecord" and objective != "mlm_nsp":
+        raise ValueError("output_format tfrecord writes Google's sentence pairs with NSP labels: objective mlm_nsp only")
+    if max_predictions_per_seq is None:
+        max_predictions_per_seq = masking.default_max_predictions(masked_lm_prob, max_seq_length)
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
     if not 0.0 <= max_unk_fraction <= 1.0:
@@ -193,7 +204,8 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
         # 1. Sentence splitting and tokenization, by chunks of documents, streamed to disk.
         stats = sources.SourceStats()
         counts = collections.Counter()
-        long_sentences = f"sentences longer than {max_seq_length - 3} tokens (truncated)"
+        room, fate = (max_seq_length - 3, "truncated") if objective == "mlm_nsp" else (max_seq_length - 2, "cut into pieces")
+        long_sentences = f"sentences longer than {room} tokens ({fate})"
         corpus_dir = staging / "corpus"
         corpus = corpus_files.CorpusWriter(corpus_dir)
         pool = _pool(workers, str(staging / "tokenizer"))
@@ -203,12 +215,13 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
                     pool, _tokenize_documents, tasks, ahead=2 * workers):
                 corpus.append(flat, sentence_lengths, sentences_per_document)
                 counts.update(chunk_counts)
-                counts[long_sentences] += int((sentence_lengths > max_seq_length - 3).sum())
+                counts[long_sentences] += int((sentence_lengths > room).sum())
                 bar.update(read)
         document_tokens = corpus.close()
-        if corpus.documents < 2:
-            raise ValueError(f"{source}: {corpus.documents} usable document(s); next-sentence pairs need"
-                             f" at least 2 ({stats.summary()})")
+        if corpus.documents < (2 if objective == "mlm_nsp" else 1):
+            raise ValueError(f"{source}: {corpus.documents} usable document(s); "
+                             f"{'next-sentence pairs need at least 2' if objective == 'mlm_nsp' else 'none to train on'}"
+                             f" ({stats.summary()})")
         unk_tokens = counts.pop(_UNK_TOKENS, 0)
         _check_unk_share(unk_tokens, corpus.tokens, tokenizer_path, max_unk_fraction)
 
@@ -224,6 +237,7 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
 
         # 3. Instances (and static masks), one shard per (split, dupe, range of documents).
         settings = {"max_seq_length": max_seq_length, "short_seq_prob": short_seq_prob, "seed": seed,
+                    "objective": objective,
                     "cls_id": tok.cls_id, "sep_id": tok.sep_id, "vocab_size": tok.vocab_size,
                     "static_masking": static_masking, "max_predictions_per_seq": max_predictions_per_seq,
                     "masked_lm_prob": masked_lm_prob, "whole_word_masking": whole_word_masking,
@@ -250,7 +264,7 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
 
         metadata = {
             "format": FORMAT_NAMES[output_format],
-            "source": source.spec(), "tokenizer": "tokenizer", "tokenizer_kind": tok.kind,
+            "source": source.spec(), "objective": objective, "tokenizer": "tokenizer", "tokenizer_kind": tok.kind,
             "vocab_size": tok.vocab_size, "special_ids": list(tok.special_ids), "mask_id": tok.mask_id,
             "cls_id": tok.cls_id, "sep_id": tok.sep_id, "pad_id": tok.pad_id,
             "max_seq_length": max_seq_length, "short_seq_prob": short_seq_prob, "seed": seed,
@@ -348,8 +362,9 @@ def summary_text(metadata: dict) -> str:
              f" ({s['unk_tokens'] / max(s['tokens'], 1):.2%} [UNK]; {s['seconds']} s, {s['workers']} workers)"]
     for split, entry in metadata["splits"].items():
         share = entry["random_next"] / max(entry["instances"], 1)
+        pairs = f" ({share:.1%} random next)" if metadata.get("objective", "mlm_nsp") == "mlm_nsp" else ""
         lines.append(f"{split}: {entry['documents']} documents -> {entry['instances']} instances in"
-                     f" {len(entry['shards'])} shards ({share:.1%} random next)")
+                     f" {len(entry['shards'])} shards{pairs}")
     for key, value in s.items():
         if key not in ("documents", "documents_read", "sentences", "tokens", "unk_tokens", "workers", "seconds",
                        "skipped_lines", "skipped_examples") and value:
@@ -373,7 +388,10 @@ def _define_flags(fv) -> None:
     flags.DEFINE_boolean("static_masking", False, "store masks (default: loader masks anew)", flag_values=fv)
     flags.DEFINE_integer("dupe_factor", None, "copies with different pairs/masks (default 5 with --static_masking, "
                          "else 1)", flag_values=fv)
-    flags.DEFINE_integer("max_predictions_per_seq", 20, "masked positions per instance", flag_values=fv)
+    flags.DEFINE_enum("objective", "mlm_nsp", instances_lib.OBJECTIVES, "mlm_nsp: sentence pairs with NSP labels; "
+                      "mlm: one-segment rows, no pairs", flag_values=fv)
+    flags.DEFINE_integer("max_predictions_per_seq", None, "masked positions per instance (default: "
+                         "ceil(masked_lm_prob x max_seq_length), 20 at 0.15 x 128)", flag_values=fv)
     flags.DEFINE_float("masked_lm_prob", 0.15, "share of tokens masked", flag_values=fv)
     flags.DEFINE_boolean("whole_word_masking", False, "mask whole words", flag_values=fv)
     flags.DEFINE_integer("workers", None, "processes (default: all cores)", flag_values=fv)
@@ -398,7 +416,7 @@ def main(argv=None) -> None:
         max_predictions_per_seq=fv.max_predictions_per_seq, masked_lm_prob=fv.masked_lm_prob,
         whole_word_masking=fv.whole_word_masking, workers=fv.workers, input_format=fv.format,
         shard_tokens=fv.shard_tokens, overwrite=fv.overwrite, output_format=fv.output_format,
-        max_unk_fraction=fv.max_unk_fraction)
+        max_unk_fraction=fv.max_unk_fraction, objective=fv.objective)
     print(summary_text(metadata))
     print(f"wrote {fv.output}")
 
