@@ -42,6 +42,9 @@ PRETRAINING_CASES = [
     ("model.hidden_dropout_prob=1.0", "config.model.hidden_dropout_prob: must be in [0, 1)"),
     ("data.tokenizer_model_type=wordpiece", "config.data.tokenizer_model_type: must be unigram or bpe"),
     ("data.max_unk_fraction=1.5", "config.data.max_unk_fraction: must be in [0, 1]"),
+    ("train.objective=nsp", "config.train.objective: must be one of ('mlm_nsp', 'mlm') (got 'nsp')"),
+    ("data.max_predictions_per_seq=10", "config.data.max_predictions_per_seq: must be >= 19, what "
+     "data.masked_lm_prob=0.15 masks in a row of data.max_seq_length=128"),
 ]
 
 
@@ -195,3 +198,24 @@ def test_predict_inputs_are_checked_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(ConversionError, match=r"^m/config.json: id2label has ids \[0, 1\], expected 0..2 for the 3 "
                                               r"outputs of the classifier head$"):
         hf.labels_from_hf({"id2label": {"0": "a", "1": "b"}}, {"classifier": {"bias": np.zeros(3)}}, "m/config.json")
+
+
+def test_init_from_weights_of_another_vocabulary_or_size(minilm, truncated_vocab, tmp_path, capsys):
+    """train.init_from (the MiniLM Hugging Face directory) with a tokenizer that is not the
+    weights' own, or a model of other sizes: one line naming the file and the keys."""
+    from bert_jax import pretraining
+    from bert_jax import train_step as train_step_lib
+
+    model_dir = pathlib.Path(minilm.__file__).parent / "model"
+    args = [f"--config={TINY}", f"--workdir={tmp_path / 'w'}", "--config.data.source=demo",
+            f"--config.train.init_from={model_dir}", f"--config.data.tokenizer={truncated_vocab}"]
+    assert pretrain.main(args) == 2
+    _one_error_line(capsys, f"config.data.tokenizer={truncated_vocab} is not the vocabulary of train.init_from's weights",
+                    "30522 tokens vs 2000")
+    c = config_utils.load_config_file(TINY)
+    c.train.init_from = str(model_dir)
+    with pytest.raises(ValueError) as error:
+        pretraining.init_from_params(c, train_step_lib.pretraining_model_config(c, 30522), print)
+    message = str(error.value)
+    assert "\n" not in message and f"train.init_from={model_dir}/config.json" in message, message
+    assert "model.hidden_size is 384 there, 128 here" in message and "model.num_hidden_layers is 6 there, 2 here" in message

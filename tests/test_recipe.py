@@ -4,11 +4,12 @@ import hashlib
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from bert_jax import checkpoint, config_utils, losses, metrics_writer, pretraining, sharding, weights
+from bert_jax import checkpoint, config_utils, losses, metrics_writer, pretraining, weights
 from bert_jax import params as params_lib
 from bert_jax import train_step as train_step_lib
 from bert_jax.data import instances, loader, masking, prepare
@@ -75,27 +76,33 @@ def test_mlm_rows_are_whole_sentences_of_one_document_without_nsp():
 
 
 def test_mlm_loss_has_no_nsp_term():
+    """The MLM objective's model has no NSP head and its loss is the MLM part of BERT's loss."""
     cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=32)
-    with_nsp = BertForPreTraining(cfg, rngs=nnx.Rngs(0))
-    without = BertForPreTraining(cfg, next_sentence=False, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(without)
-    _, full = nnx.split(with_nsp)
-    assert set(params_lib.to_dict(params)) == {"bert", "mlm"} and "nsp" in params_lib.to_dict(full)
+    abstract = nnx.eval_shape(lambda: BertForPreTraining(cfg, next_sentence=False, rngs=nnx.Rngs(0)))
+    assert set(params_lib.to_dict(nnx.state(abstract, nnx.Param))) == {"bert", "mlm"}
     rng = np.random.default_rng(0)
     batch = {"input_ids": rng.integers(5, 120, (4, 16)), "input_mask": np.ones((4, 16), np.int32),
              "segment_ids": np.zeros((4, 16), np.int32), "masked_lm_positions": rng.integers(1, 15, (4, 3)),
              "masked_lm_ids": rng.integers(5, 120, (4, 3)), "masked_lm_weights": np.ones((4, 3), np.float32)}
-    loss, sums = losses.MLM.loss(params_lib.to_dict(params), graphdef, batch, None, deterministic=True)
+
+    @jax.jit
+    def both(batch):  # one compiled program: the same encoder and MLM head with and without NSP
+        graphdef, params = nnx.split(BertForPreTraining(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        params = params_lib.to_dict(params)
+        mlm_graphdef = nnx.split(BertForPreTraining(cfg, next_sentence=False, rngs=nnx.Rngs(0)))[0]
+        mlm = losses.MLM.loss({k: params[k] for k in ("bert", "mlm")}, mlm_graphdef, batch, None, deterministic=True)
+        pairs = losses.PRETRAINING.loss(params, graphdef, {**batch, "next_sentence_labels": jnp.zeros(4, jnp.int32)},
+                                        None, deterministic=True)
+        return mlm, pairs
+
+    (loss, sums), (_, nsp_sums) = both(batch)
     assert "nsp_loss_sum" not in sums and set(losses.MLM.metrics(sums)).isdisjoint({"nsp_loss", "nsp_accuracy"})
-    full_graphdef = nnx.split(with_nsp)[0]
-    _, nsp_sums = losses.PRETRAINING.loss(params_lib.to_dict(full), full_graphdef,
-                                          {**batch, "next_sentence_labels": np.zeros(4, np.int32)}, None,
-                                          deterministic=True)
+    assert float(nsp_sums["nsp_loss_sum"]) > 0
     np.testing.assert_allclose(float(loss), float(nsp_sums["mlm_loss_sum"]) / (12 + 1e-5), rtol=1e-6)
     assert float(loss) == pytest.approx(float(losses.MLM.metrics(sums)["loss"]), rel=1e-5)
     with pytest.raises(KeyError, match="next_sentence_labels"):
-        losses.PRETRAINING.loss(params_lib.to_dict(full), full_graphdef, batch, None, deterministic=True)
+        losses.PRETRAINING.normalizers(batch)
 
 
 def test_max_predictions_follow_the_masking_rate():
@@ -131,7 +138,7 @@ def minilm_run(minilm, shared_data, tmp_path_factory):
                     max_seq_length=32, masked_lm_prob=0.2, seed=1, workers=1, progress=False, objective="mlm")
     c = config_utils.load_config_file(str(ROOT / "configs" / "bert_tiny.py"))
     c.model.update(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536,
-                   dtype="float32")
+                   dtype="float32", scan_layers=True)  # scanned layers: a sixth of the compile
     c.data.update(source="prepared", train_path=str(tmp / "data"), max_seq_length=32, masked_lm_prob=0.2)
     c.train.update(objective="mlm", init_from=str(model_dir), global_batch_size=8, steps=2, log_every=1,
                    eval_steps=0, checkpoint_every=10_000, progress_bar=False)
@@ -139,22 +146,17 @@ def minilm_run(minilm, shared_data, tmp_path_factory):
     return c, model_dir
 
 
-def test_init_from_hugging_face_weights(minilm_run, tmp_path, capsys):
-    """Before training the run's encoder gives MiniLM's outputs; a short MLM-only run from it
-    trains, reports the head it made, keeps MiniLM's vocabulary, and records its objective."""
+def test_init_from_hugging_face_weights(minilm_run, tmp_path, capsys, monkeypatch):
+    """A short MLM-only run from the MiniLM directory starts from MiniLM's encoder (the same
+    outputs), reports the head it made, keeps MiniLM's vocabulary and records its objective."""
     c, model_dir = minilm_run
-    source = weights.load_pretrained_encoder(str(model_dir))
-    model_config = train_step_lib.pretraining_model_config(c, source.tokenizer.vocab_size)
-    program = train_step_lib.build_pretraining_step(c, model_config, sharding.make_mesh(c.mesh))
-    state = program.create_state(pretraining.init_from_params(c, model_config, print))
-    assert "heads initialised fresh: ['mlm']" in capsys.readouterr().out
-    assert set(state.params) == {"bert", "mlm"}
-    encoder = nnx.eval_shape(lambda: BertModel(source.config.replace(dtype="float32"), rngs=nnx.Rngs(0)))
-    graphdef = nnx.split(encoder)[0]
-    forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids, deterministic=True)["sequence_output"])
-    ids = np.asarray([source.tokenizer.encode("continued pretraining from released weights")], np.int32)
-    np.testing.assert_array_equal(forward(state.params["bert"], ids), forward(source.encoder, ids))
+    create_state, initial = train_step_lib.PretrainingStep.create_state, []
 
+    def recording(program, params=None):  # the run's initial state, copied before the steps donate it
+        state = create_state(program, params)
+        initial.append(jax.device_get(state.params))
+        return state
+    monkeypatch.setattr(train_step_lib.PretrainingStep, "create_state", recording)
     workdir = tmp_path / "run"
     summary = pretraining.run(c, workdir)
     rows = metrics_writer.read_jsonl(workdir, "train")
@@ -162,7 +164,16 @@ def test_init_from_hugging_face_weights(minilm_run, tmp_path, capsys):
     assert "heads initialised fresh: ['mlm']" in capsys.readouterr().out
     meta = checkpoint.Checkpointer(workdir, read_only=True).newest_meta()
     assert meta["objective"] == "mlm" and meta["tokenizer"]["vocab_size"] == VOCAB
-    assert (workdir / "tokenizer").is_dir()
+
+    source = weights.load_pretrained_encoder(str(model_dir))
+    (params,) = initial
+    assert set(params) == {"bert", "mlm"}
+    encoder = nnx.eval_shape(lambda: BertModel(source.config.replace(dtype="float32", scan_layers=True),
+                                               rngs=nnx.Rngs(0)))
+    graphdef = nnx.split(encoder)[0]
+    forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids, deterministic=True)["sequence_output"])
+    ids = np.asarray([source.tokenizer.encode("continued pretraining from released weights")], np.int32)
+    np.testing.assert_array_equal(forward(params["bert"], ids), forward(params_lib.stack_layers(source.encoder, 6), ids))
 
     c.train.objective = "mlm_nsp"  # resuming with the other objective, or reading the data with it
     with pytest.raises(checkpoint.CheckpointMismatchError, match="train.objective='mlm'"):
