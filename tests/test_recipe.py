@@ -40,9 +40,10 @@ def test_default_objective_data_is_unchanged():
     rows = _instances(corpus, 128, short_seq_prob=0.1)
     batch = instances.unmasked_batch(rows)
     vocab = masking.MaskingVocab(103, (0, 100, 101, 102, 103), np.arange(999, VOCAB, dtype=np.int32))
-    batch.update(masking.mask_batch(batch["input_ids"], batch["input_mask"], masking.example_keys(3, np.arange(len(rows))),
-                                    vocab, max_predictions_per_seq=config_utils.max_predictions_per_seq(
-                                        config_utils.pretrain_config("tiny"))))
+    keys = masking.example_keys(3, np.arange(len(rows)))
+    predictions = config_utils.max_predictions_per_seq(config_utils.pretrain_config("tiny"))  # follows 0.15 x 128
+    batch.update(masking.mask_batch(batch["input_ids"], batch["input_mask"], keys, vocab,
+                                    max_predictions_per_seq=predictions))
     digest = hashlib.sha256(rows.tobytes())
     for key in sorted(batch):
         digest.update(key.encode())
@@ -62,7 +63,8 @@ def test_mlm_rows_are_whole_sentences_of_one_document_without_nsp():
     for document in range(corpus.num_documents):
         mine = np.flatnonzero(rows["document"] == document)
         segments = [ids[r, 1:n[r] - 1] for r in mine]
-        np.testing.assert_array_equal(np.concatenate(segments), np.concatenate(corpus.document(document)))  # all, in order
+        # every token of the document, in order
+        np.testing.assert_array_equal(np.concatenate(segments), np.concatenate(corpus.document(document)))
         start = corpus.sentence_offsets[corpus.document_offsets[document]]
         for r, segment in zip(mine[:-1], segments):  # full: the next sentence (or piece) did not fit
             start += len(segment)
@@ -173,7 +175,8 @@ def test_init_from_hugging_face_weights(minilm_run, tmp_path, capsys, monkeypatc
     graphdef = nnx.split(encoder)[0]
     forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p)(ids, deterministic=True)["sequence_output"])
     ids = np.asarray([source.tokenizer.encode("continued pretraining from released weights")], np.int32)
-    np.testing.assert_array_equal(forward(params["bert"], ids), forward(params_lib.stack_layers(source.encoder, 6), ids))
+    expected = forward(params_lib.stack_layers(source.encoder, 6), ids)
+    np.testing.assert_array_equal(forward(params["bert"], ids), expected)
 
     c.train.objective = "mlm_nsp"  # resuming with the other objective, or reading the data with it
     with pytest.raises(checkpoint.CheckpointMismatchError, match="train.objective='mlm'"):

@@ -171,7 +171,8 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
     if objective not in instances_lib.OBJECTIVES:
         raise ValueError(f"objective must be one of {instances_lib.OBJECTIVES}, got {objective!r}")
     if output_format == "tfrecord" and objective != "mlm_nsp":
-        raise ValueError("output_format tfrecord writes Google's sentence pairs with NSP labels: objective mlm_nsp only")
+        raise ValueError("output_format tfrecord writes Google's sentence pairs with NSP labels: "
+                         "objective mlm_nsp only")
     if max_predictions_per_seq is None:
         max_predictions_per_seq = masking.default_max_predictions(masked_lm_prob, max_seq_length)
     if output_format not in OUTPUT_FORMATS:
@@ -204,7 +205,8 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
         # 1. Sentence splitting and tokenization, by chunks of documents, streamed to disk.
         stats = sources.SourceStats()
         counts = collections.Counter()
-        room, fate = (max_seq_length - 3, "truncated") if objective == "mlm_nsp" else (max_seq_length - 2, "cut into pieces")
+        pairs = objective == "mlm_nsp"
+        room, fate = (max_seq_length - 3, "truncated") if pairs else (max_seq_length - 2, "cut into pieces")
         long_sentences = f"sentences longer than {room} tokens ({fate})"
         corpus_dir = staging / "corpus"
         corpus = corpus_files.CorpusWriter(corpus_dir)
@@ -218,10 +220,9 @@ def prepare(source: DataSource, tokenizer_path, output_dir, *, max_seq_length=12
                 counts[long_sentences] += int((sentence_lengths > room).sum())
                 bar.update(read)
         document_tokens = corpus.close()
-        if corpus.documents < (2 if objective == "mlm_nsp" else 1):
-            raise ValueError(f"{source}: {corpus.documents} usable document(s); "
-                             f"{'next-sentence pairs need at least 2' if objective == 'mlm_nsp' else 'none to train on'}"
-                             f" ({stats.summary()})")
+        if corpus.documents < (2 if pairs else 1):
+            need = "next-sentence pairs need at least 2" if pairs else "none to train on"
+            raise ValueError(f"{source}: {corpus.documents} usable document(s); {need} ({stats.summary()})")
         unk_tokens = counts.pop(_UNK_TOKENS, 0)
         _check_unk_share(unk_tokens, corpus.tokens, tokenizer_path, max_unk_fraction)
 
