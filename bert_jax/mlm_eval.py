@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from bert_jax import checkpoint, losses
+from bert_jax import params as params_lib
 from bert_jax import tokenizer as tokenizer_lib
 from bert_jax.data import instances, loader, masking
 from bert_jax.model import BertForPreTraining
@@ -73,14 +74,24 @@ def unigram_baseline(counts: np.ndarray, batch: dict) -> dict:
             "loss": float((-np.log(probabilities[ids]) * weights).sum() / total), "token": top}
 
 
-def pretraining_graphdef(model_config):
-    return nnx.split(nnx.eval_shape(lambda: BertForPreTraining(model_config, rngs=nnx.Rngs(0))))[0]
+def _canonical(model_config, params):
+    """(config, params) in the canonical layer layout (one entry per layer), scanned or not."""
+    return (model_config.replace(scan_layers=False),
+            params_lib.unstack_layers(params, model_config.num_hidden_layers))
+
+
+def pretraining_graphdef(model_config, params):
+    """The pretraining model's graph for ``params``: with an NSP head when they hold one
+    (``train.objective=mlm_nsp``), without it for MLM-only checkpoints."""
+    next_sentence = "nsp" in params
+    return nnx.split(nnx.eval_shape(lambda: BertForPreTraining(model_config, next_sentence=next_sentence,
+                                                               rngs=nnx.Rngs(0))))[0]
 
 
 @functools.lru_cache(maxsize=4)
-def _mlm_sums(model_config):
+def _mlm_sums(model_config, next_sentence: bool):
     """jitted (params, batch) -> (loss sum, correct sum) at the masked positions; one per model."""
-    graphdef = pretraining_graphdef(model_config)
+    graphdef = pretraining_graphdef(model_config, {"nsp": None} if next_sentence else {})
 
     @jax.jit
     def sums(params, batch):
@@ -91,7 +102,8 @@ def _mlm_sums(model_config):
 
 def evaluate(model_config, params, batch: dict, rows: int = 64) -> dict:
     """Masked-LM accuracy and loss of ``params`` on ``batch``, ``rows`` sequences at a time."""
-    sums = _mlm_sums(model_config)
+    model_config, params = _canonical(model_config, params)
+    sums = _mlm_sums(model_config, "nsp" in params)
     total_loss = total_correct = 0.0
     for start in range(0, len(batch["input_ids"]), rows):
         loss, correct = sums(params, {k: v[start:start + rows] for k, v in batch.items()})
@@ -125,7 +137,8 @@ def masked_word_examples(input_ids, input_mask, tokenizer, count: int, *, window
 
 def fill_mask(model_config, params, tokenizer, texts, k: int = 5) -> list[list[tuple[str, float]]]:
     """The top ``k`` (token, probability) at the first ``[MASK]`` of each text (``[CLS] text [SEP]``)."""
-    graphdef = pretraining_graphdef(model_config)
+    model_config, params = _canonical(model_config, params)
+    graphdef = pretraining_graphdef(model_config, params)
     results = []
     for text in texts:
         before, found, after = text.partition("[MASK]")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bert_jax import checkpoint, config_utils, losses, metrics_writer, pretraining, weights
+from bert_jax import mlm_eval, checkpoint, config_utils, losses, metrics_writer, pretraining, weights
 from bert_jax import params as params_lib
 from bert_jax import train_step as train_step_lib
 from bert_jax.data import instances, loader, masking, prepare
@@ -177,6 +177,10 @@ def test_init_from_hugging_face_weights(minilm_run, tmp_path, capsys, monkeypatc
     ids = np.asarray([source.tokenizer.encode("continued pretraining from released weights")], np.int32)
     expected = forward(params_lib.stack_layers(source.encoder, 6), ids)
     np.testing.assert_array_equal(forward(params["bert"], ids), expected)
+
+    restored_config, restored, _ = checkpoint.restore_params(workdir)  # MLM-only checkpoints evaluate
+    (top,) = mlm_eval.fill_mask(restored_config, restored, source.tokenizer, ["the capital of france is [MASK] ."])
+    assert len(top) == 5 and all(0.0 <= p <= 1.0 for _, p in top)
 
     c.train.objective = "mlm_nsp"  # resuming with the other objective, or reading the data with it
     with pytest.raises(checkpoint.CheckpointMismatchError, match="train.objective='mlm'"):
