@@ -22,7 +22,7 @@ import pathlib
 from ml_collections import config_dict
 
 from bert_jax import hardware
-from bert_jax.data import instances, masking, sources
+from bert_jax.data import instances, masking, packing, sources
 from bert_jax.model import BertConfig
 
 PRESETS = ("tiny", "mini", "small", "medium", "base", "large")
@@ -104,6 +104,10 @@ def pretrain_config(preset: str = "base") -> config_dict.ConfigDict:
     c.data.dynamic_masking = True           # fresh masks every epoch, from the seed
     c.data.max_unk_fraction = 0.05          # text preparation stops when more tokens are [UNK]
     c.data.worker_count = 0                 # grain worker processes per host
+    c.data.packing = False                  # several instances per row (bert_jax/data/packing.py); then
+                                            # max_predictions_per_seq is a row's: >= floor(prob*L) + N
+                                            # (unset: exactly that, 22 at 0.15 x 128 with N=3)
+    c.data.max_instances_per_row = 3        # N, with packing (NVIDIA's MLPerf BERT packs up to 3)
 
     c.train = config_dict.ConfigDict()
     c.train.seed = 0
@@ -276,6 +280,9 @@ def validate(c: config_dict.ConfigDict) -> None:
           "raise it, or leave it unset to follow the rate")
     check(max_predictions_per_seq(c) <= c.data.max_seq_length,
           "data.max_predictions_per_seq", "exceeds data.max_seq_length")
+    if c.data.packing:
+        packing.check_settings(max_seq_length=c.data.max_seq_length, max_predictions_per_seq=max_predictions_per_seq(c),
+                               max_instances_per_row=c.data.max_instances_per_row, masked_lm_prob=c.data.masked_lm_prob)
     check(c.data.tokenizer_model_type in ("unigram", "bpe"), "data.tokenizer_model_type", "must be unigram or bpe")
     check(c.data.tokenizer_vocab_size >= 16, "data.tokenizer_vocab_size", "must be >= 16")
     check(0 <= c.data.short_seq_prob <= 1, "data.short_seq_prob", "must be in [0, 1]")
@@ -338,11 +345,20 @@ def _get(c, dotted):
 
 
 def max_predictions_per_seq(c: config_dict.ConfigDict) -> int:
-    """data.max_predictions_per_seq, or when unset the one following data.masked_lm_prob."""
+    """data.max_predictions_per_seq, or when unset the one following data.masked_lm_prob (with
+    data.packing: a packed row's budget, floor(masked_lm_prob x max_seq_length) + max_instances_per_row)."""
     d = c.data
     if d.max_predictions_per_seq is not None:
         return d.max_predictions_per_seq
+    if d.packing:
+        return packing.row_predictions(d.max_seq_length, d.max_instances_per_row, d.masked_lm_prob)
     return masking.default_max_predictions(d.masked_lm_prob, d.max_seq_length)
+
+
+def instances_per_row(c: config_dict.ConfigDict) -> int:
+    """The loader's and the step's max_instances_per_row: data.max_instances_per_row with
+    data.packing, else 0 (one instance per row, padded)."""
+    return c.data.max_instances_per_row if c.data.packing else 0
 
 
 def model_overrides(c: config_dict.ConfigDict, vocab_size: int) -> dict:

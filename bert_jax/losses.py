@@ -60,7 +60,10 @@ def cross_entropy_sums(logits, labels, weights) -> tuple[jax.Array, jax.Array]:
 
 # ----------------------------------------------------------------------------
 # Pretraining: masked LM (Google's normalisation: sum / (sum of weights + 1e-5)) + mean NSP
-# (objective "mlm_nsp", BERT's), or the masked LM alone (objective "mlm": RoBERTa, MosaicBERT)
+# (objective "mlm_nsp", BERT's), or the masked LM alone (objective "mlm": RoBERTa, MosaicBERT).
+# Packed rows (next_sentence_labels [B, N] with next_sentence_weights): NSP is the mean over the
+# real instances, MLM the mean over every masked position: the losses and gradients of the same
+# instances unpacked.
 
 MLM_KEYS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids", "masked_lm_weights")
 PRETRAINING_KEYS = MLM_KEYS + ("next_sentence_labels",)
@@ -71,8 +74,22 @@ def mlm_normalizers(batch) -> dict:
 
 
 def pretraining_normalizers(batch) -> dict:
-    return {**mlm_normalizers(batch),
-            "nsp": jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32)}
+    return {**mlm_normalizers(batch), "nsp": jnp.sum(_nsp_weights(batch))}
+
+
+def _nsp_weights(batch):
+    """1.0 per instance: every row of an unpacked batch, the filled slots of a packed one."""
+    if "next_sentence_weights" in batch:
+        return batch["next_sentence_weights"].astype(jnp.float32)
+    return jnp.ones(batch["next_sentence_labels"].shape, jnp.float32)
+
+
+def _instances(batch):
+    """The instances of a batch: its rows, or of packed rows (instances numbered 1..k in a row's
+    packed_segment_ids) the sum of each row's k."""
+    if "packed_segment_ids" in batch:
+        return jnp.sum(jnp.max(batch["packed_segment_ids"], axis=1)).astype(jnp.float32)
+    return jnp.asarray(batch["input_ids"].shape[0], jnp.float32)
 
 
 def _mlm_sums(params, graphdef, batch, dropout_key, deterministic) -> tuple[dict, dict]:
@@ -81,8 +98,9 @@ def _mlm_sums(params, graphdef, batch, dropout_key, deterministic) -> tuple[dict
     weights = batch["masked_lm_weights"].astype(jnp.float32)
     mlm_loss_sum, mlm_correct = cross_entropy_sums(out["mlm_logits"], batch["masked_lm_ids"], weights)
     return out, {"mlm_loss_sum": mlm_loss_sum, "mlm_correct": mlm_correct, "masked_tokens": jnp.sum(weights),
-                 "sequences": jnp.asarray(batch["input_ids"].shape[0], jnp.float32),
-                 "tokens": jnp.sum(batch["input_mask"]).astype(jnp.float32)}
+                 "sequences": _instances(batch),
+                 "tokens": jnp.sum(batch["input_mask"]).astype(jnp.float32),
+                 "slots": jnp.asarray(batch["input_mask"].size, jnp.float32)}
 
 
 def mlm_loss(params, graphdef, batch, dropout_key, normalizers=None, *, deterministic=False):
@@ -98,9 +116,9 @@ def pretraining_loss(params, graphdef, batch, dropout_key, normalizers=None, *, 
     if normalizers is None:
         normalizers = pretraining_normalizers(batch)
     out, sums = _mlm_sums(params, graphdef, batch, dropout_key, deterministic)
-    nsp_labels = batch["next_sentence_labels"].reshape(-1)
-    sums["nsp_loss_sum"], sums["nsp_correct"] = cross_entropy_sums(out["nsp_logits"], nsp_labels,
-                                                                   jnp.ones(nsp_labels.shape))
+    nsp_weights = _nsp_weights(batch)
+    nsp_labels = batch["next_sentence_labels"].reshape(nsp_weights.shape)
+    sums["nsp_loss_sum"], sums["nsp_correct"] = cross_entropy_sums(out["nsp_logits"], nsp_labels, nsp_weights)
     loss = sums["mlm_loss_sum"] / normalizers["mlm"] + sums["nsp_loss_sum"] / normalizers["nsp"]
     return loss, sums
 
@@ -109,7 +127,8 @@ def mlm_metrics(sums) -> dict:
     mlm_loss = sums["mlm_loss_sum"] / (sums["masked_tokens"] + 1e-5)
     return {"loss": mlm_loss, "mlm_loss": mlm_loss,
             "mlm_accuracy": sums["mlm_correct"] / (sums["masked_tokens"] + 1e-5),
-            "sequences": sums["sequences"], "tokens": sums["tokens"], "masked_tokens": sums["masked_tokens"]}
+            "sequences": sums["sequences"], "tokens": sums["tokens"], "masked_tokens": sums["masked_tokens"],
+            "packing_efficiency": sums["tokens"] / sums["slots"]}  # real tokens / row slots, padded or packed
 
 
 def pretraining_metrics(sums) -> dict:

@@ -181,7 +181,7 @@ def run(config, workdir) -> dict:
         max_nonfinite_steps=config.train.max_nonfinite_steps,
         global_batch_size=config.train.global_batch_size,
         flops_per_step=flops_per_step, peak_flops_total=peak_total,
-        progress_metrics=(("loss", "loss"), ("mlm_acc", "mlm_accuracy")),
+        progress_metrics=(("loss", "loss"), ("mlm_acc", "mlm_accuracy"), ("fill", "packing_efficiency")),
         max_rollbacks=config.train.max_rollbacks, loss_spike_factor=config.train.loss_spike_factor)
 
     writer = metrics_writer.MetricsWriter(workdir, enabled=main_process, total_steps=config.train.steps,
@@ -193,7 +193,9 @@ def run(config, workdir) -> dict:
                    f"vocab {model_config.vocab_size}), mesh {dict(mesh.shape)}, "
                    f"{jax.process_count()} process(es); {compute.describe()}; "
                    f"{attention.describe(model_config, seq_len=program.seq_len)}; "
-                   f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+                   + (f"packed rows of up to {config.data.max_instances_per_row} instances; " if config.data.packing
+                      else "one instance per row (padded); ")
+                   + f"peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
     preemption = loop.PreemptionWatcher()
     to_global = lambda b: sharding.make_global_batch(b, mesh, rules)  # noqa: E731
     try:

@@ -27,8 +27,8 @@ axis names to those mesh axes.
 * ``batch_sharding(mesh, rules)``: the sharding of every batch array (dim 0 over
   the batch mesh axes, the rest replicated); ``batch_axes`` names those axes and
   ``check_batch_size(n, mesh, rules)`` raises when n does not divide over them;
-  ``abstract_batch(batch_size, seq_len, max_predictions, mesh, rules)``: a
-  pretraining batch as sharded ShapeDtypeStructs, for ``.lower``.
+  ``abstract_batch(batch_size, seq_len, max_predictions, mesh, rules, max_instances_per_row=0)``:
+  a pretraining batch (packed when max_instances_per_row > 0) as sharded ShapeDtypeStructs, for ``.lower``.
 * ``process_batch_rows(batch_sharding, global_shape)``: the global rows of a batch
   this process loads: those of the batch shards its devices hold (processes holding
   the same shard load the same rows).
@@ -237,11 +237,13 @@ def check_batch_size(global_batch_size: int, mesh: Mesh, rules=DEFAULT_RULES) ->
 
 
 def abstract_batch(batch_size: int, seq_len: int, max_predictions: int, mesh: Mesh, rules=DEFAULT_RULES, *,
-                   next_sentence: bool = True) -> dict:
-    """ShapeDtypeStructs (sharded like real batches) of a pretraining batch, for ``.lower``."""
+                   max_instances_per_row: int = 0, next_sentence: bool = True) -> dict:
+    """ShapeDtypeStructs (sharded like real batches) of a pretraining batch (packed rows of up to
+    ``max_instances_per_row`` instances when > 0), for ``.lower``."""
     check_batch_size(batch_size, mesh, rules)
     s = batch_sharding(mesh, rules)
-    spec = instances.batch_spec(batch_size, seq_len, max_predictions, next_sentence=next_sentence)
+    spec = instances.batch_spec(batch_size, seq_len, max_predictions, max_instances_per_row,
+                                next_sentence=next_sentence)
     return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=s) for name, (shape, dtype) in spec.items()}
 
 

@@ -38,8 +38,10 @@ Public API
 
 Metrics of a train step (replicated scalars): loss, mlm_loss, nsp_loss,
 mlm_accuracy, nsp_accuracy (objective mlm_nsp only), grad_norm (before clipping), learning_rate (when
-``schedule`` is given), sequences, tokens (non-padding), masked_tokens,
-update_skipped, skipped_steps.
+``schedule`` is given), sequences (instances: of a packed batch, its filled slots), tokens
+(non-padding), masked_tokens, packing_efficiency (tokens / row slots), update_skipped,
+skipped_steps. A packed batch (``bert_jax.data.packing``) takes the same steps: the losses pass
+its packing arrays to the model.
 """
 from __future__ import annotations
 
@@ -265,6 +267,7 @@ class PretrainingStep:
     seq_len: int
     max_predictions: int
     seed: int
+    max_instances_per_row: int = 0   # > 0: packed batches (data.packing)
 
     def base_key(self) -> jax.Array:
         """The dropout key the step folds the step number into, replicated over the
@@ -278,7 +281,8 @@ class PretrainingStep:
         key = jax.eval_shape(self.base_key)
         key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(self.mesh, PartitionSpec()))
         batch = sharding.abstract_batch(self.global_batch_size, self.seq_len, self.max_predictions, self.mesh,
-                                        self.rules, next_sentence=self.objective == "mlm_nsp")
+                                        self.rules, max_instances_per_row=self.max_instances_per_row,
+                                        next_sentence=self.objective == "mlm_nsp")
         return self.abstract_state, batch, key
 
     def create_state(self, params=None) -> TrainState:
@@ -306,4 +310,5 @@ def build_pretraining_step(config, model_config: BertConfig, mesh: Mesh, rules=N
         abstract_state=abstract, state_shardings=shardings, train_step=step,
         eval_step=make_eval_step(graphdef, mesh, rules, shardings, loss_fns=loss_fns), objective=objective,
         global_batch_size=config.train.global_batch_size, seq_len=config.data.max_seq_length,
-        max_predictions=config_utils.max_predictions_per_seq(config), seed=config.train.seed)
+        max_predictions=config_utils.max_predictions_per_seq(config), seed=config.train.seed,
+        max_instances_per_row=config_utils.instances_per_row(config))

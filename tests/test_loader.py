@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from bert_jax.data import instances, loader
+from bert_jax.data import instances, loader, packing
 from bert_jax.data.prepare import prepare
 from bert_jax.data.sources import DataSource
 
@@ -235,3 +235,95 @@ def test_ids_and_positions_out_of_range_name_the_file_and_record(shared_data, da
     rows.flush()
     with pytest.raises(checks.BadRecordError, match=rf"{shard.name} row \d+: input_ids\[1\] = 40000 is outside"):
         next(_loader(damaged))
+    packed = list(loader.make_pretraining_loader(
+        DataSource("tfrecord", paths=(path,)), global_batch_size=4, max_seq_length=128, max_predictions_per_seq=22,
+        seed=0, dynamic_masking=False, num_epochs=1, max_instances_per_row=3))
+    weights = np.concatenate([b["next_sentence_weights"] for b in packed])
+    assert 52 <= weights.sum() <= 60 and len(packed) < 15  # fewer rows for (nearly) all 60 examples
+    assert np.concatenate([b["next_sentence_labels"] for b in packed])[weights > 0].sum() <= 32
+    assert sum(b["masked_lm_weights"].sum() for b in packed) <= sum(b["masked_lm_weights"].sum() for b in batches)
+
+
+def _packed(data_dir, **kwargs):
+    return _loader(data_dir, max_predictions_per_seq=PACKED_PREDICTIONS, max_instances_per_row=3, **kwargs)
+
+
+PACKED_PREDICTIONS = 12  # floor(0.15 x 64) + 3: the most a packed row of 3 instances predicts
+
+
+def _instances_of(batch):
+    """(masked ids, original ids, label) of every instance in a packed batch, row by row."""
+    original = _unmasked(batch)
+    found = []
+    for r, c in zip(*np.nonzero(batch["next_sentence_weights"])):
+        tokens = batch["packed_segment_ids"][r] == c + 1
+        found.append((batch["input_ids"][r][tokens], original[r][tokens], batch["next_sentence_labels"][r, c]))
+    return found
+
+
+def test_packed_rows_hold_whole_instances_with_their_unpacked_masks(data_dir, vocab_file):
+    cls_id = open(vocab_file, encoding="utf-8").read().split("\n").index("[CLS]")
+    batches = list(_packed(data_dir, num_epochs=1))
+    spec = instances.batch_spec(16, SEQ_LEN, PACKED_PREDICTIONS, 3)
+    assert {k: (v.shape, v.dtype) for k, v in batches[0].items()} == spec
+    for b in batches:
+        for r in range(16):  # instances back to back from slot 0, positions restarting, predictions inside
+            segments = b["packed_segment_ids"][r]
+            k = int(b["next_sentence_weights"][r].sum())
+            assert k >= 1 and set(segments[segments > 0]) == set(range(1, k + 1))
+            assert np.array_equal(b["input_mask"][r], (segments > 0).astype(np.int32))
+            starts = b["cls_positions"][r, :k]
+            assert np.all(b["position_ids"][r, starts] == 0) and np.all(b["input_ids"][r, starts] == cls_id)
+            predicted = b["masked_lm_positions"][r][b["masked_lm_weights"][r] > 0]
+            assert np.all(segments[predicted] > 0)
+    packed = [i for b in batches for i in _instances_of(b)]
+    unpacked = {original.tobytes(): (masked, label) for b in _loader(data_dir, num_epochs=1, global_batch_size=1,
+                                                                    max_predictions_per_seq=PACKED_PREDICTIONS)
+                for masked, original, label in _instances_of(_as_packed(b))}
+    # Each instance once (one epoch, less the dropped tail), with the masks it has unpacked.
+    assert len({o.tobytes() for _, o, _ in packed}) == len(packed) > 0.8 * len(unpacked)
+    for masked, original, label in packed:
+        assert np.array_equal(unpacked[original.tobytes()][0], masked) and unpacked[original.tobytes()][1] == label
+    fill = np.mean([b["input_mask"].mean() for b in batches])
+    assert fill > np.mean([b["input_mask"].mean() for b in _take(_loader(data_dir), 20)]) + 0.05
+
+
+def _as_packed(batch):
+    """An unpacked batch seen as packed rows of one instance (for _instances_of)."""
+    return {**batch, "packed_segment_ids": batch["input_mask"], "next_sentence_weights": np.ones((len(batch["input_ids"]), 1)),
+            "next_sentence_labels": batch["next_sentence_labels"][:, None]}
+
+
+def test_packed_state_resumes_exactly_on_any_host_count_and_workers(data_dir, monkeypatch):
+    monkeypatch.setattr(packing, "WINDOW", 100)  # ~60 rows a window: the batches below span windows
+    it = _packed(data_dir)
+    _take(it, 7)
+    state = json.dumps(it.get_state())
+    expected = _take(it, 2)
+    fresh = _packed(data_dir)
+    fresh.set_state(json.loads(state))
+    assert all(_equal(a, b) for a, b in zip(_take(fresh, 2), expected))
+    halves = [_packed(data_dir, host_rows=host_rows(h, 2)) for h in range(2)]
+    for half in halves:
+        half.set_state(json.loads(state))
+    glued = [next(h) for h in halves]
+    assert _equal({k: np.concatenate([g[k] for g in glued]) for k in glued[0]}, expected[0])
+    workers = _packed(data_dir, worker_count=2)
+    try:
+        workers.set_state(json.loads(state))
+        assert all(_equal(a, b) for a, b in zip(_take(workers, 2), expected))
+    finally:
+        workers.close()
+    with pytest.raises(ValueError, match="saved with data.packing=True, data.max_instances_per_row=3; this run has "
+                                         "data.packing=False"):
+        _loader(data_dir, max_predictions_per_seq=PACKED_PREDICTIONS).set_state(json.loads(state))
+
+
+def test_packing_settings_errors_name_the_setting(data_dir):
+    with pytest.raises(ValueError, match=r"config.data.max_predictions_per_seq=10 is too small for packed rows: .* set "
+                                         r"it >= 12"):
+        _loader(data_dir, max_instances_per_row=3)
+    with pytest.raises(ValueError, match="config.data.max_seq_length=32: a packed row cannot hold one instance"):
+        _loader(data_dir, max_seq_length=32, max_predictions_per_seq=10, max_instances_per_row=2)
+    with pytest.raises(ValueError, match="config.data.max_instances_per_row=-1"):
+        _loader(data_dir, max_instances_per_row=-1)

@@ -55,9 +55,9 @@ def test_tfds_batches_equal_directory_batches_on_two_hosts(corpora):
     instances = loader.read_metadata(prepared)["splits"]["train"]["instances"]
     assert loader.source_metadata(DataSource("tfds_corpus", name=NAME, data_dir=str(tfds_dir))) == \
         loader.read_metadata(prepared)
-    # Past one epoch (re-shuffle and fresh masks), whole-word masking too, eval split too.
+    # Past one epoch (re-shuffle and fresh masks), whole-word masking too, packed rows too, eval split too.
     steps = instances // 16 + 2
-    for options in (dict(), dict(whole_word_masking=True, seed=6)):
+    for options in (dict(), dict(whole_word_masking=True, seed=6), dict(max_instances_per_row=3, max_predictions_per_seq=12)):
         for host in range(2):
             expected = _take(_loader(prepared, tfds_dir, host_rows=host_rows(host, 2), **options), steps)
             got = _take(_loader(NAME, tfds_dir, host_rows=host_rows(host, 2), **options), steps)

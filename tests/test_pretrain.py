@@ -295,3 +295,20 @@ def test_phase2_init_optimizer_keeps_adams_count_and_restarts_the_schedule(prepa
     counts = {type(s).__name__: int(s.count)
               for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, counted)) if isinstance(s, counted)}
     assert counts == {"ScaleByAdamState": STEPS, "ScaleByScheduleState": 0}
+
+
+def test_packed_run_resumes_bitwise_and_reports_its_fill(prepared, reference, tmp_path):
+    """data.packing=True: 4 steps then 4 more from the checkpoint == 8 steps; the summary
+    reports real tokens/s and the fill of the rows (as the padded run does)."""
+    packed = dict(data__packing=True, data__max_predictions_per_seq=12, optimizer__total_steps=8)
+    whole = pretraining.run(make_config(prepared, train__steps=8, **packed), tmp_path / "whole")
+    pretraining.run(make_config(prepared, train__steps=4, **packed), tmp_path / "half")
+    resumed = pretraining.run(make_config(prepared, train__steps=8, **packed), tmp_path / "half")
+    assert resumed["start_step"] == 4 and _train_losses(tmp_path / "half") == _train_losses(tmp_path / "whole")
+    for a, b in zip(jax.tree.leaves(_params(tmp_path / "half")), jax.tree.leaves(_params(tmp_path / "whole")),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    logged = whole["train"]  # the last log window: instances per step, the rows' fill, real tokens/s
+    assert logged["sequences"] > 16 and 0.9 < logged["packing_efficiency"] <= 1
+    assert logged["tokens_per_second"] == pytest.approx(logged["tokens"] * logged["steps_per_second"])
+    assert 0.5 < metrics_writer.read_jsonl(reference, "train")[-1]["packing_efficiency"] <= 1  # padded: reported too

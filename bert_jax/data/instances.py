@@ -258,10 +258,11 @@ def _build_rows(tokens, spans, dtype, cls_id, sep_id):
     return rows
 
 
-def batch_spec(batch_size: int, max_seq_length: int, max_predictions_per_seq: int, *,
-               next_sentence: bool = True) -> dict:
+def batch_spec(batch_size: int, max_seq_length: int, max_predictions_per_seq: int,
+               max_instances_per_row: int = 0, *, next_sentence: bool = True) -> dict:
     """Shapes and dtypes of a pretraining batch (what the loader yields), for AOT compilation
-    (`jax.ShapeDtypeStruct(*spec[name])`); `next_sentence_labels` only with `next_sentence`."""
+    (`jax.ShapeDtypeStruct(*spec[name])`); `next_sentence_labels` only with `next_sentence`;
+    max_instances_per_row > 0: packed rows (data/packing.py)."""
     sequence = ((batch_size, max_seq_length), np.dtype(np.int32))
     predictions = ((batch_size, max_predictions_per_seq), np.dtype(np.int32))
     spec = {
@@ -269,7 +270,14 @@ def batch_spec(batch_size: int, max_seq_length: int, max_predictions_per_seq: in
         "masked_lm_positions": predictions, "masked_lm_ids": predictions,
         "masked_lm_weights": ((batch_size, max_predictions_per_seq), np.dtype(np.float32)),
     }
-    if next_sentence:
+    if max_instances_per_row:
+        per_instance = (batch_size, max_instances_per_row)
+        spec.update(position_ids=sequence, packed_segment_ids=sequence)
+        if next_sentence:
+            spec.update(cls_positions=(per_instance, np.dtype(np.int32)),
+                        next_sentence_labels=(per_instance, np.dtype(np.int32)),
+                        next_sentence_weights=(per_instance, np.dtype(np.float32)))
+    elif next_sentence:
         spec["next_sentence_labels"] = ((batch_size,), np.dtype(np.int32))
     return spec
 

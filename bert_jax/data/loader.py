@@ -15,7 +15,8 @@ Public API (the trainer calls exactly this):
         host_rows=None,               # rows of each global batch this host loads:
                                       # sharding.process_batch_rows (None: all, one process)
         worker_count=0,               # >0: Grain worker processes (mp_prefetch)
-        tokenizer=None)               # optional: checked against the data's vocabulary
+        tokenizer=None,               # optional: checked against the data's vocabulary
+        max_instances_per_row=0)      # >0: packed rows of up to that many instances (packing.py)
     batch = next(it)                  # dict of numpy arrays, this host's rows of the global batch
     state = it.get_state()            # small JSON-able dict: store it in the checkpoint
     it.set_state(state)               # continues with exactly the batch that came next
@@ -39,6 +40,12 @@ vocabulary (the prepared data's, or the tokenizer's for TFRecords) and masked po
 the sequence; a bad record is an error naming its file and record.
 A TFDS conversion holds the directory's rows in the same order, so it gives the same batches,
 and a state saved reading one restores reading the other.
+
+Packed (`max_instances_per_row` > 0, bert_jax/data/packing.py): the same stream of instances,
+with the same masks, is packed window by window into rows of `max_seq_length` slots, and global
+batch k is rows [k*G, (k+1)*G) of the packed stream; the batch has the packing arrays
+(`instances.batch_spec(..., max_instances_per_row)`), `max_predictions_per_seq` is a row's, and
+the instances may be shorter than the rows. The state adds the window and row batch k starts at.
 """
 from __future__ import annotations
 
@@ -53,7 +60,7 @@ from absl import flags
 import numpy as np
 
 from bert_jax.data import instances as instances_lib
-from bert_jax.data import checks, masking, sources
+from bert_jax.data import checks, masking, packing, sources
 from bert_jax.data.sources import DataSource
 
 METADATA_FILE = instances_lib.METADATA_FILE
@@ -129,16 +136,13 @@ class _Shuffle:
         return {**self.__dict__, "_cache": {}}
 
 
-class _ReadBatch:
-    """Index k of a global batch -> this host's part of it, as the batch dict. Picklable for workers."""
+class _Instances:
+    """Stream positions -> those instances as an unpacked batch with masks. Picklable for workers."""
 
-    def __init__(self, source, shuffle, *, host_rows, global_batch_size, seed, max_predictions_per_seq,
-                 dynamic_masking, whole_word_masking, masked_lm_prob, masking_vocab, vocab_size,
-                 next_sentence):
+    def __init__(self, source, shuffle, *, seed, max_predictions_per_seq, dynamic_masking, whole_word_masking,
+                 masked_lm_prob, masking_vocab, vocab_size, next_sentence):
         self.source = source
         self.shuffle = shuffle
-        self.host_rows = host_rows
-        self.global_batch_size = global_batch_size
         self.seed = seed
         self.max_predictions_per_seq = max_predictions_per_seq
         self.dynamic_masking = dynamic_masking
@@ -148,9 +152,8 @@ class _ReadBatch:
         self.vocab_size = vocab_size
         self.next_sentence = next_sentence
 
-    def __call__(self, batch_index):
-        # This host's rows of global batch k are stream[k*G + host_rows].
-        epochs, indices = self.shuffle(batch_index * self.global_batch_size + self.host_rows)
+    def __call__(self, positions):
+        epochs, indices = self.shuffle(positions)
         batch = self._read(epochs, indices)
         checks.check_batch(batch, indices, vocab_size=self.vocab_size, describe=self.source.describe)
         return batch
@@ -172,15 +175,71 @@ class _ReadBatch:
             batch.update(instances_lib.stored_masks(rows))
         return batch
 
+    def lengths_and_budgets(self, positions):
+        """(tokens, most masked predictions) of the instances at `positions`, for the packer."""
+        rows = self.source.read(self.shuffle(positions)[1])
+        if not isinstance(rows, np.ndarray):
+            return rows["input_mask"].sum(axis=1), (rows["masked_lm_weights"] > 0).sum(axis=1)
+        if not self.dynamic_masking:
+            return rows["num_tokens"], rows["num_predictions"]
+        return rows["num_tokens"], packing.instance_budgets(rows["num_tokens"], self.max_predictions_per_seq,
+                                                            self.masked_lm_prob)
+
+
+class _ReadBatch:
+    """Index k of a global batch -> this host's part of it: stream[k*G + host_rows]."""
+
+    def __init__(self, instances, *, host_rows, global_batch_size):
+        self.instances = instances
+        self.host_rows = host_rows
+        self.global_batch_size = global_batch_size
+
+    def __call__(self, batch_index):
+        return self.instances(batch_index * self.global_batch_size + self.host_rows)
+
+
+class _ReadPackedBatch:
+    """Index k of a global batch of packed rows -> (this host's rows of it, the cursor after it)."""
+
+    def __init__(self, instances, planner: packing.Planner, *, host_rows, row_length, row_predictions):
+        self.instances = instances
+        self.planner = planner
+        self.host_rows = host_rows
+        self.row_length, self.row_predictions = row_length, row_predictions
+
+    def __call__(self, batch_index):
+        planned = self.planner.plan(batch_index)
+        if planned is None:
+            return None  # past the end of a finite stream: Grain skips it
+        positions, cursor = planned
+        positions = positions[self.host_rows]
+        filled = positions >= 0
+        unique, inverse = np.unique(positions[filled], return_inverse=True)
+        slots = np.full(positions.shape, -1, np.int64)
+        slots[filled] = inverse
+        batch = packing.pack_rows(self.instances(unique), slots, row_length=self.row_length,
+                                  row_predictions=self.row_predictions)
+        return batch, cursor
+
+    def starting_at(self, cursor) -> "_ReadPackedBatch":
+        """A copy whose plans start at `cursor` (batch, window, row): one per iterator, so a
+        closed iterator's prefetch thread never shares a planner with the next one."""
+        return _ReadPackedBatch(self.instances, self.planner.starting_at(cursor), host_rows=self.host_rows,
+                                row_length=self.row_length, row_predictions=self.row_predictions)
+
 
 class PretrainingLoader:
-    """Iterator over this host's batches; state = number of batches delivered."""
+    """Iterator over this host's batches; state = number of batches delivered (and, packed, the
+    window and row the next batch starts at)."""
 
-    def __init__(self, host_batches: grain.MapDataset, fingerprint: dict, *, worker_count: int):
-        self._host_batches = host_batches
+    def __init__(self, read_batch, num_batches: int, fingerprint: dict, *, worker_count: int):
+        self._read_batch = read_batch  # _ReadBatch, or _ReadPackedBatch
+        self._packed = isinstance(read_batch, _ReadPackedBatch)
+        self._num_batches = num_batches
         self._fingerprint = fingerprint
         self._worker_count = worker_count
         self._next_batch = 0
+        self._cursor = (0, 0, 0)  # packed: (batch, window, row) of the next batch
         self._iterator = None
 
     def __iter__(self):
@@ -188,7 +247,8 @@ class PretrainingLoader:
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._iterator is None:
-            remaining = self._host_batches.slice(slice(self._next_batch, None))
+            read = self._read_batch.starting_at(self._cursor) if self._packed else self._read_batch
+            remaining = grain.MapDataset.range(self._num_batches).slice(slice(self._next_batch, None)).map(read)
             # One reader thread: the work is numpy on whole batches; more threads fight over the GIL.
             dataset = remaining.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=4))
             if self._worker_count > 0:
@@ -197,26 +257,39 @@ class PretrainingLoader:
                 dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._worker_count))
             self._iterator = iter(dataset)
         batch = next(self._iterator)
+        if self._packed:
+            batch, self._cursor = batch
         self._next_batch += 1
         return batch
 
     def __len__(self) -> int:
-        return len(self._host_batches)
+        """The number of batches (packed: at most; a finite packed stream may end sooner)."""
+        return self._num_batches
 
     def get_state(self) -> dict:
-        return {"version": _STATE_VERSION, "next_batch": self._next_batch, **self._fingerprint}
+        state = {"version": _STATE_VERSION, "next_batch": self._next_batch, **self._fingerprint}
+        if self._packed:
+            state.update(window=int(self._cursor[1]), row=int(self._cursor[2]))
+        return state
 
     def set_state(self, state: dict) -> None:
         if isinstance(state, (bytes, str)):
             state = json.loads(state)
         if state.get("version") != _STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r} is not {_STATE_VERSION}")
+        saved, here = state.get("max_instances_per_row", 0), self._fingerprint.get("max_instances_per_row", 0)
+        if saved != here:
+            describe = lambda n: f"data.packing=True, data.max_instances_per_row={n}" if n else "data.packing=False"  # noqa: E731
+            raise ValueError(f"loader state was saved with {describe(saved)}; this run has {describe(here)}: "
+                             "resume with the settings that saved it")
         for key, value in self._fingerprint.items():  # not the hosts: global batch k is the same on any mesh
             if state.get(key) != value:
                 raise ValueError(f"loader state does not match this loader: {key} is "
                                  f"{state.get(key)!r} in the state, {value!r} here")
         self.close()
         self._next_batch = int(state["next_batch"])
+        if self._packed:
+            self._cursor = (self._next_batch, int(state["window"]), int(state["row"]))
 
     def close(self) -> None:
         if self._iterator is not None and hasattr(self._iterator, "close"):
@@ -251,14 +324,15 @@ def read_metadata(data_dir) -> dict:
 
 def _check_metadata(metadata: dict, where: str, split: str, *, max_seq_length, max_predictions_per_seq,
                     dynamic_masking, whole_word_masking, tokenizer, objective) -> None:
-    """prepare's settings (metadata.json) against what the caller asks for; `where` names the data."""
+    """prepare's settings (metadata.json) against what the caller asks for; `where` names the data.
+    max_seq_length and max_predictions_per_seq None: packed rows (checked by `packing.check_settings`)."""
     if split not in metadata["splits"]:
         raise ValueError(f"split {split!r} not in {where} (has {sorted(metadata['splits'])})")
     prepared_for = metadata.get("objective", "mlm_nsp")  # directories from before the option: BERT's pairs
     if prepared_for != objective:
         raise ValueError(f"{where} was prepared for train.objective={prepared_for!r}, this run's is {objective!r}:"
                          f" set train.objective={prepared_for!r} or prepare it again with --objective={objective}")
-    if metadata["max_seq_length"] != max_seq_length:
+    if max_seq_length is not None and metadata["max_seq_length"] != max_seq_length:
         raise ValueError(f"{where} holds max_seq_length={metadata['max_seq_length']}, asked for {max_seq_length}")
     if metadata["static_masking"] == dynamic_masking:
         raise ValueError(f"{where} was prepared with {'static' if metadata['static_masking'] else 'dynamic'}"
@@ -266,7 +340,7 @@ def _check_metadata(metadata: dict, where: str, split: str, *, max_seq_length, m
     if not dynamic_masking:
         for key, value in (("max_predictions_per_seq", max_predictions_per_seq),
                            ("whole_word_masking", whole_word_masking)):
-            if metadata[key] != value:
+            if value is not None and metadata[key] != value:
                 raise ValueError(f"{where} has static masks with {key}={metadata[key]}, asked for {value}")
     if tokenizer is not None and (tokenizer.vocab_size != metadata["vocab_size"]
                                   or list(tokenizer.special_ids) != metadata["special_ids"]):
@@ -294,8 +368,7 @@ def _prepared_source(source: DataSource, **settings):
     files = [data_dir / shard["file"] for shard in metadata["splits"][source.split]["shards"]]
     with np.load(data_dir / VOCAB_TABLES_FILE) as tables:
         vocab = _masking_vocab(metadata, tables)
-    return (InstanceShards(files), vocab, metadata["masked_lm_prob"], _shard_names(metadata, source.split),
-            metadata["vocab_size"])
+    return InstanceShards(files), vocab, metadata, _shard_names(metadata, source.split)
 
 
 def _tfds_source(source: DataSource, **settings):
@@ -305,8 +378,7 @@ def _tfds_source(source: DataSource, **settings):
     where = f"{sources.TFDS_CORPUS}/{source.name} in {instances.data_dir}"
     _check_metadata(instances.metadata, where, source.split, **settings)
     vocab = _masking_vocab(instances.metadata, instances.vocab_tables)
-    return (instances, vocab, instances.metadata["masked_lm_prob"], _shard_names(instances.metadata, source.split),
-            instances.metadata["vocab_size"])
+    return instances, vocab, instances.metadata, _shard_names(instances.metadata, source.split)
 
 
 def _tfrecord_source(source: DataSource, max_seq_length, max_predictions_per_seq, dynamic_masking):
@@ -325,27 +397,38 @@ def _tfrecord_source(source: DataSource, max_seq_length, max_predictions_per_seq
 def make_pretraining_loader(source: DataSource, *, global_batch_size: int, max_seq_length: int,
                             max_predictions_per_seq: int, seed: int, dynamic_masking: bool = True, whole_word_masking: bool = False,
                             num_epochs: int | None = None, host_rows=None, worker_count: int = 0,
-                            tokenizer=None, objective: str = "mlm_nsp") -> PretrainingLoader:
-    """This host's pretraining batches (see the module docstring)."""
+                            tokenizer=None, objective: str = "mlm_nsp",
+                            max_instances_per_row: int = 0) -> PretrainingLoader:
+    """This host's pretraining batches (see the module docstring); max_instances_per_row > 0: packed
+    rows of up to that many instances (bert_jax.data.packing)."""
     host_rows = np.arange(global_batch_size) if host_rows is None else np.asarray(host_rows, np.int64)
     if host_rows.ndim != 1 or not len(host_rows) or np.any(np.diff(host_rows) <= 0) \
             or host_rows[0] < 0 or host_rows[-1] >= global_batch_size:
         raise ValueError(f"host_rows must be increasing rows of the global batch [0, {global_batch_size}), "
                          "as sharding.process_batch_rows gives them")
 
-    settings = dict(max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq,
+    packed = max_instances_per_row != 0  # (< 0: an error of check_settings)
+    instance_shape = (None, None) if packed else (max_seq_length, max_predictions_per_seq)  # packed: the data's
+    settings = dict(max_seq_length=instance_shape[0], max_predictions_per_seq=instance_shape[1],
                     dynamic_masking=dynamic_masking, whole_word_masking=whole_word_masking, tokenizer=tokenizer,
                     objective=objective)
-    if source.kind == "tfds_corpus":
-        rows, vocab, masked_lm_prob, files, vocab_size = _tfds_source(source, **settings)
-    elif source.kind == "prepared":
-        rows, vocab, masked_lm_prob, files, vocab_size = _prepared_source(source, **settings)
+    if source.kind in ("tfds_corpus", "prepared"):
+        rows, vocab, metadata, files = (_tfds_source if source.kind == "tfds_corpus" else _prepared_source)(
+            source, **settings)
+        masked_lm_prob, instance_length = metadata["masked_lm_prob"], metadata["max_seq_length"]
+        instance_predictions = None if dynamic_masking else metadata["max_predictions_per_seq"]
+        vocab_size = metadata["vocab_size"]
     elif source.kind == "tfrecord":
-        rows, files = _tfrecord_source(source, max_seq_length, max_predictions_per_seq, dynamic_masking)
+        rows, files = _tfrecord_source(source, *instance_shape, dynamic_masking)
         vocab, masked_lm_prob = None, 0.15
         vocab_size = tokenizer.vocab_size if tokenizer is not None else None
+        instance_length, instance_predictions = rows.max_seq_length, rows.max_predictions_per_seq
     else:
         raise ValueError(f"{source}: text must be prepared into instances first (bert_jax.data.prepare)")
+    if packed:
+        packing.check_settings(max_seq_length=max_seq_length, max_predictions_per_seq=max_predictions_per_seq,
+                               max_instances_per_row=max_instances_per_row, masked_lm_prob=masked_lm_prob,
+                               instance_length=instance_length, instance_predictions=instance_predictions)
     num_instances = len(rows)
 
     if num_epochs is None:
@@ -355,11 +438,19 @@ def make_pretraining_loader(source: DataSource, *, global_batch_size: int, max_s
         if num_global_batches == 0:
             raise ValueError(f"{num_instances} instances x {num_epochs} epochs do not fill one global batch"
                              f" of {global_batch_size}")
-    host_batches = grain.MapDataset.range(num_global_batches).map(_ReadBatch(
-        rows, _Shuffle(num_instances, seed), host_rows=host_rows, global_batch_size=global_batch_size, seed=seed,
-        max_predictions_per_seq=max_predictions_per_seq, dynamic_masking=dynamic_masking,
-        whole_word_masking=whole_word_masking, masked_lm_prob=masked_lm_prob, masking_vocab=vocab,
-        vocab_size=vocab_size, next_sentence=objective == "mlm_nsp"))
+    read = _Instances(rows, _Shuffle(num_instances, seed), seed=seed, max_predictions_per_seq=max_predictions_per_seq,
+                      dynamic_masking=dynamic_masking, whole_word_masking=whole_word_masking,
+                      masked_lm_prob=masked_lm_prob, masking_vocab=vocab, vocab_size=vocab_size,
+                      next_sentence=objective == "mlm_nsp")
+    if packed:  # a finite stream of packed rows ends sooner than num_global_batches (None past the end)
+        planner = packing.Planner(
+            read.lengths_and_budgets, global_batch_size=global_batch_size, seed=seed, row_length=max_seq_length,
+            stream_length=sys.maxsize if num_epochs is None else num_instances * num_epochs,
+            row_predictions=max_predictions_per_seq, max_instances=max_instances_per_row)
+        read_batch = _ReadPackedBatch(read, planner, host_rows=host_rows, row_length=max_seq_length,
+                                      row_predictions=max_predictions_per_seq)
+    else:
+        read_batch = _ReadBatch(read, host_rows=host_rows, global_batch_size=global_batch_size)
 
     # The data's identity as a short hash, so the state stays small with thousands of shards.
     data_hash = hashlib.sha256(json.dumps([files, num_instances]).encode()).hexdigest()[:16]
@@ -367,4 +458,6 @@ def make_pretraining_loader(source: DataSource, *, global_batch_size: int, max_s
                    "global_batch_size": global_batch_size, "max_seq_length": max_seq_length,
                    "max_predictions_per_seq": max_predictions_per_seq, "dynamic_masking": dynamic_masking,
                    "whole_word_masking": whole_word_masking, "num_epochs": num_epochs}
-    return PretrainingLoader(host_batches, fingerprint, worker_count=worker_count)
+    if packed:
+        fingerprint.update(max_instances_per_row=max_instances_per_row, packing_window=packing.WINDOW)
+    return PretrainingLoader(read_batch, num_global_batches, fingerprint, worker_count=worker_count)

@@ -53,7 +53,7 @@ def build_pretraining_data(config, workdir: epath.Path, *, batch_sharding, saved
                    max_predictions_per_seq=config_utils.max_predictions_per_seq(config), seed=config.train.seed,
                    whole_word_masking=d.whole_word_masking, host_rows=host_rows, worker_count=d.worker_count,
                    dynamic_masking=d.dynamic_masking and not static, tokenizer=tok,
-                   objective=config.train.objective)
+                   objective=config.train.objective, max_instances_per_row=config_utils.instances_per_row(config))
     splits = None if static else loader.source_metadata(train_source)["splits"]
     if train_source.kind == "tfds_corpus" and train_source.split not in splits:
         raise ValueError(f"config.data.tfds_split: {d.tfds_name} has no split {train_source.split!r} "
