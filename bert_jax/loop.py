@@ -324,7 +324,7 @@ class _Window:
         out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
         out["steps_per_second"] = steps / seconds
         out["sequences_per_second"] = steps * self.settings.global_batch_size / seconds
-        if "tokens" in out:  # real (non-padding) tokens: what packing raises
+        if "packing_efficiency" in out:  # pretraining: `tokens` are the real (non-padding) tokens
             out["tokens_per_second"] = out["tokens"] * steps / seconds
         if self.settings.flops_per_step:
             out["mfu"] = self.settings.flops_per_step * steps / seconds / self.settings.peak_flops_total

@@ -309,6 +309,6 @@ def test_packed_run_resumes_bitwise_and_reports_its_fill(prepared, reference, tm
                     strict=True):
         np.testing.assert_array_equal(a, b)
     logged = whole["train"]  # the last log window: instances per step, the rows' fill, real tokens/s
-    assert logged["sequences"] > 16 and 0.9 < logged["packing_efficiency"] <= 1
+    assert logged["sequences"] >= 16 and 0.9 < logged["packing_efficiency"] <= 1
     assert logged["tokens_per_second"] == pytest.approx(logged["tokens"] * logged["steps_per_second"])
     assert 0.5 < metrics_writer.read_jsonl(reference, "train")[-1]["packing_efficiency"] <= 1  # padded: reported too
