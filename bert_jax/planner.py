@@ -15,10 +15,11 @@ that fits (doubling, then bisection, one compile per probe).
     parse_topology("v5e:16x16" | "v5litepod-256" | "v5p-128", num_slices=1) -> Topology
     plan(config, topology, num_slices=1, global_batch_size=None, packed=False) -> Plan
     search_batch(config, topology, ...) -> (largest fitting Plan or None, every probe)
-    lower_pretraining_step(config, mesh, packed=False) -> (PretrainingStep, jax.stages.Lowered)
+    lower_pretraining_step(config, mesh) -> (PretrainingStep, jax.stages.Lowered)
 
-``packed=True`` lowers the step on packed rows (``losses.PACKING_KEYS`` in the batch: position
-ids and packed segment ids). The attention path is the one the model takes on the TPU
+``packed=True`` (or ``data.packing`` in the config) lowers the step on packed rows, the batch the
+loader gives with ``data.packing`` (``instances.batch_spec``: position ids, packed segment ids
+and, for mlm_nsp, per-instance [CLS] positions and NSP labels and weights). The attention path is the one the model takes on the TPU
 (``bert_jax.attention``): Pallas splash attention with segment ids when attention dropout is
 off (``--config.model.attention_probs_dropout_prob=0``); the report names it and counts the
 Pallas kernels in the lowered step.
@@ -37,7 +38,7 @@ import time
 import jax
 from ml_collections import config_dict
 
-from bert_jax import attention, config_utils, hardware, losses, sharding
+from bert_jax import attention, config_utils, hardware, sharding
 from bert_jax import train_step as train_step_lib
 from bert_jax.hardware import GiB
 
@@ -286,17 +287,14 @@ def _copy_for_topology(config, topology: Topology) -> config_dict.ConfigDict:
     return config
 
 
-def lower_pretraining_step(config, mesh, *, vocab_size: int = 30522, packed: bool = False):
+def lower_pretraining_step(config, mesh, *, vocab_size: int = 30522):
     """The step `python -m bert_jax.pretrain` runs for `config` on `mesh`
     (``train_step.build_pretraining_step``, the builder pretraining itself calls),
-    lowered with abstract arguments (and packed rows' keys with ``packed``).
+    lowered with abstract arguments (packed rows with ``data.packing``).
     -> (PretrainingStep, jax.stages.Lowered)."""
     model_config = train_step_lib.pretraining_model_config(config, vocab_size)  # unless the config sets it
     program = train_step_lib.build_pretraining_step(config, model_config, mesh)
-    state, batch, key = program.abstract_arguments()
-    if packed:  # [B, T] int32 and sharded like input_ids
-        batch = dict(batch, **{name: batch["input_ids"] for name in losses.PACKING_KEYS})
-    return program, program.train_step.lower(state, batch, key)
+    return program, program.train_step.lower(*program.abstract_arguments())
 
 
 def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_size: int | None = None,
@@ -316,6 +314,7 @@ def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_
     config.model.dtype, config.model.matmul_impl = choice.dtype, choice.matmul_impl
     if global_batch_size is not None:
         config.train.global_batch_size = int(global_batch_size)
+    packed = config.data.packing = packed or config.data.packing
     config_utils.validate(_with_train_path(config))
 
     devices = topology_devices(topology)
@@ -330,7 +329,7 @@ def plan(config, topology: Topology | str, num_slices: int = 1, *, global_batch_
         raise ValueError(f"config.train.global_batch_size={batch} on mesh {dict(mesh.shape)}: {e}") from None
 
     start = time.perf_counter()
-    program, lowered = lower_pretraining_step(config, mesh, vocab_size=vocab_size, packed=packed)
+    program, lowered = lower_pretraining_step(config, mesh, vocab_size=vocab_size)
     model_config, seq, preds = program.model_config, program.seq_len, program.max_predictions
     result = Plan(
         topology=topology, mesh_shape=dict(mesh.shape), global_batch_size=batch, seq_len=seq,

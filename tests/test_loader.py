@@ -210,6 +210,12 @@ def test_google_tfrecord_through_the_same_loader(shared_data):
     assert 52 <= weights.sum() <= 60 and len(packed) < 15  # fewer rows for (nearly) all 60 examples
     assert np.concatenate([b["next_sentence_labels"] for b in packed])[weights > 0].sum() <= 32
     assert sum(b["masked_lm_weights"].sum() for b in packed) <= sum(b["masked_lm_weights"].sum() for b in batches)
+    # objective mlm (Google's pairs, the masked LM alone): the same packed rows without the NSP arrays
+    mlm = next(loader.make_pretraining_loader(
+        DataSource("tfrecord", paths=(path,)), global_batch_size=4, max_seq_length=128, max_predictions_per_seq=22,
+        seed=0, dynamic_masking=False, num_epochs=1, max_instances_per_row=3, objective="mlm"))
+    assert {k: (v.shape, v.dtype) for k, v in mlm.items()} == instances.batch_spec(4, 128, 22, 3, next_sentence=False)
+    assert _equal(mlm, {k: packed[0][k] for k in mlm})
 
 
 def test_ids_and_positions_out_of_range_name_the_file_and_record(shared_data, data_dir, tmp_path, minilm_tokenizer):

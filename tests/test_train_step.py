@@ -176,3 +176,11 @@ def test_packed_batch_gives_the_unpacked_losses_and_gradients(setup):
     tokens = unpacked["input_mask"].sum()
     assert float(packed_metrics["packing_efficiency"]) == pytest.approx(tokens / (4 * 32))
     assert float(metrics["packing_efficiency"]) == pytest.approx(tokens / (6 * 16))
+    # objective mlm: rows packed without NSP labels have no NSP arrays and count their instances
+    mlm_packed = packing.pack_rows({k: v for k, v in unpacked.items() if k != "next_sentence_labels"}, slots,
+                                   row_length=32, row_predictions=8)
+    assert not {"cls_positions", "next_sentence_labels", "next_sentence_weights"} & set(mlm_packed)
+    mlm_loss, mlm_sums = jax.jit(lambda p, b: losses.mlm_loss(p, graphdef, b, None, deterministic=True),
+                                 compiler_options=FAST_COMPILE)(state.params, mlm_packed)
+    np.testing.assert_allclose(float(mlm_loss), float(metrics["mlm_loss"]), rtol=1e-5)
+    assert float(mlm_sums["sequences"]) == 6
