@@ -44,12 +44,20 @@ def _save_steps(workdir, steps, **kw):
 
 def _hashes(root) -> dict:
     """{step/path: sha256} of every file of the committed steps in checkpoints/ and
-    damaged_checkpoints/ (not the temporary directories of unfinished saves)."""
-    root = pathlib.Path(root)
-    return {str(path.relative_to(root / top)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for top in (checkpoint.CHECKPOINTS_DIR, checkpoint.DAMAGED_DIR)
-            for path in (root / top).rglob("*")
-            if path.is_file() and path.relative_to(root / top).parts[0].isdigit()}
+    damaged_checkpoints/ (not the temporary directories of unfinished saves). Safe to call while a
+    run is saving: a directory or file that a finishing save renames or that garbage collection
+    deletes during the walk is left out, not an error."""
+    root, hashes = pathlib.Path(root), {}
+    for top in (checkpoint.CHECKPOINTS_DIR, checkpoint.DAMAGED_DIR):
+        steps = [d for d in (root / top).iterdir() if d.name.isdigit()] if (root / top).is_dir() else []
+        for step_dir in steps:
+            try:
+                files = [path for path in step_dir.rglob("*") if path.is_file()]
+                hashes.update({str(path.relative_to(root / top)): hashlib.sha256(path.read_bytes()).hexdigest()
+                               for path in files})
+            except FileNotFoundError:
+                continue
+    return hashes
 
 
 def _largest_array_file(step_dir):
