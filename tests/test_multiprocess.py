@@ -10,10 +10,14 @@
 * The training loop never leaves more than a few steps un-awaited (gloo deadlocks).
 * ``python -m bert_jax.pretrain`` as two processes, preempted with SIGTERM (to both,
   or to one), saves one checkpoint at the agreed step and resumes exactly.
+* ``python -m bert_jax.finetune`` (a sweep) as two processes with one device each gives
+  the results.json, submission and fine-tuned params of one process with two devices,
+  and only process 0 writes them.
 """
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -438,3 +442,123 @@ def test_a_dead_peer_stops_the_survivor_naming_it_and_loses_no_checkpoint(tmp_pa
     assert "restart every process to resume (the last checkpoint is step " in lines[0]
     assert seconds < 10, seconds  # within the heartbeat timeout (at once when idle)
     assert before and all(_hashes(workdir).get(name) == digest for name, digest in before.items())
+
+
+# ----------------------------------------------------------------------------
+# `python -m bert_jax.finetune` as two processes (1 device each) == one process with 2 devices
+
+# `-c AUDITED_FINETUNE WRITES_JSON WORKDIR FINETUNE_ARGS...`: the fine-tuning CLI, recording into
+# WRITES_JSON every file this process created, wrote, renamed or deleted under WORKDIR from
+# Python (TensorStore's writes of a checkpoint's arrays are C++ and not seen).
+AUDITED_FINETUNE = """
+import json, os, sys
+workdir = os.path.realpath(sys.argv[2]) + os.sep
+writes, active = [], [True]
+
+def hook(event, args):
+    if not active[0] or event not in ("open", "os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree"):
+        return
+    path = args[0]
+    if event == "open":
+        mode, flags = args[1] or "", args[2] or 0
+        if not (set(str(mode)) & set("wax+") or flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)):
+            return
+    if isinstance(path, (str, bytes, os.PathLike)) and os.path.realpath(os.fsdecode(path)).startswith(workdir):
+        writes.append([event, os.path.relpath(os.path.realpath(os.fsdecode(path)), workdir)])
+
+sys.addaudithook(hook)
+from bert_jax import finetune
+try:
+    status = finetune.main(sys.argv[3:])
+finally:
+    active[0] = False
+    with open(sys.argv[1], "w") as f:
+        json.dump(writes, f)
+sys.exit(status)
+"""
+
+
+def _finetune_process(workdir, args, devices: int, distributed: list[str], log, audit):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} "
+               "--xla_backend_optimization_level=0", JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-c", AUDITED_FINETUNE, str(audit), str(workdir),
+                                 f"--workdir={workdir}", *args, *distributed],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+def test_two_process_finetuning_sweep_matches_one_process_and_only_process_0_writes(tmp_path):
+    """The fine-tuning sweep (2 learning rates, evaluation before and after training, test
+    predictions, the chosen run's checkpoint) on 2 processes x 1 device gives one process
+    x 2 devices' results.json, submission and fine-tuned params; process 1 writes none of them."""
+    from test_finetune import make_tiny_checkpoint, write_polarity_task
+
+    checkpoint_dir = make_tiny_checkpoint(tmp_path / "ckpt")
+    write_polarity_task(tmp_path / "data", n_train=32, n_dev=16, n_test=8)
+    args = [f"--config={ROOT / 'configs' / 'glue.py'}", "--config.task=continuation",
+            f"--config.glue_dir={tmp_path / 'data'}", f"--config.init_checkpoint={checkpoint_dir / 'orbax'}",
+            "--config.max_seq_length=16", "--config.batch_size=8", "--config.eval_batch_size=8",
+            "--config.num_epochs=1", "--config.learning_rates=(0.01,0.003)", "--config.seeds=(0,)",
+            "--config.eval_before_training=true", "--config.progress_bar=false"]
+    port = _free_port()
+    jobs = {"one": [("one", 2, [])],
+            "two": [(f"two{i}", 1, ["--config.distributed.coordinator_address=127.0.0.1:" + str(port),
+                                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"])
+                    for i in range(2)]}
+    procs = {name: _finetune_process(tmp_path / run, args, devices, distributed, tmp_path / f"{name}.log",
+                                     tmp_path / f"{name}.writes.json")
+             for run, parts in jobs.items() for name, devices, distributed in parts}
+    try:
+        for p in procs.values():
+            p.wait(timeout=300)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for name, p in procs.items():
+        assert p.returncode == 0, f"{name} exited {p.returncode}:\n{(tmp_path / f'{name}.log').read_text()[-3000:]}"
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _assert_same_results(json.loads((two / "results.json").read_text()),
+                         json.loads((one / "results.json").read_text()), {str(two): str(one)})
+    submission = pathlib.Path("submission") / "continuation.tsv"
+    assert (two / submission).read_text() == (one / submission).read_text()
+    got, want = (_final_params(d / "continuation" / "checkpoint") for d in (two, one))
+    for (path, a), (_, b) in zip(jax_tree_flatten_with_path(got), jax_tree_flatten_with_path(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
+
+    # Process 1 wrote only its own per-process Orbax array metadata (no results, metrics,
+    # submission or tokenizer file); process 0 made the same Python-level writes as one
+    # process (names with a pid or time aside).
+    writes = {name: json.loads((tmp_path / f"{name}.writes.json").read_text()) for name in procs}
+    assert writes["two1"] and all(path.endswith("/array_metadatas/process_1") for _, path in writes["two1"]), \
+        writes["two1"]
+    assert ["open", "results.json.tmp"] in writes["one"]
+    assert _without_ids(writes["two0"]) == _without_ids(writes["one"])
+
+
+def _without_ids(writes: list) -> list:
+    return sorted((event, re.sub(r"\d{5,}", "N", path)) for event, path in writes)
+
+
+def _assert_same_results(got, want, renamed: dict, where="results.json"):
+    """Equal trees; floats to rtol 1e-5; paths in `got` renamed; timings and the config (its
+    distributed section differs) left out."""
+    if isinstance(want, dict):
+        keys = set(want) - {"train_seconds", "config"}
+        assert set(got) - {"train_seconds", "config"} == keys, where
+        for key in keys:
+            _assert_same_results(got[key], want[key], renamed, f"{where}/{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (a, b) in enumerate(zip(got, want)):
+            _assert_same_results(a, b, renamed, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-7), where
+    elif isinstance(want, str):
+        for old, new in renamed.items():
+            got = got.replace(old, new)
+        assert got == want, where
+    else:
+        assert got == want, where

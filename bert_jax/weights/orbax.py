@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 
+import jax
 import orbax.checkpoint as ocp
 
 from bert_jax import checkpoint
@@ -42,7 +43,7 @@ def save(cfg: BertConfig, params: dict, out_dir, tokenizer_dir=None, labels=None
     meta = {"model_config": cfg.replace(scan_layers=False).to_dict(), "tokenizer": {"dir": checkpoint.TOKENIZER_DIR}}
     if labels is not None:
         meta["labels"] = list(labels)
-    if tokenizer_dir is not None:
+    if tokenizer_dir is not None and jax.process_index() == 0:  # one writer; Orbax writes meta from process 0
         (out / checkpoint.TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
         tokenizer_files.copy_tokenizer(tokenizer_dir, out / checkpoint.TOKENIZER_DIR)
         meta["tokenizer"]["sha256"] = checkpoint.tokenizer_fingerprint(out / checkpoint.TOKENIZER_DIR)
