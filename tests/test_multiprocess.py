@@ -539,7 +539,7 @@ def test_two_process_finetuning_sweep_matches_one_process_and_only_process_0_wri
 
 
 def _without_ids(writes: list) -> list:
-    return sorted((event, re.sub(r"\d{5,}", "N", path)) for event, path in writes)
+    return sorted((event, re.sub(r"(write_probe|tfevents)\.\d+", r"\1.N", path)) for event, path in writes)
 
 
 def _assert_same_results(got, want, renamed: dict, where="results.json"):
