@@ -23,6 +23,7 @@ from bert_jax import params as params_lib
 from bert_jax import tokenizer as tokenizer_lib
 from bert_jax.data import instances, loader, masking
 from bert_jax.model import BertForPreTraining
+from bert_jax.tasks import batching
 
 _FIXED_MASK_PURPOSE = 0x6576616C  # keeps these masks apart from the loader's and prepare's
 
@@ -89,24 +90,35 @@ def pretraining_graphdef(model_config, params):
 
 
 @functools.lru_cache(maxsize=4)
-def _mlm_sums(model_config, next_sentence: bool):
-    """jitted (params, batch) -> (loss sum, correct sum) at the masked positions; one per model."""
+def _jitted(model_config, next_sentence: bool):
+    """(sums, logits), jitted, one per model: (params, batch) -> (loss sum, correct sum) at the
+    masked positions, and (params, batch, positions) -> masked-LM logits there."""
     graphdef = pretraining_graphdef(model_config, {"nsp": None} if next_sentence else {})
 
     @jax.jit
+    def logits(params, batch, positions):
+        return losses.forward(params, graphdef, batch, None, True, positions)["mlm_logits"]
+
+    @jax.jit
     def sums(params, batch):
-        logits = losses.forward(params, graphdef, batch, None, True, batch["masked_lm_positions"])["mlm_logits"]
-        return losses.cross_entropy_sums(logits, batch["masked_lm_ids"], batch["masked_lm_weights"])
-    return sums
+        return losses.cross_entropy_sums(logits(params, batch, batch["masked_lm_positions"]),
+                                         batch["masked_lm_ids"], batch["masked_lm_weights"])
+    return sums, logits
 
 
 def evaluate(model_config, params, batch: dict, rows: int = 64) -> dict:
-    """Masked-LM accuracy and loss of ``params`` on ``batch``, ``rows`` sequences at a time."""
+    """Masked-LM accuracy and loss of ``params`` on ``batch``, ``rows`` sequences at a time (a
+    shorter last slice is filled up with its own rows at weight 0: one program compiles)."""
     model_config, params = _canonical(model_config, params)
-    sums = _mlm_sums(model_config, "nsp" in params)
+    sums = _jitted(model_config, "nsp" in params)[0]
+    size = len(batch["input_ids"])
+    rows = min(rows, size)
     total_loss = total_correct = 0.0
-    for start in range(0, len(batch["input_ids"]), rows):
-        loss, correct = sums(params, {k: v[start:start + rows] for k, v in batch.items()})
+    for start in range(0, size, rows):
+        index = np.arange(start, start + rows)
+        part = {k: np.asarray(v)[index % size] for k, v in batch.items()}
+        part["masked_lm_weights"] = part["masked_lm_weights"] * (index < size)[:, None]
+        loss, correct = sums(params, part)
         total_loss, total_correct = total_loss + float(loss), total_correct + float(correct)
     masked = float(np.sum(batch["masked_lm_weights"]))
     return {"accuracy": total_correct / masked, "loss": total_loss / masked, "masked_tokens": int(masked)}
@@ -136,22 +148,27 @@ def masked_word_examples(input_ids, input_mask, tokenizer, count: int, *, window
 
 
 def fill_mask(model_config, params, tokenizer, texts, k: int = 5) -> list[list[tuple[str, float]]]:
-    """The top ``k`` (token, probability) at the first ``[MASK]`` of each text (``[CLS] text [SEP]``)."""
-    model_config, params = _canonical(model_config, params)
-    graphdef = pretraining_graphdef(model_config, params)
-    results = []
+    """The top ``k`` (token, probability) at the first ``[MASK]`` of each text (``[CLS] text [SEP]``);
+    the texts go through the model as one padded batch."""
+    rows, positions = [], []
     for text in texts:
         before, found, after = text.partition("[MASK]")
         if not found:
             raise ValueError(f"fill_mask: no [MASK] in {text!r}")
         left, right = tokenizer.encode(before), tokenizer.encode(after)
-        ids = np.asarray([[tokenizer.cls_id, *left, tokenizer.mask_id, *right, tokenizer.sep_id]], np.int32)
-        batch = {"input_ids": ids, "input_mask": np.ones_like(ids), "segment_ids": np.zeros_like(ids)}
-        logits = losses.forward(params, graphdef, batch, None, True, np.asarray([[len(left) + 1]], np.int32))
-        probabilities = np.asarray(jax.nn.softmax(logits["mlm_logits"][0, 0, :tokenizer.vocab_size]
-                                                  .astype(np.float32)))
-        best = np.argsort(-probabilities)[:k]
-        results.append(list(zip(tokenizer.ids_to_tokens(best.tolist()), probabilities[best].tolist())))
+        rows.append([tokenizer.cls_id, *left, tokenizer.mask_id, *right, tokenizer.sep_id])
+        positions.append([len(left) + 1])
+    if not rows:
+        return []
+    model_config, params = _canonical(model_config, params)
+    batch = batching.encoder_inputs([np.asarray(r, np.int32) for r in rows], None, len(rows), max(map(len, rows)),
+                                    tokenizer.pad_id)
+    logits = _jitted(model_config, "nsp" in params)[1](params, batch, np.asarray(positions, np.int32))
+    probabilities = np.asarray(jax.nn.softmax(logits[:, 0, :tokenizer.vocab_size].astype(np.float32)))
+    results = []
+    for row in probabilities:
+        best = np.argsort(-row)[:k]
+        results.append(list(zip(tokenizer.ids_to_tokens(best.tolist()), row[best].tolist())))
     return results
 
 

@@ -27,3 +27,24 @@ def test_unigram_baseline_predicts_the_most_frequent_training_token():
     baseline = mlm_eval.unigram_baseline(counts, batch)
     assert baseline["token"] == 7 and np.isclose(baseline["accuracy"], 1 / 3)
     assert np.isclose(baseline["loss"], -np.mean(np.log(np.array([4, 2, 1]) / 14)))  # add-one smoothed
+
+
+def test_evaluate_in_slices_counts_each_masked_position_once():
+    """5 rows 2 at a time (the last slice filled up at weight 0) == all 5 at once."""
+    import jax
+    from flax import nnx
+
+    from bert_jax import params as params_lib
+    from bert_jax.model import BertConfig, BertForPreTraining
+
+    config = BertConfig.preset("tiny", vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64, max_position_embeddings=16, dtype="float32")
+    shapes = params_lib.to_dict(nnx.state(nnx.eval_shape(lambda: BertForPreTraining(config, rngs=nnx.Rngs(0))),
+                                          nnx.Param))
+    rng = np.random.default_rng(0)  # random params without compiling an initializer
+    params = jax.tree.map(lambda a: rng.normal(0, 0.5, a.shape).astype(a.dtype), shapes)
+    rows = mlm_eval.chunk_documents([[list(range(5, 50))]], 16, cls_id=2, sep_id=3)
+    batch = {**mlm_eval.fixed_mask_batch(rows, np.ones_like(rows), VOCAB, seed=0), "segment_ids": np.zeros_like(rows)}
+    whole, sliced = mlm_eval.evaluate(config, params, batch), mlm_eval.evaluate(config, params, batch, rows=2)
+    assert len(rows) == 3 and whole["masked_tokens"] == sliced["masked_tokens"] == 6
+    assert sliced["accuracy"] == whole["accuracy"] and np.isclose(sliced["loss"], whole["loss"], rtol=1e-6)
