@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from bert_jax import dropout as dropout_lib
 from bert_jax import partitioning
 
 IMPLS = ("auto", "explicit", "xla", "cudnn", "splash")
@@ -140,11 +141,11 @@ def prepare(cfg, input_mask, packed_segment_ids=None, *, deterministic: bool) ->
     return Prepared(path, mask=attention_mask(input_mask, packed_segment_ids))
 
 
-def attend(prep: Prepared, q, k, v, *, dropout: float, deterministic: bool, key) -> jax.Array:
+def attend(prep: Prepared, q, k, v, *, dropout: float, deterministic: bool, key, dropout_impl: str) -> jax.Array:
     """[B, T, N, H] queries, keys and values -> [B, T, N, H] context."""
     impl = prep.path.impl
     if impl == "explicit":
-        return _explicit(q, k, v, prep.mask, dropout, deterministic, key)
+        return _explicit(q, k, v, prep.mask, dropout, deterministic, key, dropout_impl)
     if impl == "splash":
         return _splash(q, k, v, prep.segments)
     if impl == "cudnn" and prep.lengths is not None:
@@ -153,7 +154,7 @@ def attend(prep: Prepared, q, k, v, *, dropout: float, deterministic: bool, key)
     return jax.nn.dot_product_attention(q, k, v, mask=prep.mask, implementation=impl)
 
 
-def _explicit(q, k, v, mask, rate, deterministic, key):
+def _explicit(q, k, v, mask, rate, deterministic, key, dropout_impl):
     # Plain einsums: the batched attention matmuls are ~3% of the FLOPs, and XLA:CPU 0.10 fails
     # at run time ("DotThunk: BF16 x BF16 = F32") on some of their f32_einsum gradients at
     # BERT-base sizes.
@@ -164,8 +165,7 @@ def _explicit(q, k, v, mask, rate, deterministic, key):
     if not deterministic and rate > 0.0:
         if key is None:
             raise ValueError("dropout needs a key: pass rngs=nnx.Rngs(dropout=key) with deterministic=False")
-        keep = jax.random.bernoulli(key, 1.0 - rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+        probs = dropout_lib.dropout(probs, rate, key, dropout_impl)
     return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 

@@ -38,6 +38,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from bert_jax import attention, hardware
+from bert_jax import dropout as dropout_lib
 from bert_jax.matmul import f32_einsum
 from bert_jax.partitioning import constrain
 
@@ -54,7 +55,8 @@ PRESETS = {
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "attention_out")
 MATMUL_IMPLS = ("auto", "xla", "f32_out")
 # BertConfig fields that say how to run the model, not what it is (absent from config.json).
-RUNTIME_KEYS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl", "matmul_impl")
+RUNTIME_KEYS = ("dtype", "param_dtype", "remat_policy", "scan_layers", "attention_impl", "matmul_impl",
+                "dropout_impl")
 HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 
 
@@ -82,6 +84,9 @@ class BertConfig:
     # is not float32, else xla (hardware.compute_choice). Config files' dtype "auto" is resolved
     # by the same function before a BertConfig is made.
     matmul_impl: str = "auto"
+    # hash | threefry: the dropout masks' random bits (bert_jax/dropout.py); hash is ~50x cheaper
+    # on XLA:CPU, threefry is jax.random.bernoulli.
+    dropout_impl: str = "hash"
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -93,6 +98,8 @@ class BertConfig:
             raise ValueError(f"BertConfig: hidden_act={self.hidden_act!r}, expected one of {HIDDEN_ACTS}")
         if self.attention_impl not in attention.IMPLS:
             raise ValueError(f"BertConfig: attention_impl={self.attention_impl!r}, expected one of {attention.IMPLS}")
+        if self.dropout_impl not in dropout_lib.IMPLS:
+            raise ValueError(f"BertConfig: dropout_impl={self.dropout_impl!r}, expected one of {dropout_lib.IMPLS}")
         if self.matmul_impl not in MATMUL_IMPLS:
             raise ValueError(f"BertConfig: matmul_impl={self.matmul_impl!r}, expected one of {MATMUL_IMPLS}")
         for name in ("dtype", "param_dtype"):
@@ -200,13 +207,12 @@ def _key(rngs) -> jax.Array | None:
     return rngs
 
 
-def _dropout(x, rate: float, deterministic: bool, key):
+def _dropout(x, rate: float, deterministic: bool, key, impl: str):
     if deterministic or rate == 0.0:
         return x
     if key is None:
         raise ValueError("dropout needs a key: pass rngs=nnx.Rngs(dropout=key) with deterministic=False")
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+    return dropout_lib.dropout(x, rate, key, impl)
 
 
 def _lookup(embed: nnx.Embed, ids, rows: str | None = None):
@@ -236,7 +242,7 @@ class Embeddings(nnx.Module):
         x = (_lookup(self.word_embeddings, input_ids, "vocab") + _lookup(self.position_embeddings, position_ids)
              + _lookup(self.token_type_embeddings, segment_ids))
         x = self.layer_norm(x)
-        x = _dropout(x, self.cfg.hidden_dropout_prob, deterministic, key)
+        x = _dropout(x, self.cfg.hidden_dropout_prob, deterministic, key, self.cfg.dropout_impl)
         return constrain(x.astype(self.cfg.dtype), ("batch", "length", "embed"))
 
 
@@ -259,7 +265,7 @@ class SelfAttention(nnx.Module):
 
         q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
         ctx = attention.attend(prepared, q, k, v, dropout=cfg.attention_probs_dropout_prob,
-                               deterministic=deterministic, key=key)
+                               deterministic=deterministic, key=key, dropout_impl=cfg.dropout_impl)
         ctx = constrain(ctx, names).reshape(b, t, cfg.hidden_size)
         # remat_policy="attention_out" saves this [B, T, H] per layer and recomputes the rest.
         return self.output(checkpoint_name(ctx, "attention_out"))
@@ -280,12 +286,12 @@ class Layer(nnx.Module):
         cfg = self.cfg
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
         a = self.attention(x, prepared, deterministic, keys[0])
-        a = _dropout(a, cfg.hidden_dropout_prob, deterministic, keys[1])
+        a = _dropout(a, cfg.hidden_dropout_prob, deterministic, keys[1], cfg.dropout_impl)
         x = self.attention_layer_norm(x + a).astype(cfg.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         h = activation(cfg.hidden_act)(self.intermediate(x))
         h = constrain(h, ("batch", "length", "mlp"))
-        h = _dropout(self.output(h), cfg.hidden_dropout_prob, deterministic, keys[2])
+        h = _dropout(self.output(h), cfg.hidden_dropout_prob, deterministic, keys[2], cfg.dropout_impl)
         x = self.output_layer_norm(x + h).astype(cfg.dtype)
         return constrain(x, ("batch", "length", "embed"))
 
@@ -439,7 +445,8 @@ class BertForSequenceClassification(nnx.Module):
         key = _key(rngs)
         keys = [None, None] if key is None else list(jax.random.split(key, 2))
         out = self.bert(input_ids, input_mask, segment_ids, deterministic=deterministic, rngs=keys[0], **kw)
-        pooled = _dropout(out["pooled_output"], self.cfg.hidden_dropout_prob, deterministic, keys[1])
+        pooled = _dropout(out["pooled_output"], self.cfg.hidden_dropout_prob, deterministic, keys[1],
+                          self.cfg.dropout_impl)
         out["logits"] = self.classifier(pooled.astype(jnp.float32))
         return out
 
@@ -458,7 +465,8 @@ class BertForTokenClassification(nnx.Module):
         key = _key(rngs)
         keys = [None, None] if key is None else list(jax.random.split(key, 2))
         out = self.bert(input_ids, input_mask, segment_ids, deterministic=deterministic, rngs=keys[0], **kw)
-        sequence = _dropout(out["sequence_output"], self.cfg.hidden_dropout_prob, deterministic, keys[1])
+        sequence = _dropout(out["sequence_output"], self.cfg.hidden_dropout_prob, deterministic, keys[1],
+                            self.cfg.dropout_impl)
         out["logits"] = self.token_classifier(sequence.astype(jnp.float32))
         return out
 
