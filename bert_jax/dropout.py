@@ -3,18 +3,19 @@
 `jax.random.bernoulli` draws its bits with Threefry-2x32 (20 rounds per pair of words), which
 XLA:CPU runs slowly: for MiniLM fine-tuning (16 rows of 128, 12 heads) the attention-probability
 mask of one layer, 3.1M elements, took 222 ms with Threefry against 24 ms here, and a hidden
-mask 8.4 ms against 1.5 ms (`benchmarks/bench_dropout.py`, 2-core AVX2 CPU at load 13). In a
-whole fine-tuning step the difference was within that load's noise (`bench_finetune.py
---variant threefry:model.dropout_impl=threefry`); `dropout_impl="threefry"` (a BertConfig
-field, a `model.` config key) keeps `jax.random.bernoulli`.
+mask 8.4 ms against 1.5 ms (`benchmarks/bench_dropout.py`, 2-core AVX2 CPU at load 13). A
+whole MiniLM fine-tuning step (about 10 s at that load) moved less than the load's noise with
+dropout off altogether (`bench_finetune.py --variant drop0:model.hidden_dropout_prob=0,...`),
+so expect a few percent there; `dropout_impl="threefry"` (a BertConfig field, a `model.`
+config key) keeps `jax.random.bernoulli`.
 
 Here Threefry draws only two 32-bit words per mask (from the layer's key, so masks stay a pure
 function of the step key: exact resume and determinism hold). Each element's bits are then an
 integer hash of its position, two passes of `lowbias32` (Chris Wellons' xorshift-multiply
 hash): its index within one row of the leading (batch) axis times an odd constant plus the
 first word goes into the first pass, and the second word plus the row number times another odd
-constant is mixed in before the second. For one row every step is a bijection on 32-bit integers, so no two elements of a row
-share bits; the position is built from one iota per dimension, so a sharded mask is computed
+constant is mixed in before the second. For one row every step is a bijection on 32-bit
+integers, so no two elements of a row share bits; the position is built from one iota per dimension, so a sharded mask is computed
 shard by shard with no communication. An element is kept when its hash is at least
 ``round(rate * 2**32)``: P(keep) = 1 - rate to within 2**-32.
 """
