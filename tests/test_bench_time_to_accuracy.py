@@ -13,7 +13,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_time_to_accuracy_tiny(tmp_path, shared_data, minilm):
     pytest.importorskip("matplotlib")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as the benchmark runs
+    # One CPU device, as the benchmark runs; XLA's -O0 compiles bert_jax's programs about twice as
+    # fast (its seconds here only need to be measured, not fast).
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_time_to_accuracy.py"), "--tiny",
                              f"--out={tmp_path}"], cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)},
                             capture_output=True, text=True, timeout=600)
