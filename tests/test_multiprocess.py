@@ -103,8 +103,9 @@ def _worker(port: int, process_index: int, out: str, data_dir: str | None):
 
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process_index)
     assert jax.process_count() == 2 and len(jax.devices()) == 4 and len(jax.local_devices()) == 2
-    runs = {name: train_from_loader(name, data_dir) for name in LOADER_MESHES} if data_dir else \
-        {"synthetic": train()}
+    runs = {"synthetic": train()}
+    if data_dir:
+        runs.update({name: train_from_loader(name, data_dir) for name in LOADER_MESHES})
     for name, (losses, params) in runs.items():
         params = multihost_utils.process_allgather(params, tiled=True)
         if process_index == 0:
@@ -150,20 +151,29 @@ def _assert_same_run(out: str, ref_losses, ref_params) -> None:
         np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-def test_two_processes_match_one(tmp_path):
-    out = str(tmp_path / "result")
-    _run_workers(out)
-    _assert_same_run(out + ".synthetic", *train())
+@pytest.fixture(scope="module")
+def two_process_runs(request, tmp_path_factory) -> str:
+    """The workers' runs for the two tests below, from one start of the two processes: the
+    synthetic run, and the loader's when the shared data is there. -> their results' prefix."""
+    out = str(tmp_path_factory.mktemp("two_processes") / "result")
+    try:
+        data_dir = request.getfixturevalue("small_corpus") / "data"
+    except pytest.skip.Exception:
+        data_dir = None
+    _run_workers(out, data_dir)
+    return out
 
 
-def test_two_processes_holding_the_same_batch_shards_load_the_same_rows(small_corpus, tmp_path):
+def test_two_processes_match_one(two_process_runs):
+    _assert_same_run(two_process_runs + ".synthetic", *train())
+
+
+def test_two_processes_holding_the_same_batch_shards_load_the_same_rows(small_corpus, two_process_runs):
     """A `tensor` axis across both processes, and a batch replicated over both: each process
     loads the rows of the shards its devices hold (here the whole batch), so the copies agree
     and the params equal one process's on the same mesh shape."""
-    out = str(tmp_path / "result")
-    _run_workers(out, small_corpus / "data")
     for name in LOADER_MESHES:
-        _assert_same_run(f"{out}.{name}", *train_from_loader(name, str(small_corpus / "data")))
+        _assert_same_run(f"{two_process_runs}.{name}", *train_from_loader(name, str(small_corpus / "data")))
 
 
 
