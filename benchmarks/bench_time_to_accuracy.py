@@ -35,7 +35,9 @@ evaluations, not bert_jax's one compilation, which is done ahead and printed apa
 persistent JAX compilation cache removes it on later runs): load changes hit both alike.
 Printed: held-out MLM accuracy against training time for both, the unigram baseline on the
 same masked positions, the time each needs to reach the reference's final accuracy and their
-ratio (also with the compilation counted), CPU features and load averages. Written to --out: results.json and curves.png (matplotlib).
+ratio (also with the compilation counted), CPU features and load averages. Written to --out:
+results.json and curves.png (matplotlib). With --cache, the training articles and bert_jax's
+prepared data are kept there and reused by later runs of the same split, length and recipe.
 """
 from __future__ import annotations
 
