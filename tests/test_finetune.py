@@ -158,6 +158,7 @@ def test_real_minilm_weights_improve_dev_metric(tmp_path):
                batch_size=16, eval_batch_size=64, num_epochs=1.0, learning_rates=(1e-4,),
                warmup_fraction=0.0, progress_bar=False, eval_before_training=True,
                write_predictions=False, save_checkpoint=False)
+    c.mesh.update(data=1, fsdp=-1)  # each CPU device updates an eighth of the optimizer state, not all of it
     run = finetune.run(c, tmp_path / "work")["tasks"]["sst2"]["runs"][0]
     before, after = run["evaluations"][0]["dev/accuracy"], run["final"]["dev/accuracy"]
     assert after >= 0.9 and after > before + 0.2, (before, after)
