@@ -4,10 +4,10 @@
 XLA:CPU runs slowly: for MiniLM fine-tuning (16 rows of 128, 12 heads) the attention-probability
 mask of one layer, 3.1M elements, took 222 ms with Threefry against 24 ms here, and a hidden
 mask 8.4 ms against 1.5 ms (`benchmarks/bench_dropout.py`, 2-core AVX2 CPU at load 13). A
-whole MiniLM fine-tuning step (about 10 s at that load) moved less than the load's noise with
-dropout off altogether (`bench_finetune.py --variant drop0:model.hidden_dropout_prob=0,...`),
-so expect a few percent there; `dropout_impl="threefry"` (a BertConfig field, a `model.`
-config key) keeps `jax.random.bernoulli`.
+whole MiniLM fine-tuning step ran 1.20-1.25x faster than with Threefry on a quiet machine
+(`bench_finetune.py --variant threefry:model.dropout_impl=threefry`, MRPC/RTE/CoLA lengths);
+`dropout_impl="threefry"` (a BertConfig field, a `model.` config key) keeps
+`jax.random.bernoulli`.
 
 Here Threefry draws only two 32-bit words per mask (from the layer's key, so masks stay a pure
 function of the step key: exact resume and determinism hold). Each element's bits are then an
