@@ -447,10 +447,17 @@ def test_a_dead_peer_stops_the_survivor_naming_it_and_loses_no_checkpoint(tmp_pa
                 p.kill()
                 p.wait()
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert procs[0].returncode == 1 and len(lines) == 1, stderr[-3000:]
-    assert lines[0].startswith("error: stopped: process 1 of 2 is gone (this process 0 saw: ")
-    assert "restart every process to resume (the last checkpoint is step " in lines[0]
-    assert seconds < 10, seconds  # within the heartbeat timeout (at once when idle)
+    # Two outcomes, both bounded and naming process 1. Ours: the collective in flight fails, and
+    # `distributed.exit_if_peer_lost` asks the coordination service which process is gone and
+    # prints one line. JAX's: the service declares process 1 dead after the heartbeat timeout and
+    # aborts the survivor with its own fatal message; when the service's answer to our query and
+    # its abort come at the same moment (seen once in CI), the abort can win.
+    jax_abort = "The following tasks are unhealthy (stopped sending heartbeats):\n1\n" in stderr
+    if not (jax_abort and not lines):
+        assert procs[0].returncode == 1 and len(lines) == 1, stderr[-3000:]
+        assert lines[0].startswith("error: stopped: process 1 of 2 is gone (this process 0 saw: ")
+        assert "restart every process to resume (the last checkpoint is step " in lines[0]
+    assert procs[0].returncode != 0 and seconds < 10 + 10, (procs[0].returncode, seconds)  # heartbeat timeout 10 s
     assert before and all(_hashes(workdir).get(name) == digest for name, digest in before.items())
 
 
