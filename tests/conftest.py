@@ -1,8 +1,19 @@
-"""Test setup: eight fake CPU devices and caches kept out of $HOME.
+"""Test setup: eight fake CPU devices, caches kept out of $HOME, one JAX compilation cache per session.
 
-Environment variables must be set before JAX (or TF) is first imported.
+Environment variables must be set before JAX (or TF) is first imported; subprocesses the tests
+start (the CLIs: pretrain then resume, two-process runs, sweeps, the demo) inherit them.
+
+JAX's persistent compilation cache: many tests compile the same tiny programs again, in this
+process and in every subprocess they start, and compiling is most of their time. Every program
+is written (no minimum compile time or entry size) to a fresh directory made for this session,
+so entries never go stale across sessions or code changes, nothing lands in $HOME, and it is
+removed at exit. One cache for all modules also lets them share programs (the pretraining and
+fine-tuning tests build the same tiny models). A JAX_COMPILATION_CACHE_DIR already set is kept;
+a test that needs a cold compile passes its own (or an empty one) to its subprocess.
 """
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -13,6 +24,12 @@ for var, sub in (("TFDS_DATA_DIR", "tfds"), ("KERAS_HOME", "keras"), ("HF_HOME",
     os.environ.setdefault(var, os.path.join(_cache, sub))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.makedirs(_cache, exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jax_compilation_cache.", dir=_cache)
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pathlib  # noqa: E402
 

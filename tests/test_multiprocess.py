@@ -257,20 +257,12 @@ def _pretrain_args(corpus) -> list[str]:
     return [f"--config={ROOT / 'configs' / 'bert_tiny.py'}", *_cli_args(c)]
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-    """Every run compiles the same programs. JAX's persistent cache serves process 0
-    (only process 0 writes it, and process 1's keys differ), which halves the compiling."""
-    return {"JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache")),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-
-
 class TwoProcessRun:
     """`python -m bert_jax.pretrain` as processes 0 and 1 of one jax.distributed job."""
 
-    def __init__(self, workdir: pathlib.Path, args: list[str], env: dict):
+    def __init__(self, workdir: pathlib.Path, args: list[str]):
         self.workdir, port = workdir, _free_port()
-        env = dict(os.environ, XLA_FLAGS=SUBPROCESS_XLA_FLAGS, JAX_PLATFORMS="cpu", **env)
+        env = dict(os.environ, XLA_FLAGS=SUBPROCESS_XLA_FLAGS, JAX_PLATFORMS="cpu")
         self.logs = [workdir.parent / f"{workdir.name}.process{i}.log" for i in range(2)]
         self.procs = []
         for i, log in enumerate(self.logs):
@@ -326,9 +318,9 @@ def _final_params(workdir):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(small_corpus, compile_cache, tmp_path_factory):
+def uninterrupted(small_corpus, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("mp_reference") / "run"
-    TwoProcessRun(workdir, _pretrain_args(small_corpus), compile_cache).wait()
+    TwoProcessRun(workdir, _pretrain_args(small_corpus)).wait()
     return workdir
 
 
@@ -352,14 +344,13 @@ def _check_one_preemption_checkpoint(workdir, outputs) -> int:
 
 
 @pytest.mark.parametrize("signalled", [(0, 1), (1,)], ids=["sigterm_both", "sigterm_one"])
-def test_two_process_preemption_saves_once_and_resumes_exactly(small_corpus, uninterrupted, compile_cache, tmp_path,
-                                                               signalled):
+def test_two_process_preemption_saves_once_and_resumes_exactly(small_corpus, uninterrupted, tmp_path, signalled):
     """SIGTERM mid-run to both processes (or only to process 1: JAX's coordination
     service tells the other) -> one checkpoint at the agreed step, exit 0; restarting
     both processes finishes with the params of an uninterrupted two-process run."""
     args = _pretrain_args(small_corpus)
     workdir = tmp_path / "run"
-    run = TwoProcessRun(workdir, args, compile_cache)
+    run = TwoProcessRun(workdir, args)
     try:
         run.wait_for_step(2)
         for i in signalled:
@@ -370,7 +361,7 @@ def test_two_process_preemption_saves_once_and_resumes_exactly(small_corpus, uni
     if signalled != (0, 1):
         return  # resuming is the same code path; once is enough for the time budget
 
-    outputs = TwoProcessRun(workdir, args, compile_cache).wait()
+    outputs = TwoProcessRun(workdir, args).wait()
     assert f"resuming at step {saved}" in outputs[0]
     resumed, reference = _logged_losses(workdir), _logged_losses(uninterrupted)
     assert sorted(resumed) == list(range(1, PRETRAIN_STEPS + 1))

@@ -26,24 +26,6 @@ VOCAB = 1000
 STEPS = 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every run here compiles the same programs: keep them on disk across runs."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    saved = {name: getattr(jax.config, name) for name in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-        "jax_persistent_cache_min_entry_size_bytes")}
-    path = tmp_path_factory.mktemp("jax_cache")
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield path
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def prepared(shared_data, tmp_path_factory):
     """~40 enwiki articles, a SentencePiece vocabulary trained on them, prepared instances."""

@@ -14,7 +14,6 @@ import pytest
 from bert_jax import checkpoint, finetune, metrics_writer, sweep
 from bert_jax.tasks import glue as glue_task
 from test_finetune import config, make_tiny_checkpoint, write_polarity_task
-from test_pretrain import compilation_cache  # noqa: F401 (every sweep here compiles the same programs)
 
 LEARNING_RATES = (1e-2, 3e-3)
 
@@ -125,12 +124,9 @@ with pytest.MonkeyPatch.context() as monkeypatch:
 """
 
 
-def test_kill_9_in_second_run_then_resume_equals_uninterrupted_sweep(inputs, reference, tmp_path, monkeypatch,
-                                                                     compilation_cache):  # noqa: F811
+def test_kill_9_in_second_run_then_resume_equals_uninterrupted_sweep(inputs, reference, tmp_path, monkeypatch):
     tests = pathlib.Path(__file__).resolve().parent
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]),
-               JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tests.parent), str(tests)]))
     killed = subprocess.run([sys.executable, "-c", KILLED_SWEEP, str(inputs), str(tmp_path)], env=env,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
@@ -139,8 +135,7 @@ def test_kill_9_in_second_run_then_resume_equals_uninterrupted_sweep(inputs, ref
     _resume_and_compare(tmp_path, reference, inputs, monkeypatch)
 
 
-def test_nan_batches_roll_back_and_a_damaged_checkpoint_falls_back(inputs, tmp_path, monkeypatch, capsys,
-                                                                    compilation_cache):  # noqa: F811
+def test_nan_batches_roll_back_and_a_damaged_checkpoint_falls_back(inputs, tmp_path, monkeypatch, capsys):
     """One run, a checkpoint every step: its 2nd and 3rd batches give NaN (an injected bad
     window), so it rolls back to step 2 and goes on; SIGTERM at step 4. Then the latest
     checkpoint's array files get flipped bits: the restart sets it aside unchanged, resumes from step 3

@@ -27,22 +27,6 @@ SCHEME = "fakegs"
 SEQ, PREDICTIONS, BATCH = 64, 10, 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every run here compiles the same programs: keep them on disk across runs."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    saved = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
-        jax.config.update(name, value)
-    cc.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    cc.reset_cache()
-
-
 # ----------------------------------------------------------------------------
 # A gs://-like filesystem: epath GPath + tf.io.gfile, mapped onto a local directory.
 
