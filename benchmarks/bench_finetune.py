@@ -17,7 +17,9 @@ buckets (16/32/64/128) against padded to 128, per task.
 bert_jax runs at the default fine-tuning config (configs/glue.py: compute dtype and matmul path
 from `hardware.compute_choice`, packing); `--variant` adds rows with config keys changed
 (`buckets:packing=False`, `smallest_bucket=32`) or BertConfig fields (`model.attention_impl=explicit`),
-or `bucket_step=16` (buckets at every multiple of 16), measured in the same run. Compilation
+or `bucket_step=16` (buckets at every multiple of 16), or `last_layer=all` (the last encoder
+layer at every position, not only at the [CLS] tokens the classifier reads), measured in the
+same run. Compilation
 (one per batch shape) is timed apart from the steps. Prints the CPU features, the load average,
 examples/s of each, the ratios, real tokens per row slot and the shapes compiled.
 """
@@ -65,13 +67,29 @@ def synthetic_features(task: str, lengths: np.ndarray, tokenizer, seed: int = 0)
     return glue_data.Features(ids, first.astype(np.int32), rng.integers(0, 2, len(lengths)).astype(np.int32))
 
 
+class _EveryPosition(bert_model.BertModel):
+    """The encoder with its last layer at every position (``--variant NAME:last_layer=all``):
+    what the classifier computed before its last layer ran at the [CLS] positions alone."""
+
+    def __call__(self, *args, pooled_only=False, **kw):
+        return super().__call__(*args, **kw)
+
+
 class _Task:
     """The members of a task (bert_jax.tasks) that the compiled steps need: binary classification."""
     loss_fns = losses.CLASSIFICATION
     steps_per_epoch = 100
 
+    def __init__(self, last_layer: str = "cls"):
+        if last_layer not in ("cls", "all"):
+            raise SystemExit(f"--variant last_layer={last_layer}: expected cls or all")
+        self.last_layer = last_layer
+
     def model(self, model_config, rngs):
-        return bert_model.BertForSequenceClassification(model_config, 2, rngs=rngs)
+        m = bert_model.BertForSequenceClassification(model_config, 2, rngs=rngs)
+        if self.last_layer == "all":
+            m.bert = _EveryPosition(model_config, rngs=rngs)
+        return m
 
     def predict_outputs(self, params, graphdef, batch):
         return losses.forward(params, graphdef, batch, None, True)["logits"]
@@ -104,13 +122,14 @@ class Ours:
         self.name = name
         settings = dict(settings)
         self.bucket_step = int(settings.pop("bucket_step", 0))
+        task = _Task(settings.pop("last_layer", "cls"))
         model_keys = {k[len("model."):]: v for k, v in settings.items() if k.startswith("model.")}
         self.c = finetune_config({k: v for k, v in settings.items() if not k.startswith("model.")})
         config = pretrained.config
         for key, value in model_keys.items():
             config = config.replace(**{key: type(getattr(config, key))(value)})
         mesh = sharding.make_mesh({"data": -1})
-        self.tuner = sweep.FineTuning(_Task(), _Pretrained(config), self.c, mesh, sharding.DEFAULT_RULES)
+        self.tuner = sweep.FineTuning(task, _Pretrained(config), self.c, mesh, sharding.DEFAULT_RULES)
         cfg = self.tuner.model_config
         head = {"classifier": {"kernel": np.zeros((cfg.hidden_size, 2), np.float32),
                                "bias": np.zeros((2,), np.float32)}}

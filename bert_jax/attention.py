@@ -19,7 +19,8 @@ four paths, chosen per platform and batch kind (``BertConfig.attention_impl``):
 ``auto`` is ``explicit`` on CPUs, ``cudnn`` on GPUs (``xla`` in float32), ``splash`` on TPUs
 (``xla`` at lengths that are not multiples of 128). ``prepare`` builds what a path needs once
 per forward pass (the mask, the lengths or the segment ids); ``attend`` runs it in every
-layer; ``describe`` is the start-up line's ``attention: ...`` text.
+layer; ``at_queries`` narrows it to a few query positions (a classifier's last layer);
+``describe`` is the start-up line's ``attention: ...`` text.
 """
 from __future__ import annotations
 
@@ -141,8 +142,27 @@ def prepare(cfg, input_mask, packed_segment_ids=None, *, deterministic: bool) ->
     return Prepared(path, mask=attention_mask(input_mask, packed_segment_ids))
 
 
+def at_queries(prep: Prepared, queries: jax.Array, seq_len: int) -> Prepared:
+    """The same attention for the queries at ``queries`` [B, Q] positions only, over all
+    ``seq_len`` keys (a layer whose output is needed there alone: a classifier's last layer at
+    each [CLS]): a [B, 1, Q, S] mask, on the explicit path when it was taken (dropout) and XLA's
+    otherwise (a fused kernel's blocks gain nothing on a few queries; splash needs multiples of
+    128)."""
+    path = prep.path if prep.path.impl == "explicit" else Path("xla", f"{queries.shape[1]} queries")
+    queries = queries.astype(jnp.int32)
+    if prep.mask is not None:  # padded rows have one mask row for every query
+        mask = prep.mask if prep.mask.shape[2] == 1 else jnp.take_along_axis(
+            prep.mask, queries[:, None, :, None], axis=2)
+    elif prep.lengths is not None:
+        mask = (jnp.arange(seq_len) < prep.lengths[:, None])[:, None, None, :]
+    else:  # splash's segment ids: padding is -1
+        own = jnp.take_along_axis(prep.segments, queries, axis=1)
+        mask = ((own[:, :, None] == prep.segments[:, None, :]) & (prep.segments[:, None, :] >= 0))[:, None]
+    return Prepared(path, mask=mask)
+
+
 def attend(prep: Prepared, q, k, v, *, dropout: float, deterministic: bool, key, dropout_impl: str) -> jax.Array:
-    """[B, T, N, H] queries, keys and values -> [B, T, N, H] context."""
+    """[B, T, N, H] queries, [B, S, N, H] keys and values -> [B, T, N, H] context."""
     impl = prep.path.impl
     if impl == "explicit":
         return _explicit(q, k, v, prep.mask, dropout, deterministic, key, dropout_impl)

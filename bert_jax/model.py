@@ -192,8 +192,9 @@ def layer_norm(cfg: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 def activation(name: str):
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
+    if name == "gelu":  # BERT's own form, 0.5 x (1 + erf(x / sqrt 2)): on XLA:CPU erf costs half
+        # the erfc of jax.nn.gelu(approximate=False) (forward 3.5 against 7.8 ms at [2304, 1536])
+        return lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))
     if name == "relu":
         return jax.nn.relu
     return lambda x: jax.nn.gelu(x, approximate=True)
@@ -255,18 +256,24 @@ class SelfAttention(nnx.Module):
         self.value = dense(cfg, h, h, ("embed", "heads"), rngs)
         self.output = dense(cfg, h, h, ("heads", "embed"), rngs)
 
-    def __call__(self, x, prepared: attention.Prepared, deterministic, key):
+    def __call__(self, x, prepared: attention.Prepared, deterministic, key, queries=None):
+        """``queries`` [B, Q]: the output at those positions only, [B, Q, H] (keys and values
+        still come from every position)."""
         cfg = self.cfg
-        b, t, _ = x.shape
         names = ("batch", "length", "heads", "kv")
 
         def split_heads(y):
-            return constrain(y.reshape(b, t, cfg.num_attention_heads, cfg.head_dim), names)
+            return constrain(y.reshape(*y.shape[:2], cfg.num_attention_heads, cfg.head_dim), names)
 
-        q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))
+        if queries is None:
+            q = split_heads(self.query(x))
+        else:
+            q = split_heads(self.query(gather_positions(x, queries)))
+            prepared = attention.at_queries(prepared, queries, x.shape[1])
+        k, v = split_heads(self.key(x)), split_heads(self.value(x))
         ctx = attention.attend(prepared, q, k, v, dropout=cfg.attention_probs_dropout_prob,
                                deterministic=deterministic, key=key, dropout_impl=cfg.dropout_impl)
-        ctx = constrain(ctx, names).reshape(b, t, cfg.hidden_size)
+        ctx = constrain(ctx, names).reshape(*q.shape[:2], cfg.hidden_size)
         # remat_policy="attention_out" saves this [B, T, H] per layer and recomputes the rest.
         return self.output(checkpoint_name(ctx, "attention_out"))
 
@@ -282,12 +289,14 @@ class Layer(nnx.Module):
         self.output = dense(cfg, cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), rngs)
         self.output_layer_norm = layer_norm(cfg, rngs)
 
-    def __call__(self, x, prepared, deterministic, key):
+    def __call__(self, x, prepared, deterministic, key, queries=None):
+        """``queries`` [B, Q]: the block's output at those positions only, [B, Q, H]."""
         cfg = self.cfg
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
-        a = self.attention(x, prepared, deterministic, keys[0])
+        a = self.attention(x, prepared, deterministic, keys[0], queries)
         a = _dropout(a, cfg.hidden_dropout_prob, deterministic, keys[1], cfg.dropout_impl)
-        x = self.attention_layer_norm(x + a).astype(cfg.dtype)
+        residual = x if queries is None else gather_positions(x, queries)
+        x = self.attention_layer_norm(residual + a).astype(cfg.dtype)
         x = constrain(x, ("batch", "length", "embed"))
         h = activation(cfg.hidden_act)(self.intermediate(x))
         h = constrain(h, ("batch", "length", "mlp"))
@@ -318,11 +327,14 @@ class Encoder(nnx.Module):
         else:
             self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
 
-    def __call__(self, x, prepared, deterministic, key):
+    def __call__(self, x, prepared, deterministic, key, last_queries=None):
+        """``last_queries`` [B, Q]: the last layer computes its output at those positions only
+        ([B, Q, H] out): what a classifier needs (its [CLS] tokens), ~1/L of the encoder's work
+        less, with the same values there."""
         cfg = self.cfg
 
-        def apply(layer_state, graphdef, h, layer_key):
-            return nnx.merge(graphdef, layer_state)(h, prepared, deterministic, layer_key)
+        def apply(layer_state, graphdef, h, layer_key, queries=None):
+            return nnx.merge(graphdef, layer_state)(h, prepared, deterministic, layer_key, queries)
 
         if cfg.remat_policy != "none":
             apply = jax.checkpoint(apply, policy=_remat_policy(cfg.remat_policy), static_argnums=(1,))
@@ -330,6 +342,7 @@ class Encoder(nnx.Module):
         def layer_key(i):
             return None if key is None else jax.random.fold_in(key, i)
 
+        n = cfg.num_hidden_layers
         if cfg.scan_layers:
             graphdef, stacked = nnx.split(self.layers)
 
@@ -337,11 +350,14 @@ class Encoder(nnx.Module):
                 state, i = xs
                 return apply(state, graphdef, h, layer_key(i)), None
 
-            x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(cfg.num_hidden_layers)))
-            return x
+            if last_queries is None:
+                x, _ = jax.lax.scan(body, x, (stacked, jnp.arange(n)))
+                return x
+            x, _ = jax.lax.scan(body, x, (jax.tree.map(lambda a: a[:-1], stacked), jnp.arange(n - 1)))
+            return apply(jax.tree.map(lambda a: a[-1], stacked), graphdef, x, layer_key(n - 1), last_queries)
         for i, layer in enumerate(self.layers):
             graphdef, state = nnx.split(layer)
-            x = apply(state, graphdef, x, layer_key(i))
+            x = apply(state, graphdef, x, layer_key(i), last_queries if i == n - 1 else None)
         return x
 
 
@@ -355,11 +371,12 @@ class BertModel(nnx.Module):
         self.pooler = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), rngs)
 
     def __call__(self, input_ids, input_mask=None, segment_ids=None, *, deterministic=True, rngs=None,
-                 position_ids=None, packed_segment_ids=None, cls_positions=None):
+                 position_ids=None, packed_segment_ids=None, cls_positions=None, pooled_only=False):
         """``packed_segment_ids`` [B, T] (one id per packed sequence, attention stays inside it)
         with ``position_ids`` restarting at 0 per sequence, and ``cls_positions`` [B, N] (each
         packed sequence's ``[CLS]`` index) make ``pooled_output`` [B, N, H], one per sequence;
-        without ``cls_positions`` it is [B, H] from position 0."""
+        without ``cls_positions`` it is [B, H] from position 0. ``pooled_only``: the last layer
+        runs at the [CLS] positions alone and there is no ``sequence_output``."""
         cfg = self.cfg
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
@@ -374,6 +391,10 @@ class BertModel(nnx.Module):
         keys = [None, None] if key is None else list(jax.random.split(key, 2))
         x = self.embeddings(input_ids, segment_ids, position_ids, deterministic, keys[0])
         prepared = attention.prepare(cfg, input_mask, packed_segment_ids, deterministic=deterministic)
+        if pooled_only:
+            queries = jnp.zeros((b, 1), jnp.int32) if cls_positions is None else cls_positions
+            first = self.encoder(x, prepared, deterministic, keys[1], queries)
+            return {"pooled_output": jnp.tanh(self.pooler(first if cls_positions is not None else first[:, 0]))}
         x = self.encoder(x, prepared, deterministic, keys[1])
         first = x[:, 0] if cls_positions is None else gather_positions(x, cls_positions)
         pooled = jnp.tanh(self.pooler(first))
@@ -444,7 +465,9 @@ class BertForSequenceClassification(nnx.Module):
     def __call__(self, input_ids, input_mask=None, segment_ids=None, *, deterministic=True, rngs=None, **kw):
         key = _key(rngs)
         keys = [None, None] if key is None else list(jax.random.split(key, 2))
-        out = self.bert(input_ids, input_mask, segment_ids, deterministic=deterministic, rngs=keys[0], **kw)
+        # Only the pooled [CLS] outputs are used: the last layer runs at those positions alone.
+        out = self.bert(input_ids, input_mask, segment_ids, deterministic=deterministic, rngs=keys[0],
+                        pooled_only=True, **kw)
         pooled = _dropout(out["pooled_output"], self.cfg.hidden_dropout_prob, deterministic, keys[1],
                           self.cfg.dropout_impl)
         out["logits"] = self.classifier(pooled.astype(jnp.float32))

@@ -269,3 +269,60 @@ def test_remat_policies_save_what_they_say(capsys):
     # full: each layer's input (and the output); attention_out: those plus one per layer.
     assert activations["attention_out"] == activations["full"] + cfg.num_hidden_layers
     assert activations["full"] < activations["attention_out"] < activations["dots"] <= activations["none"]
+
+
+
+def test_pooled_only_last_layer_at_cls_equals_the_full_encoder():
+    """BertForSequenceClassification runs its last layer at the [CLS] positions alone
+    (``pooled_only``): logits and gradients equal the full encoder's, padded and packed (scanned
+    layers here; the unrolled path meets transformers' logits in test_convert and the unpacked
+    gradients in test_glue_data)."""
+    cfg = M.BertConfig(vocab_size=211, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=48, max_position_embeddings=32, scan_layers=True)
+    graphdef, params = nnx.split(M.BertForSequenceClassification(cfg, 3, rngs=nnx.Rngs(0)), nnx.Param)
+    ids, mask, segments, _ = make_batch(seed=3, batch=3, length=16)
+    steps = np.arange(16)[None]
+    packed = dict(packed_segment_ids=np.where(mask > 0, 1 + (steps >= 5), 0).astype(np.int32),
+                  position_ids=np.where(steps >= 5, steps - 5, steps).astype(np.int32),
+                  cls_positions=np.array([[0, 5]] * 3, np.int32))
+
+    def both(p, kw):
+        def full(p):
+            m = nnx.merge(graphdef, p)
+            seq = m.bert(ids, mask, segments, **kw)["sequence_output"]
+            first = M.gather_positions(seq, kw["cls_positions"]) if kw else seq[:, 0]
+            return m.classifier(jnp.tanh(m.bert.pooler(first)))
+
+        def cls_only(p):
+            return nnx.merge(graphdef, p)(ids, mask, segments, **kw)["logits"]
+
+        return [(f(p), jax.grad(lambda p, f=f: jnp.sum(jnp.sin(f(p))))(p)) for f in (full, cls_only)]
+
+    cases = jax.jit(lambda p: {"padded": both(p, {}), "packed": both(p, packed)})(params)  # one compile
+    for name, ((want, g_want), (got, g_got)) in cases.items():
+        assert got.shape == want.shape == ((3, 3) if name == "padded" else (3, 2, 3))
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=name)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name), g_got, g_want)
+    assert "sequence_output" not in nnx.merge(graphdef, params)(ids, mask, segments)
+
+
+def test_attention_at_queries_narrows_every_prepared_kind_to_the_same_mask():
+    """The mask rows ``at_queries`` builds for a few queries from an explicit mask, from cuDNN's
+    lengths and from splash's segment ids (padding -1) are the full mask's rows at them."""
+    from bert_jax import attention
+
+    valid = np.array([[1] * 6 + [0] * 2, [1] * 8])
+    packed = np.array([[1, 1, 1, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 2, 2, 2]])
+    queries = np.array([[0, 3], [0, 5]])
+    path = attention.Path("explicit")
+    full = np.asarray(attention.attention_mask(valid, packed))[:, 0]
+    want = np.take_along_axis(full, queries[:, :, None], axis=1)
+    got = attention.at_queries(attention.Prepared(path, mask=attention.attention_mask(valid, packed)), queries, 8)
+    np.testing.assert_array_equal(got.mask[:, 0], want)
+    segments = np.where(valid > 0, packed, -1)
+    splash = attention.at_queries(attention.Prepared(attention.Path("splash"), segments=segments), queries, 8)
+    np.testing.assert_array_equal(splash.mask[:, 0], want)
+    assert splash.path.impl == "xla"  # a few queries: XLA's attention, not the 128-block kernel
+    lengths = attention.at_queries(attention.Prepared(attention.Path("cudnn"), lengths=valid.sum(1)), queries, 8)
+    np.testing.assert_array_equal(np.broadcast_to(lengths.mask[:, 0], want.shape),
+                                  np.broadcast_to(valid[:, None, :].astype(bool), want.shape))
