@@ -71,7 +71,7 @@ class _EveryPosition(bert_model.BertModel):
     """The encoder with its last layer at every position (``--variant NAME:last_layer=all``):
     what the classifier computed before its last layer ran at the [CLS] positions alone."""
 
-    def __call__(self, *args, pooled_only=False, **kw):
+    def __call__(self, *args, at_positions=None, **kw):
         return super().__call__(*args, **kw)
 
 

@@ -15,7 +15,9 @@ Design notes
   knows nothing about meshes.
 * The MLM head projects only ``masked_lm_positions`` onto the vocabulary
   (Google's data format provides them); ``masked_lm_positions=None`` projects
-  every position, for inspection.
+  every position, for inspection. The last encoder layer runs only where its output is
+  read (``BertModel(at_positions=...)``): the masked positions and [CLS] in pretraining, the
+  [CLS] tokens in sequence classification; same values, ~1/L of the encoder's work less.
 * Params are float32 (``param_dtype``); matmuls run in ``dtype`` (bfloat16 on
   accelerators). Softmax, LayerNorm statistics and logits used by losses are
   float32.
@@ -371,12 +373,15 @@ class BertModel(nnx.Module):
         self.pooler = dense(cfg, cfg.hidden_size, cfg.hidden_size, ("embed", "embed_out"), rngs)
 
     def __call__(self, input_ids, input_mask=None, segment_ids=None, *, deterministic=True, rngs=None,
-                 position_ids=None, packed_segment_ids=None, cls_positions=None, pooled_only=False):
+                 position_ids=None, packed_segment_ids=None, cls_positions=None, at_positions=None):
         """``packed_segment_ids`` [B, T] (one id per packed sequence, attention stays inside it)
         with ``position_ids`` restarting at 0 per sequence, and ``cls_positions`` [B, N] (each
         packed sequence's ``[CLS]`` index) make ``pooled_output`` [B, N, H], one per sequence;
-        without ``cls_positions`` it is [B, H] from position 0. ``pooled_only``: the last layer
-        runs at the [CLS] positions alone and there is no ``sequence_output``."""
+        without ``cls_positions`` it is [B, H] from position 0. ``at_positions`` [B, P]: the last
+        layer runs only there and at the [CLS] tokens (its keys and values still from every
+        position), and ``sequence_output`` is [B, P, H], the outputs at ``at_positions``: the same
+        values for ~(1 - P/T)/L of the encoder's work less (a [B, 0] array: the pooled outputs
+        alone, what a classifier reads)."""
         cfg = self.cfg
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
@@ -391,12 +396,15 @@ class BertModel(nnx.Module):
         keys = [None, None] if key is None else list(jax.random.split(key, 2))
         x = self.embeddings(input_ids, segment_ids, position_ids, deterministic, keys[0])
         prepared = attention.prepare(cfg, input_mask, packed_segment_ids, deterministic=deterministic)
-        if pooled_only:
-            queries = jnp.zeros((b, 1), jnp.int32) if cls_positions is None else cls_positions
-            first = self.encoder(x, prepared, deterministic, keys[1], queries)
-            return {"pooled_output": jnp.tanh(self.pooler(first if cls_positions is not None else first[:, 0]))}
-        x = self.encoder(x, prepared, deterministic, keys[1])
-        first = x[:, 0] if cls_positions is None else gather_positions(x, cls_positions)
+        if at_positions is None:
+            x = self.encoder(x, prepared, deterministic, keys[1])
+            first = x[:, 0] if cls_positions is None else gather_positions(x, cls_positions)
+        else:
+            cls = jnp.zeros((b, 1), jnp.int32) if cls_positions is None else cls_positions.astype(jnp.int32)
+            out = self.encoder(x, prepared, deterministic, keys[1],
+                               jnp.concatenate([cls, at_positions.astype(jnp.int32)], axis=1))
+            n = cls.shape[1]
+            first, x = (out[:, 0] if cls_positions is None else out[:, :n]), out[:, n:]
         pooled = jnp.tanh(self.pooler(first))
         return {"sequence_output": x, "pooled_output": pooled}
 
@@ -442,10 +450,10 @@ class BertForPreTraining(nnx.Module):
 
     def __call__(self, input_ids, input_mask=None, segment_ids=None, masked_lm_positions=None, *,
                  deterministic=True, rngs=None, **kw):
-        out = self.bert(input_ids, input_mask, segment_ids, deterministic=deterministic, rngs=rngs, **kw)
+        # With masked_lm_positions the last layer runs at those (and the [CLS] tokens) alone.
+        out = self.bert(input_ids, input_mask, segment_ids, deterministic=deterministic, rngs=rngs,
+                        at_positions=masked_lm_positions, **kw)
         seq = out["sequence_output"]
-        if masked_lm_positions is not None:
-            seq = gather_positions(seq, masked_lm_positions)
         word = self.bert.embeddings.word_embeddings.embedding.get_value()
         out["mlm_logits"] = self.mlm(seq, word)
         if hasattr(self, "nsp"):
@@ -467,7 +475,7 @@ class BertForSequenceClassification(nnx.Module):
         keys = [None, None] if key is None else list(jax.random.split(key, 2))
         # Only the pooled [CLS] outputs are used: the last layer runs at those positions alone.
         out = self.bert(input_ids, input_mask, segment_ids, deterministic=deterministic, rngs=keys[0],
-                        pooled_only=True, **kw)
+                        at_positions=jnp.zeros((input_ids.shape[0], 0), jnp.int32), **kw)
         pooled = _dropout(out["pooled_output"], self.cfg.hidden_dropout_prob, deterministic, keys[1],
                           self.cfg.dropout_impl)
         out["logits"] = self.classifier(pooled.astype(jnp.float32))
