@@ -21,7 +21,10 @@ or `bucket_step=16` (buckets at every multiple of 16), or `last_layer=all` (the 
 layer at every position, not only at the [CLS] tokens the classifier reads), measured in the
 same run. Compilation
 (one per batch shape) is timed apart from the steps. Prints the CPU features, the load average,
-examples/s of each, the ratios, real tokens per row slot and the shapes compiled.
+examples/s of each, the ratios, real tokens per row slot and the shapes compiled, and the
+roofline: the matmul FLOPs of the real tokens (`hardware.pretraining_flops_per_sequence`, no MLM
+head) at PyTorch's rate against the matmul peak measured in the run (`hardware.device_peak_flops`,
+the compute dtype's 1024-cube matmul), i.e. what share of the peak 2x PyTorch would take.
 """
 from __future__ import annotations
 
@@ -290,6 +293,13 @@ def main(argv=None) -> int:
         against = "PyTorch" if theirs is not None else reference
         print(f"{task:5s} mean length {lengths.mean():5.1f}" + (f"; PyTorch {rates[-1]:6.1f} ex/s" if theirs else ""),
               flush=True)
+        if theirs is not None:  # the roofline: what 2x PyTorch asks of the machine's matmul peak
+            flops = np.mean([hardware.pretraining_flops_per_sequence(cfg, int(n), 0) for n in lengths])
+            peak, _ = hardware.device_peak_flops(ours[0].compute.dtype, ours[0].compute.f32_out)
+            print(f"  matmuls on real tokens {flops / 1e9:.2f} GFLOP an example: PyTorch runs them at "
+                  f"{rates[-1] * flops / 1e9:.0f} GFLOP/s, {rates[-1] * flops / peak:.0%} of the "
+                  f"{peak / 1e9:.0f} GFLOP/s matmul peak measured now; 2x PyTorch needs "
+                  f"{2 * rates[-1] * flops / peak:.0%} of it", flush=True)
         for o, rate, own in zip(ours, rates, batches):
             ratios[o.name].append(rate / base_rate)
             shapes = sorted({b["input_ids"].shape for b in own})
