@@ -5,7 +5,10 @@
 Same model size, same batch, same process, interleaved runs (the machine is shared:
 read the ratios, not the absolute times). Variants of ours:
   fp32-all     float32, MLM logits for every position (what HF computes)
-  fp32-masked  float32, MLM logits only at masked_lm_positions (Google's format)
+  fp32-masked  float32, MLM logits only at masked_lm_positions (Google's format); the last
+               encoder layer runs only at those positions and [CLS] (where it is read)
+  fp32-masked-every  the same with the last layer at every position (as before it ran only
+               where read)
   bf16-masked  bfloat16 matmuls with float32 accumulation/params, masked positions
 The reference is transformers.BertForPreTraining (float32, eager PyTorch, labels
 -100 at unmasked positions, its own loss).
@@ -41,9 +44,21 @@ def make_batch(batch, seq, predictions, vocab, seed=0):
     return ids, mask, segments, positions, masked_ids, weights, nsp
 
 
-def ours_step(cfg, batch, masked_only: bool):
+class _EveryPosition(M.BertModel):
+    """The encoder with its last layer at every position, gathered at ``at_positions`` after."""
+
+    def __call__(self, *args, at_positions=None, **kw):
+        out = super().__call__(*args, **kw)
+        if at_positions is not None:
+            out["sequence_output"] = M.gather_positions(out["sequence_output"], at_positions)
+        return out
+
+
+def ours_step(cfg, batch, masked_only: bool, last_layer_everywhere: bool = False):
     ids, mask, segments, positions, masked_ids, weights, nsp = batch
     model = M.BertForPreTraining(cfg, rngs=nnx.Rngs(0))
+    if last_layer_everywhere:
+        model.bert = _EveryPosition(cfg, rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
 
     def loss_fn(state):
@@ -117,6 +132,7 @@ def main():
         "torch-fp32 (reference)": torch_step(cfg, batch, threads=os.cpu_count()),
         "ours fp32-all": ours_step(cfg, batch, masked_only=False),
         "ours fp32-masked": ours_step(cfg, batch, masked_only=True),
+        "ours fp32-masked-every": ours_step(cfg, batch, masked_only=True, last_layer_everywhere=True),
         "ours bf16-masked": ours_step(cfg.replace(dtype="bfloat16"), batch, masked_only=True),
     }
     times = {k: [] for k in variants}
