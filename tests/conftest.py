@@ -10,6 +10,10 @@ so entries never go stale across sessions or code changes, nothing lands in $HOM
 removed at exit. One cache for all modules also lets them share programs (the pretraining and
 fine-tuning tests build the same tiny models). A JAX_COMPILATION_CACHE_DIR already set is kept;
 a test that needs a cold compile passes its own (or an empty one) to its subprocess.
+
+`fast_compile`: modules and tests whose time is mostly XLA compiling the same tiny programs
+opt in to JAX's quick compile (jax_disable_most_optimizations: LLVM -O0, no expensive passes;
+the same HLO and results, slower machine code), in this process and the CLIs they start.
 """
 import atexit
 import os
@@ -66,3 +70,19 @@ def truncated_vocab(minilm, tmp_path_factory):
     path = tmp_path_factory.mktemp("truncated_vocab") / "vocab.txt"
     path.write_text("\n".join(lines[:2000]) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def fast_compile():
+    """JAX's quick compile for the module (or test) that asks, and the subprocesses it starts."""
+    import jax
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+        before = jax.config.values["jax_disable_most_optimizations"]
+        jax.config.update("jax_disable_most_optimizations", True)
+        try:
+            yield
+        finally:
+            jax.config.update("jax_disable_most_optimizations", before)
+

@@ -11,6 +11,7 @@ from bert_jax import model as bert_model
 from bert_jax import params as params_lib
 from bert_jax.inference import InferenceModel
 
+pytestmark = pytest.mark.usefixtures("fast_compile")  # compiling is most of these tests' time
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FILLER = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "big", "small",
           "red", "blue", "house", "car", "today", "then", "we", "they"]
