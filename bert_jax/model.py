@@ -17,7 +17,8 @@ Design notes
   (Google's data format provides them); ``masked_lm_positions=None`` projects
   every position, for inspection. The last encoder layer runs only where its output is
   read (``BertModel(at_positions=...)``): the masked positions and [CLS] in pretraining, the
-  [CLS] tokens in sequence classification; same values, ~1/L of the encoder's work less.
+  [CLS] tokens in sequence classification; same values, up to ~(10/12)/L of the encoder's
+  matmuls less.
 * Params are float32 (``param_dtype``); matmuls run in ``dtype`` (bfloat16 on
   accelerators). Softmax, LayerNorm statistics and logits used by losses are
   float32.
@@ -380,8 +381,8 @@ class BertModel(nnx.Module):
         without ``cls_positions`` it is [B, H] from position 0. ``at_positions`` [B, P]: the last
         layer runs only there and at the [CLS] tokens (its keys and values still from every
         position), and ``sequence_output`` is [B, P, H], the outputs at ``at_positions``: the same
-        values for ~(1 - P/T)/L of the encoder's work less (a [B, 0] array: the pooled outputs
-        alone, what a classifier reads)."""
+        values for about (10/12)(1 - P/T)/L of the encoder's matmuls less (a [B, 0] array: the
+        pooled outputs alone, what a classifier reads)."""
         cfg = self.cfg
         b, t = input_ids.shape
         if t > cfg.max_position_embeddings:
@@ -462,7 +463,9 @@ class BertForPreTraining(nnx.Module):
 
 
 class BertForSequenceClassification(nnx.Module):
-    """BERT + dropout + linear head on the pooled output. num_labels=1: regression."""
+    """BERT + dropout + linear head on the pooled output. num_labels=1: regression. Its last
+    encoder layer runs at the [CLS] tokens alone, so ``sequence_output`` is empty ([B, 0, H]);
+    ``self.bert(...)`` gives the full one."""
 
     def __init__(self, cfg: BertConfig, num_labels: int, *, rngs: nnx.Rngs):
         self.cfg = cfg

@@ -271,7 +271,6 @@ def test_remat_policies_save_what_they_say(capsys):
     assert activations["full"] < activations["attention_out"] < activations["dots"] <= activations["none"]
 
 
-
 def test_last_layer_only_where_read_equals_the_full_encoder():
     """The last layer runs only where its output is read (``BertModel(at_positions=...)``): a
     classifier's [CLS] tokens, pretraining's masked positions and [CLS]. Logits and gradients
