@@ -8,6 +8,8 @@ export KERAS_HOME ?= $(CURDIR)/.cache/keras
 export HF_HOME ?= $(CURDIR)/.cache/hf
 export XDG_CACHE_HOME ?= $(CURDIR)/.cache
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# pytest-xdist workers for `make test` (whole test files per worker); TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install install-test
 
@@ -32,4 +34,4 @@ demo: $(VENV)/.installed
 	$(BIN)/python -m bert_jax.demo --workdir workdirs/demo
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 tests

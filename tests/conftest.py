@@ -10,6 +10,8 @@ so entries never go stale across sessions or code changes, nothing lands in $HOM
 removed at exit. One cache for all modules also lets them share programs (the pretraining and
 fine-tuning tests build the same tiny models). A JAX_COMPILATION_CACHE_DIR already set is kept;
 a test that needs a cold compile passes its own (or an empty one) to its subprocess.
+Under pytest-xdist (`make test`: -n 2) the controller process makes the directory before it starts
+the workers, which inherit it: both workers share one cache, removed when the controller exits.
 
 `fast_compile`: modules and tests whose time is mostly XLA compiling the same tiny programs
 opt in to JAX's quick compile (jax_disable_most_optimizations: LLVM -O0, no expensive passes;
