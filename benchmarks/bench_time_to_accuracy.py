@@ -111,6 +111,7 @@ class BertJax:
         settings = {"data.source": "text", "data.train_path": train_file, "data.tokenizer": str(vocab_file()),
                     "data.max_seq_length": args.seq, "data.eval_fraction": 0.0, "train.eval_steps": 0,
                     "train.global_batch_size": args.batch, "train.steps": args.steps, "train.progress_bar": False,
+                    "train.seed": args.seed,
                     **recipe_settings(args)}
         for key, value in settings.items():
             set_key(config, key, value)
@@ -270,6 +271,8 @@ def main():
     recipe.add_argument("--jax_lr", type=float, default=5e-4, help="optimizer.learning_rate (peak)")
     recipe.add_argument("--jax_warmup", type=float, default=0.06, help="share of the steps warming up")
     parser.add_argument("--slice", type=float, default=25.0, help="seconds of own training between evaluations")
+    parser.add_argument("--seed", type=int, default=0, help="both sides' seed: initial weights, data order, masks "
+                        "(bert_jax's train.seed; the reference's torch and shuffling seed)")
     parser.add_argument("--eval_sequences", type=int, default=256)
     parser.add_argument("--holdout_every", type=int, default=20)
     parser.add_argument("--max_articles", type=int, default=None)
@@ -307,8 +310,9 @@ def main():
         if not train_file.exists():
             train_file.write_text("\n\n".join("\n".join(a) for a in train_articles) + "\n")
         key = f"{split}-seq{args.seq}-{args.jax_objective}-packing{int(args.jax_packing)}-mask{args.jax_mask}"
+        key += f"-seed{args.seed}" if args.seed else ""  # the prepared data's sentence pairs and masks follow it
         ours = BertJax(args, str(train_file), store / f"bert_jax-{key}")
-        reference = RunMlm(args, train_articles, ours.model_config)  # the same BertConfig
+        reference = RunMlm(args, train_articles, ours.model_config, seed=args.seed)  # the same BertConfig
         counts = mlm_eval.token_counts(reference.blocks, np.ones_like(reference.blocks), tok.vocab_size,
                                        tok.special_ids)
         baseline = mlm_eval.unigram_baseline(counts, batch)

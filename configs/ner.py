@@ -19,6 +19,9 @@ def get_config(arg: str = ""):
     c.data_source = ""              # '' : the files in data_dir; 'tfds:conll2003': TFDS, prepared in tfds_data_dir
     c.tfds_data_dir = ""            # '' : $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.doc_stride = 0                # long sentences: windows this many sub-tokens apart (0: half a window)
+    c.packing = True                # several sentence windows per row of max_seq_length tokens, each with its
+                                    # own [CLS], positions and attention (False: one per row, padded to buckets)
+    c.max_examples_per_row = 16     # windows a packed row holds at most
     c.learning_rates = (5e-5,)
     if arg == "quick":
         c.num_epochs = 1.0

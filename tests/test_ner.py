@@ -40,13 +40,19 @@ def test_config_keys_and_errors(shared_data, tokenizer):
                   tokenizer)
 
 
-def test_gold_predictions_score_one(shared_data, tokenizer, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_gold_predictions_score_one(shared_data, tokenizer, tmp_path, packing):
     """Batches carry every window's labels, and predictions come back to the right words."""
     task = ner.build("ner", ner_config(data_dir=str(shared_data / "conll2003_sample"), max_seq_length=16,
-                                       batch_size=8, eval_batch_size=8, smallest_bucket=8), tokenizer)
+                                       batch_size=8, eval_batch_size=8, smallest_bucket=8, packing=packing),
+                     tokenizer)
     assert task.steps_per_epoch == -(-len(task.train) // 8) and len(task.train) > task.num_train_examples
     batches = list(task.train_batches(seed=0, epoch=0))
-    assert {b["input_ids"].shape[1] for b in batches} <= {8, 16}
+    assert {b["input_ids"].shape[1] for b in batches} <= ({16} if packing else {8, 16})
+    if packing:  # some rows hold several windows, each window's [CLS] at a position id 0
+        assert any((((b["position_ids"] == 0) & (b["input_mask"] > 0)).sum(1) > 1).any() for b in batches)
+        assert all(((b["position_ids"] == 0) == (b["input_ids"] == tokenizer.cls_id))[b["input_mask"] > 0].all()
+                   for b in batches)
     labelled = sum(int((b["label_ids"] != losses.IGNORE).sum()) for b in batches)
     assert labelled == sum(len(s.words) for s in ner_data.read_conll(str(shared_data / "conll2003_sample/eng.train")))
 
@@ -76,11 +82,41 @@ def test_token_classification_loss_counts_labelled_tokens_only():
     assert float(loss) == pytest.approx(expected, rel=1e-5) and float(sums["tokens"]) == 3
 
 
+def test_packed_windows_give_the_padded_loss_gradients_and_predictions(shared_data, tokenizer):
+    """The same windows packed several to a row and padded one to a row: equal loss and
+    gradients (dropout off) and the same predicted tag for every word, on the same weights."""
+    def build(packing):
+        return ner.build("ner", ner_config(data_dir=str(shared_data / "conll2003_sample"), max_seq_length=32,
+                                           smallest_bucket=32, batch_size=24, eval_batch_size=512, packing=packing),
+                         tokenizer)
+    padded, packed = build(False), build(True)
+    cfg = BertConfig.preset("tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=32)
+    model = BertForTokenClassification(cfg, len(padded.labels), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    indices = np.arange(24)
+    loss_and_grads = jax.jit(jax.value_and_grad(
+        lambda p, b: losses.TOKEN_CLASSIFICATION.loss(p, graphdef, b, None, deterministic=True)[0]))
+    (loss, grads), (packed_loss, packed_grads) = (
+        loss_and_grads(params, task._batch(task.train, indices, 24)[0]) for task in (padded, packed))
+    assert len(packed._batch(packed.train, indices, 24)[0]["input_ids"]) < 24  # it did pack
+    np.testing.assert_allclose(packed_loss, loss, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), packed_grads, grads)
+
+    predict_outputs = jax.jit(lambda p, b: padded.predict_outputs(p, graphdef, b))
+
+    def predict(batch):
+        return np.asarray(predict_outputs(params, batch))
+    tags = {name: task.test_predictions(predict)["dev"] for name, task in (("padded", padded), ("packed", packed))}
+    assert tags["packed"] == tags["padded"] and len(set(t for s in tags["packed"] for t in s)) > 1
+    assert packed.evaluate(predict) == padded.evaluate(predict)
+
+
 def test_minilm_fine_tuned_on_the_sample_finds_entities(shared_data, minilm, tmp_path):
     c = ner_config(data_dir=str(shared_data / "conll2003_sample"), init_checkpoint=str(minilm.MODEL_DIR),
                    max_seq_length=32, smallest_bucket=32, batch_size=16, eval_batch_size=64,
                    max_train_examples=120, num_epochs=1.0, learning_rates=(1e-3,), warmup_fraction=0.0,
-                   progress_bar=False, eval_before_training=True, eval_every_steps=10_000, save_checkpoint=False)
+                   progress_bar=False, eval_before_training=True, eval_every_steps=10_000, save_checkpoint=False,
+                   packing=False)  # one shape to compile; packing's equivalence is tested above
     c.mesh.update(data=1, fsdp=-1)  # each CPU device updates an eighth of the optimizer state, not all of it
     results = finetune.run(c, tmp_path / "work")
     run = results["tasks"]["ner"]["runs"][0]

@@ -12,6 +12,10 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+# Packed batches have a row count rounded up to a multiple of this: fewer shapes to compile
+# for a little padding (benchmarks/bench_finetune.py).
+PACKED_ROWS_MULTIPLE = 2
+
 
 def bucket_length(lengths: Sequence[int], buckets: Sequence[int]) -> int:
     longest = max(lengths, default=1)

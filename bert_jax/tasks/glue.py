@@ -15,12 +15,10 @@ from flax import nnx
 
 from bert_jax import glue_metrics, losses
 from bert_jax.model import BertConfig, BertForSequenceClassification
-from bert_jax.tasks import glue_data, heads
+from bert_jax.tasks import batching, glue_data, heads
 
 NAMES = tuple(glue_data.TASKS)
-# Packed batches have a row count rounded up to a multiple of this: fewer shapes to compile
-# for a little padding (benchmarks/bench_finetune.py).
-PACKED_ROWS_MULTIPLE = 2
+PACKED_ROWS_MULTIPLE = batching.PACKED_ROWS_MULTIPLE
 GLUE_TASKS = glue_data.GLUE_TASKS
 
 

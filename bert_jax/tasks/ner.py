@@ -2,6 +2,12 @@
 token-classification head at the word's first sub-token, scored by entity-level precision,
 recall and F1 (seqeval, conlleval's definition) on the dev and test files.
 
+With `packing` (configs/ner.py's default) several sentence windows share a row of
+`max_seq_length` tokens, each with its own [CLS] ... [SEP], positions restarting at 0 and
+attention kept inside it (`tasks.batching.pack_rows`); the loss is the mean over the batch's
+labelled tokens either way, so packed and padded batches of the same windows give the same
+loss, gradients and predictions (tests/test_ner.py).
+
     python -m bert_jax.finetune --config configs/ner.py --config.data_dir=DIR \
         --config.init_checkpoint=PATH --workdir WORKDIR
 
@@ -15,6 +21,7 @@ import os
 from typing import Callable, Iterator
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bert_jax import losses
@@ -55,6 +62,8 @@ class Ner:
         self.eval_features = {split: featurize(s) for split, s in self.eval_sets.items()}
         self.batch_size, self.eval_batch_size, self.pad_id = c.batch_size, c.eval_batch_size, tokenizer.pad_id
         self.buckets = glue_data.bucket_lengths(c.max_seq_length, c.smallest_bucket)
+        self.packing = bool(c.get("packing", False))
+        self.row_length, self.max_per_row = c.max_seq_length, c.get("max_examples_per_row", 1)
         self.num_train_examples = len(train)
         self.steps_per_epoch = math.ceil(len(self.train) / c.batch_size)
 
@@ -81,17 +90,37 @@ class Ner:
     def init_head(self, model_config: BertConfig, seed: int) -> dict:
         return {"token_classifier": heads.dense_init(model_config, len(self.labels), seed)}
 
-    def _batch(self, features: ner_data.Features, indices, rows: int) -> dict:
-        """`rows` rows (fill rows: all labels IGNORE, no weight), padded to a bucket."""
-        length = batching.bucket_length(features.lengths[indices], self.buckets)
-        batch = batching.encoder_inputs([features.token_ids[i] for i in indices], None, rows, length, self.pad_id)
-        batch["label_ids"] = batching.pad_rows([features.label_ids[i] for i in indices], rows, length,
-                                               ner_data.IGNORE)
-        return batch
+    def _batch(self, features: ner_data.Features, indices, rows: int) -> tuple[dict, list[tuple[int, int]]]:
+        """-> (batch, where): `where[k]` is the (row, first position) of window `indices[k]`.
+
+        Padded: one window per row, `rows` rows (fill rows: all labels IGNORE), padded to a
+        bucket. Packed: the windows first-fit into rows of `max_seq_length` tokens (the row
+        count rounded up to `batching.PACKED_ROWS_MULTIPLE`), labels IGNORE between them."""
+        token_ids = [features.token_ids[i] for i in indices]
+        if not self.packing:
+            length = batching.bucket_length(features.lengths[indices], self.buckets)
+            batch = batching.encoder_inputs(token_ids, None, rows, length, self.pad_id)
+            batch["label_ids"] = batching.pad_rows([features.label_ids[i] for i in indices], rows, length,
+                                                   ner_data.IGNORE)
+            return batch, [(k, 0) for k in range(len(indices))]
+        packed = batching.pack_rows([len(t) for t in token_ids], self.row_length, self.max_per_row)
+        num_rows = -(-len(packed) // batching.PACKED_ROWS_MULTIPLE) * batching.PACKED_ROWS_MULTIPLE
+        batch, slots = batching.packed_encoder_inputs(token_ids, None, packed, num_rows, self.row_length,
+                                                      self.max_per_row, self.pad_id)
+        starts = batch.pop("cls_positions")  # the head reads every token, not the [CLS]
+        batch["label_ids"] = np.full((num_rows, self.row_length), ner_data.IGNORE, np.int32)
+        where = [(0, 0)] * len(indices)
+        for row, slot in zip(*np.nonzero(slots >= 0)):
+            k, start = int(slots[row, slot]), int(starts[row, slot])
+            batch["label_ids"][row, start: start + len(token_ids[k])] = features.label_ids[indices[k]]
+            where[k] = (int(row), start)
+        return batch, where
 
     def train_batches(self, seed: int, epoch: int) -> Iterator[dict]:
-        for indices in glue_data.train_batch_indices(self.train.lengths, self.batch_size, seed=seed, epoch=epoch):
-            yield self._batch(self.train, indices, self.batch_size)
+        # Packed batches mix lengths (packing wastes little on them): no length grouping.
+        for indices in glue_data.train_batch_indices(self.train.lengths, self.batch_size, seed=seed, epoch=epoch,
+                                                     group_batches=1 if self.packing else 50):
+            yield self._batch(self.train, indices, self.batch_size)[0]
 
     def predict_outputs(self, params, graphdef, batch):
         logits = losses.forward(params, graphdef, batch, None, True)["logits"]
@@ -100,10 +129,15 @@ class Ner:
     def _predict_tags(self, predict: Callable, split: str) -> list[list[str]]:
         features, sentences = self.eval_features[split], self.eval_sets[split]
         token_predictions = [None] * len(features)
-        for indices in batching.eval_batch_indices(features.lengths, self.eval_batch_size):
-            predicted = predict(self._batch(features, indices, self.eval_batch_size))
-            for row, i in enumerate(indices):
-                token_predictions[i] = predicted[row]
+        # Padded: batches of similar length; packed: file order (mixed lengths pack well).
+        n, size = len(features), self.eval_batch_size
+        order = ([np.arange(start, min(start + size, n)) for start in range(0, n, size)] if self.packing
+                 else batching.eval_batch_indices(features.lengths, size))
+        for indices in order:
+            batch, where = self._batch(features, indices, self.eval_batch_size)
+            predicted = predict(batch)
+            for (row, start), i in zip(where, indices):
+                token_predictions[i] = predicted[row, start: start + len(features.token_ids[i])]
         words = ner_data.word_predictions(features, token_predictions, [len(s.words) for s in sentences])
         return [[self.labels[i] for i in sentence] for sentence in words]
 
