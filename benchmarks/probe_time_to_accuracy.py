@@ -1,0 +1,78 @@
+"""One side of bench_time_to_accuracy.py alone, evaluated every N steps: the pilot that picks
+a learning rate (or masking rate, or seed) before the side-by-side run.
+
+    python benchmarks/probe_time_to_accuracy.py --side bert_jax --lr 5e-4 [--mask 0.3] [--seed 0]
+    python benchmarks/probe_time_to_accuracy.py --side reference --lr 5e-4 [--seed 0]
+        [--batch 16] [--seq 128] [--steps 400] [--every 50] [--cache /tmp/tta/cache]
+
+The same runners (`BertJax`, `RunMlm`), data split, held-out sequences and fixed masks as the
+benchmark (its defaults: BERT-mini, 128 held-out sequences of 128 tokens). Prints the step,
+the side's own training seconds and the held-out MLM accuracy every --every steps. Accuracy per
+step does not depend on the load, so a probe may share the machine; its seconds do.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import tempfile
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+import bench_time_to_accuracy as bench  # noqa: E402
+from bert_jax import config_utils, mlm_eval, train_step  # noqa: E402
+from bert_jax import tokenizer as tokenizer_lib  # noqa: E402
+from bert_jax.data import masking  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--side", choices=("bert_jax", "reference"), required=True)
+    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    p.add_argument("--mask", type=float, default=0.3, help="bert_jax's data.masked_lm_prob")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=400, help="the schedule's length")
+    p.add_argument("--every", type=int, default=50, help="steps between evaluations")
+    p.add_argument("--eval_sequences", type=int, default=128)
+    p.add_argument("--cache", help="bert_jax's prepared data kept here between runs (as the benchmark's)")
+    a = p.parse_args(argv)
+    args = argparse.Namespace(size="mini", batch=a.batch, seq=a.seq, steps=a.steps, seed=a.seed,
+                              jax_objective="mlm", jax_packing=True, jax_mask=a.mask, jax_lr=a.lr, jax_warmup=0.06,
+                              lr=a.lr, warmup=0.1)
+    train, held = bench.split_articles(str(bench.CORPUS), 20, None)
+    tok = tokenizer_lib.load_tokenizer(bench.vocab_file())
+    rows = mlm_eval.chunk_documents([tok.encode_batch(x) for x in held], a.seq, tok.cls_id, tok.sep_id)
+    batch = mlm_eval.fixed_mask_batch(rows[:a.eval_sequences], np.ones_like(rows[:a.eval_sequences]),
+                                      masking.MaskingVocab.from_tokenizer(tok), seed=0)
+    with tempfile.TemporaryDirectory(prefix="probe_tta_") as tmp:
+        store = pathlib.Path(a.cache or tmp)
+        store.mkdir(parents=True, exist_ok=True)
+        split = f"{bench.CORPUS.stem}-every20-maxNone"
+        train_file = store / f"train-{split}.txt"
+        if not train_file.exists():
+            train_file.write_text("\n\n".join("\n".join(x) for x in train) + "\n")
+        key = f"{split}-seq{a.seq}-mlm-packing1-mask{a.mask}" + (f"-seed{a.seed}" if a.seed else "")
+        if a.side == "bert_jax":
+            runner = bench.BertJax(args, str(train_file), store / f"bert_jax-{key}")
+        else:  # the same BertConfig as bert_jax's side
+            config = config_utils.load_config_file(str(bench.ROOT / "configs" / "bert_mini.py"))
+            runner = bench.RunMlm(args, train, train_step.pretraining_model_config(config, tok.vocab_size),
+                                  seed=a.seed)
+        print(f"{a.side}: {runner.describe()}", flush=True)
+        while runner.steps_done < a.steps:
+            target = min(a.steps, runner.steps_done + a.every)
+            while runner.steps_done < target:
+                runner.train_for(1e-9)  # one step
+            print(f"{a.side} lr {a.lr} mask {a.mask if a.side == 'bert_jax' else 0.15} seed {a.seed} "
+                  f"step {runner.steps_done} {runner.clock:.0f} s accuracy {runner.evaluate(batch):.4f} "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
