@@ -92,6 +92,28 @@ def split_articles(path, holdout_every: int, max_articles: int | None):
             [a for i, a in enumerate(articles) if i % holdout_every == 0])
 
 
+def held_out_rows(held_out, tok, seq: int) -> np.ndarray:
+    return mlm_eval.chunk_documents([tok.encode_batch(a) for a in held_out], seq, tok.cls_id, tok.sep_id)
+
+
+def held_out_batch(rows: np.ndarray, tok) -> dict:
+    """The fixed evaluation masks (15%, 80/10/10, seed 0) both sides are scored on."""
+    return mlm_eval.fixed_mask_batch(rows, np.ones_like(rows), masking.MaskingVocab.from_tokenizer(tok), seed=0)
+
+
+def training_data_paths(store: pathlib.Path, args, train_articles) -> tuple[pathlib.Path, pathlib.Path]:
+    """(the training articles as a text file, bert_jax's prepared-data directory) under `store`
+    (--cache, kept between runs: the file's size and time unchanged, the prepared data is reused)."""
+    store.mkdir(parents=True, exist_ok=True)
+    split = f"{pathlib.Path(args.corpus).stem}-every{args.holdout_every}-max{args.max_articles}"
+    train_file = store / f"train-{split}.txt"
+    if not train_file.exists():
+        train_file.write_text("\n\n".join("\n".join(a) for a in train_articles) + "\n")
+    key = f"{split}-seq{args.seq}-{args.jax_objective}-packing{int(args.jax_packing)}-mask{args.jax_mask}"
+    key += f"-seed{args.seed}" if args.seed else ""  # the prepared data's sentence pairs and masks follow it
+    return train_file, store / f"bert_jax-{key}"
+
+
 def set_key(config, dotted: str, value) -> None:
     *path, last = dotted.split(".")
     section = config
@@ -294,24 +316,14 @@ def main():
 
     train_articles, held_out = split_articles(args.corpus, args.holdout_every, args.max_articles)
     tok = tokenizer_lib.load_tokenizer(vocab_file())
-    rows = mlm_eval.chunk_documents([tok.encode_batch(a) for a in held_out], args.seq, tok.cls_id, tok.sep_id)
-    rows = rows[:args.eval_sequences]
+    rows = held_out_rows(held_out, tok, args.seq)[:args.eval_sequences]
     sample = [p for a in held_out for p in a][:50]
     if [tok.build_inputs(ids)[0] for ids in tok.encode_batch(sample)] != reference_tokenizer()(sample)["input_ids"]:
         raise SystemExit("bert_jax's and transformers' WordPiece tokenizers disagree on the held-out text")
-    batch = mlm_eval.fixed_mask_batch(rows, np.ones_like(rows), masking.MaskingVocab.from_tokenizer(tok), seed=0)
+    batch = held_out_batch(rows, tok)
     with tempfile.TemporaryDirectory(prefix="bench_tta_") as tmp:
-        # The training articles and bert_jax's prepared data (sentence split + tokenized) are kept in
-        # --cache when given: the file's size and time unchanged, the prepared data is reused.
-        store = pathlib.Path(args.cache or tmp)
-        store.mkdir(parents=True, exist_ok=True)
-        split = f"{pathlib.Path(args.corpus).stem}-every{args.holdout_every}-max{args.max_articles}"
-        train_file = store / f"train-{split}.txt"
-        if not train_file.exists():
-            train_file.write_text("\n\n".join("\n".join(a) for a in train_articles) + "\n")
-        key = f"{split}-seq{args.seq}-{args.jax_objective}-packing{int(args.jax_packing)}-mask{args.jax_mask}"
-        key += f"-seed{args.seed}" if args.seed else ""  # the prepared data's sentence pairs and masks follow it
-        ours = BertJax(args, str(train_file), store / f"bert_jax-{key}")
+        train_file, work = training_data_paths(pathlib.Path(args.cache or tmp), args, train_articles)
+        ours = BertJax(args, str(train_file), work)
         reference = RunMlm(args, train_articles, ours.model_config, seed=args.seed)  # the same BertConfig
         counts = mlm_eval.token_counts(reference.blocks, np.ones_like(reference.blocks), tok.vocab_size,
                                        tok.special_ids)

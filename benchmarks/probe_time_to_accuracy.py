@@ -20,12 +20,9 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-
 import bench_time_to_accuracy as bench  # noqa: E402
-from bert_jax import config_utils, mlm_eval, train_step  # noqa: E402
+from bert_jax import config_utils, train_step  # noqa: E402
 from bert_jax import tokenizer as tokenizer_lib  # noqa: E402
-from bert_jax.data import masking  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,23 +39,16 @@ def main(argv=None) -> int:
     p.add_argument("--cache", help="bert_jax's prepared data kept here between runs (as the benchmark's)")
     a = p.parse_args(argv)
     args = argparse.Namespace(size="mini", batch=a.batch, seq=a.seq, steps=a.steps, seed=a.seed,
+                              corpus=str(bench.CORPUS), holdout_every=20, max_articles=None,
                               jax_objective="mlm", jax_packing=True, jax_mask=a.mask, jax_lr=a.lr, jax_warmup=0.06,
                               lr=a.lr, warmup=0.1)
-    train, held = bench.split_articles(str(bench.CORPUS), 20, None)
+    train, held = bench.split_articles(args.corpus, args.holdout_every, args.max_articles)
     tok = tokenizer_lib.load_tokenizer(bench.vocab_file())
-    rows = mlm_eval.chunk_documents([tok.encode_batch(x) for x in held], a.seq, tok.cls_id, tok.sep_id)
-    batch = mlm_eval.fixed_mask_batch(rows[:a.eval_sequences], np.ones_like(rows[:a.eval_sequences]),
-                                      masking.MaskingVocab.from_tokenizer(tok), seed=0)
+    batch = bench.held_out_batch(bench.held_out_rows(held, tok, a.seq)[:a.eval_sequences], tok)
     with tempfile.TemporaryDirectory(prefix="probe_tta_") as tmp:
-        store = pathlib.Path(a.cache or tmp)
-        store.mkdir(parents=True, exist_ok=True)
-        split = f"{bench.CORPUS.stem}-every20-maxNone"
-        train_file = store / f"train-{split}.txt"
-        if not train_file.exists():
-            train_file.write_text("\n\n".join("\n".join(x) for x in train) + "\n")
-        key = f"{split}-seq{a.seq}-mlm-packing1-mask{a.mask}" + (f"-seed{a.seed}" if a.seed else "")
+        train_file, work = bench.training_data_paths(pathlib.Path(a.cache or tmp), args, train)
         if a.side == "bert_jax":
-            runner = bench.BertJax(args, str(train_file), store / f"bert_jax-{key}")
+            runner = bench.BertJax(args, str(train_file), work)
         else:  # the same BertConfig as bert_jax's side
             config = config_utils.load_config_file(str(bench.ROOT / "configs" / "bert_mini.py"))
             runner = bench.RunMlm(args, train, train_step.pretraining_model_config(config, tok.vocab_size),
