@@ -6,7 +6,8 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_tiny_device_check_writes_its_json_and_table(tmp_path, capsys):
+def test_tiny_device_check_writes_its_json_and_table(shared_data, tmp_path, capsys):
+    # shared_data: the check reads ../shared/data/glue_lengths.json (skips with a reason without it)
     spec = importlib.util.spec_from_file_location("device_check", ROOT / "benchmarks" / "device_check.py")
     device_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(device_check)
