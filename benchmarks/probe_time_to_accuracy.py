@@ -1,8 +1,8 @@
 """One side of bench_time_to_accuracy.py alone, evaluated every N steps: the pilot that picks
 a learning rate (or masking rate, or seed) before the side-by-side run.
 
-    python benchmarks/probe_time_to_accuracy.py --side bert_jax --lr 5e-4 [--mask 0.3] [--seed 0]
-    python benchmarks/probe_time_to_accuracy.py --side reference --lr 5e-4 [--seed 0]
+    python benchmarks/probe_time_to_accuracy.py --side bert_jax [--lr 1e-3] [--mask 0.3] [--no-pre_ln] [--dropout 0.1] [--seed 0]
+    python benchmarks/probe_time_to_accuracy.py --side reference [--lr 5e-4] [--seed 0]
         [--batch 16] [--seq 128] [--steps 400] [--every 50] [--cache /tmp/tta/cache]
 
 The same runners (`BertJax`, `RunMlm`), data split, held-out sequences and fixed masks as the
@@ -28,9 +28,14 @@ from bert_jax import tokenizer as tokenizer_lib  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--side", choices=("bert_jax", "reference"), required=True)
-    p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the benchmark's, 1e-3 for "
+                   "bert_jax, 5e-4 for the reference)")
     p.add_argument("--mask", type=float, default=0.3, help="bert_jax's data.masked_lm_prob")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=0.0, help="bert_jax's hidden and attention dropout")
+    p.add_argument("--pre_ln", default=True, action=argparse.BooleanOptionalAction, help="bert_jax's model.pre_layer_norm")
+    p.add_argument("--warmup", type=float, default=0.06, help="bert_jax's share of the steps warming up")
+    p.add_argument("--b2", type=float, default=0.999, help="bert_jax's AdamW beta2")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=400, help="the schedule's length")
@@ -38,9 +43,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval_sequences", type=int, default=128)
     p.add_argument("--cache", help="bert_jax's prepared data kept here between runs (as the benchmark's)")
     a = p.parse_args(argv)
+    a.lr = a.lr or (1e-3 if a.side == "bert_jax" else 5e-4)
     args = argparse.Namespace(size="mini", batch=a.batch, seq=a.seq, steps=a.steps, seed=a.seed,
                               corpus=str(bench.CORPUS), holdout_every=20, max_articles=None,
-                              jax_objective="mlm", jax_packing=True, jax_mask=a.mask, jax_lr=a.lr, jax_warmup=0.06,
+                              jax_objective="mlm", jax_packing=True, jax_mask=a.mask, jax_lr=a.lr, jax_warmup=a.warmup,
+                              jax_dropout=a.dropout, jax_b2=a.b2, jax_pre_ln=a.pre_ln,
                               lr=a.lr, warmup=0.1)
     train, held = bench.split_articles(args.corpus, args.holdout_every, args.max_articles)
     tok = tokenizer_lib.load_tokenizer(bench.vocab_file())
@@ -58,7 +65,8 @@ def main(argv=None) -> int:
             target = min(a.steps, runner.steps_done + a.every)
             while runner.steps_done < target:
                 runner.train_for(1e-9)  # one step
-            print(f"{a.side} lr {a.lr} mask {a.mask if a.side == 'bert_jax' else 0.15} seed {a.seed} "
+            print(f"{a.side} lr {a.lr} mask {a.mask if a.side == 'bert_jax' else 0.15} "
+                  f"pre_ln {a.pre_ln if a.side == 'bert_jax' else False} dropout {a.dropout if a.side == 'bert_jax' else 0.1} warmup {a.warmup} b2 {a.b2} seed {a.seed} "
                   f"step {runner.steps_done} {runner.clock:.0f} s accuracy {runner.evaluate(batch):.4f} "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
     return 0

@@ -3,7 +3,9 @@
 Numerically identical to reference BERT (Google's TF code, Hugging Face's
 ``BertForPreTraining``) given the same weights: post-LayerNorm residual blocks,
 exact (erf) GELU, LayerNorm eps 1e-12, MLM decoder tied to the word embeddings
-plus an output bias.
+plus an output bias. ``BertConfig(pre_layer_norm=True)`` is the one departure, a
+config choice: pre-LayerNorm blocks and a final LayerNorm (faster pretraining at
+higher learning rates; not exportable to Hugging Face's or Google's BERT).
 
 Design notes
 * Modules hold only ``nnx.Param`` state. Dropout keys come per call
@@ -77,6 +79,12 @@ class BertConfig:
     type_vocab_size: int = 2
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
+    # False: BERT's post-LayerNorm blocks (LayerNorm(x + sublayer(x))), what Google's and Hugging
+    # Face's BERT are. True: pre-LayerNorm blocks (x + sublayer(LayerNorm(x))) and a LayerNorm after
+    # the last layer (encoder/final_layer_norm), the form that trains stably at higher learning
+    # rates (Xiong et al. 2020; Geiping & Goldstein 2022, "Cramming"); not exportable to Hugging
+    # Face's or Google's BERT, which have no such blocks (bert_jax.weights says so).
+    pre_layer_norm: bool = False
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat_policy: str = "none"
@@ -282,7 +290,9 @@ class SelfAttention(nnx.Module):
 
 
 class Layer(nnx.Module):
-    """One post-LayerNorm transformer block."""
+    """One transformer block: post-LayerNorm (BERT's), or pre-LayerNorm with ``pre_layer_norm``
+    (the same parameters, ``attention_layer_norm`` then normalising the attention's input and
+    ``output_layer_norm`` the feed-forward's)."""
 
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -296,6 +306,8 @@ class Layer(nnx.Module):
         """``queries`` [B, Q]: the block's output at those positions only, [B, Q, H]."""
         cfg = self.cfg
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
+        if cfg.pre_layer_norm:
+            return self._pre_layer_norm(x, prepared, deterministic, keys, queries)
         a = self.attention(x, prepared, deterministic, keys[0], queries)
         a = _dropout(a, cfg.hidden_dropout_prob, deterministic, keys[1], cfg.dropout_impl)
         residual = x if queries is None else gather_positions(x, queries)
@@ -306,6 +318,17 @@ class Layer(nnx.Module):
         h = _dropout(self.output(h), cfg.hidden_dropout_prob, deterministic, keys[2], cfg.dropout_impl)
         x = self.output_layer_norm(x + h).astype(cfg.dtype)
         return constrain(x, ("batch", "length", "embed"))
+
+    def _pre_layer_norm(self, x, prepared, deterministic, keys, queries):
+        cfg = self.cfg
+        a = self.attention(self.attention_layer_norm(x).astype(cfg.dtype), prepared, deterministic, keys[0], queries)
+        a = _dropout(a, cfg.hidden_dropout_prob, deterministic, keys[1], cfg.dropout_impl)
+        x = (x if queries is None else gather_positions(x, queries)) + a
+        x = constrain(x, ("batch", "length", "embed"))
+        h = activation(cfg.hidden_act)(self.intermediate(self.output_layer_norm(x).astype(cfg.dtype)))
+        h = constrain(h, ("batch", "length", "mlp"))
+        h = _dropout(self.output(h), cfg.hidden_dropout_prob, deterministic, keys[2], cfg.dropout_impl)
+        return constrain((x + h).astype(cfg.dtype), ("batch", "length", "embed"))
 
 
 def _remat_policy(name: str):
@@ -329,11 +352,19 @@ class Encoder(nnx.Module):
             self.layers = make(rngs)
         else:
             self.layers = nnx.List([Layer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        if cfg.pre_layer_norm:  # pre-LN blocks leave the residual stream unnormalised
+            self.final_layer_norm = layer_norm(cfg, rngs)
 
     def __call__(self, x, prepared, deterministic, key, last_queries=None):
         """``last_queries`` [B, Q]: the last layer computes its output at those positions only
         ([B, Q, H] out): what a classifier needs (its [CLS] tokens), ~1/L of the encoder's work
         less, with the same values there."""
+        x = self._layers(x, prepared, deterministic, key, last_queries)
+        if self.cfg.pre_layer_norm:
+            x = self.final_layer_norm(x).astype(self.cfg.dtype)
+        return x
+
+    def _layers(self, x, prepared, deterministic, key, last_queries):
         cfg = self.cfg
 
         def apply(layer_state, graphdef, h, layer_key, queries=None):

@@ -51,7 +51,10 @@ def load(path, seed: int = 0) -> Imported:
         import tensorflow as tf
     except ImportError as e:
         raise ConversionError("reading Google TF checkpoints needs tensorflow (pip install tensorflow-cpu)") from e
-    cfg = config_from_hf({**read_json(cfg_file), "model_type": "bert"}, str(cfg_file))
+    google_config = read_json(cfg_file)
+    if google_config.get("pre_layer_norm"):
+        raise ConversionError(f"{cfg_file}: pre_layer_norm=true, but Google's BERT is post-LayerNorm")
+    cfg = config_from_hf({**google_config, "model_type": "bert"}, str(cfg_file))
     reader = tf.train.load_checkpoint(str(prefix))
     tensors = {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
     return assemble(cfg, tensors, name_map(cfg), str(prefix), seed)

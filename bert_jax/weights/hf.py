@@ -126,6 +126,9 @@ def load(path, seed: int = 0) -> Imported:
     if not cfg_file.is_file():
         raise ConversionError(f"{d}: no config.json (a Hugging Face BERT directory needs one)")
     hf_config = read_json(cfg_file)
+    if hf_config.get("pre_layer_norm"):
+        raise ConversionError(f"{cfg_file}: pre_layer_norm=true, but Hugging Face's BertModel is post-LayerNorm: "
+                              "these weights were not written for it (bert_jax writes pre-LayerNorm models as .npz)")
     cfg = config_from_hf(hf_config, str(cfg_file))
     source, tensors = _read_tensors(d)
     # Older checkpoints name LayerNorm parameters gamma/beta.
@@ -148,6 +151,10 @@ def save(cfg: BertConfig, params: dict, out_dir, tokenizer_dir=None, labels=None
     (the head's label names in id order) become id2label/label2id (default LABEL_<i>)."""
     from safetensors.numpy import save_file
 
+    if cfg.pre_layer_norm:
+        raise ConversionError("export to Hugging Face: this model has model.pre_layer_norm=True (pre-LayerNorm "
+                              "blocks and a final LayerNorm), which Hugging Face's BertModel does not have; "
+                              "export with --format npz, or keep the Orbax checkpoint")
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     flat = params_lib.flatten(params)
