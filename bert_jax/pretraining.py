@@ -30,7 +30,7 @@ from bert_jax.data import pipeline
 
 # Compared between train.init_from's weights and the run's model (a config key each: model.KEY).
 _INIT_FROM_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                   "max_position_embeddings", "type_vocab_size", "hidden_act")
+                   "max_position_embeddings", "type_vocab_size", "hidden_act", "pre_layer_norm")
 
 
 # ----------------------------------------------------------------------------

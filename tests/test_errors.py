@@ -220,3 +220,6 @@ def test_init_from_weights_of_another_vocabulary_or_size(minilm, truncated_vocab
     assert "\n" not in message and f"train.init_from={model_dir}/config.json" in message, message
     assert "model.hidden_size is 384 there, 128 here" in message
     assert "model.num_hidden_layers is 6 there, 2 here" in message
+    c.model.pre_layer_norm = True  # released BERT weights are post-LN: another function, refused
+    with pytest.raises(ValueError, match="model.pre_layer_norm is False there, True here"):
+        pretraining.init_from_params(c, train_step_lib.pretraining_model_config(c, 30522), print)
