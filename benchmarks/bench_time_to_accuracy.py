@@ -12,18 +12,18 @@ batch size, sequence length and number of steps, AdamW with linear warmup then l
 weight decay 0.01 off biases and LayerNorm, clipping 1.0. Each side trains with its
 own recipe:
 
-* bert_jax: `configs/bert_mini.py` (the HF model gets the same BertConfig) with its recommended
-  CPU recipe, the --jax_* flags (defaults in brackets): --jax_objective [mlm] (train.objective:
-  masked LM alone on full one-segment rows, no NSP), --jax_packing [on] (data.packing: several
-  instances per row, no padding), --jax_mask [0.3] (data.masked_lm_prob, MosaicBERT's rate;
-  max_predictions_per_seq follows), --jax_pre_ln [on] (model.pre_layer_norm: pre-LayerNorm
-  blocks and a final LayerNorm), --jax_dropout [0] (hidden and attention dropout),
-  --jax_lr [1e-3], --jax_warmup [0.06] (share of the steps warming up) and --jax_b2 [0.999];
-  the README says how they were chosen (post-LN BERT at 1e-3 or 2e-3 stayed on the unigram
-  plateau for 400-600 steps of 16 x 128; pre-LN at 1e-3 left it within 100). Through the library:
+* bert_jax: `configs/short_budget.py` (its short-budget recipe; `model.preset` set to --size),
+  whose values are the --jax_* flags' defaults: train.objective mlm (masked LM alone on full
+  one-segment rows, no NSP), data.packing on (several instances per row, no padding),
+  data.masked_lm_prob 0.3 (MosaicBERT's rate; max_predictions_per_seq follows),
+  model.pre_layer_norm on (pre-LayerNorm blocks and a final LayerNorm), no dropout, peak
+  learning rate 1e-3 with 6% warmup; the README says how they were chosen (post-LN BERT at
+  1e-3 or 2e-3 stayed on the unigram plateau for 400-600 steps of 16 x 128; pre-LN at 1e-3 left
+  it within 100). Through the library:
   `data.pipeline` prepares the training articles with the WordPiece vocabulary, the step is
   `train_step.build_pretraining_step`'s (dtype and matmul path: `hardware.compute_choice`);
-* the reference: transformers' PyTorch `BertForMaskedLM` trained as `examples/pytorch/
+* the reference: transformers' PyTorch `BertForMaskedLM` (configs/bert_SIZE.py's BertConfig:
+  BERT's post-LN blocks, dropout 0.1, transformers' defaults) trained as `examples/pytorch/
   language-modeling/run_mlm.py` trains it: every paragraph tokenized with [CLS]/[SEP], the
   stream cut into blocks of --seq tokens (`group_texts`), shuffled, masked by
   `DataCollatorForLanguageModeling` (15%, 80/10/10), `torch.optim.AdamW` (eps 1e-8, the
@@ -68,9 +68,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "enwiki_sample" / "enwiki_2015_sample.txt"
 
 
+RECIPE = ROOT / "configs" / "short_budget.py"  # bert_jax's side: this file, the --jax_* flags' defaults
+
+
+def recipe_defaults() -> dict:
+    """The --jax_* flags' defaults: configs/short_budget.py's values."""
+    c = config_utils.load_config_file(str(RECIPE))
+    return {"jax_objective": c.train.objective, "jax_packing": c.data.packing, "jax_mask": c.data.masked_lm_prob,
+            "jax_lr": c.optimizer.learning_rate, "jax_warmup": c.optimizer.warmup_steps / c.train.steps,
+            "jax_pre_ln": c.model.pre_layer_norm, "jax_dropout": c.model.hidden_dropout_prob,
+            "jax_b2": c.optimizer.b2}
+
+
 def recipe_settings(args) -> dict:
-    """bert_jax's recipe (the --jax_* flags) as config settings on top of configs/bert_SIZE.py."""
-    return {"train.objective": args.jax_objective, "data.packing": args.jax_packing,
+    """bert_jax's recipe (the --jax_* flags) as config settings on top of configs/short_budget.py."""
+    return {"model.preset": args.size, "train.objective": args.jax_objective, "data.packing": args.jax_packing,
             "data.masked_lm_prob": args.jax_mask, "optimizer.learning_rate": args.jax_lr,
             "optimizer.warmup_steps": max(1, round(args.jax_warmup * args.steps)),
             "model.hidden_dropout_prob": args.jax_dropout, "model.attention_probs_dropout_prob": args.jax_dropout,
@@ -140,7 +152,7 @@ class BertJax:
     name = "bert_jax"
 
     def __init__(self, args, train_file: str, work: pathlib.Path):
-        config = config_utils.load_config_file(str(ROOT / "configs" / f"bert_{args.size}.py"))
+        config = config_utils.load_config_file(str(RECIPE))
         settings = {"data.source": "text", "data.train_path": train_file, "data.tokenizer": str(vocab_file()),
                     "data.max_seq_length": args.seq, "data.eval_fraction": 0.0, "train.eval_steps": 0,
                     "train.global_batch_size": args.batch, "train.steps": args.steps, "train.progress_bar": False,
@@ -150,7 +162,7 @@ class BertJax:
             set_key(config, key, value)
         config_utils.validate(config)
         settings["data.max_predictions_per_seq"] = config_utils.max_predictions_per_seq(config)
-        self.settings, self.model_config_name = settings, args.size
+        self.settings = settings
         mesh = sharding.make_mesh(config.mesh)
         started = time.perf_counter()
         tok, self.batches, _ = pipeline.build_pretraining_data(config, paths.workdir_path(work),
@@ -167,7 +179,7 @@ class BertJax:
         self.steps_done, self.total_steps, self.clock = 0, args.steps, 0.0
 
     def describe(self) -> str:
-        return (f"configs/bert_{self.model_config_name}.py + {self.settings}; "
+        return (f"configs/{RECIPE.name} + {self.settings}; "
                 f"{hardware.compute_choice(self.model_config.dtype, self.model_config.matmul_impl).describe()}")
 
     def train_for(self, seconds: float) -> None:
@@ -298,17 +310,18 @@ def main():
     parser.add_argument("--steps", type=int, default=40, help="training steps of each (the schedules' length)")
     parser.add_argument("--lr", type=float, default=5e-4, help="the reference's peak learning rate (see the README)")
     parser.add_argument("--warmup", type=float, default=0.1, help="the reference's share of the steps warming up")
-    recipe = parser.add_argument_group("bert_jax's recipe (its recommended CPU recipe by default)")
-    recipe.add_argument("--jax_objective", default="mlm", choices=instances.OBJECTIVES, help="train.objective")
-    recipe.add_argument("--jax_packing", default=True, action=argparse.BooleanOptionalAction, help="data.packing")
-    recipe.add_argument("--jax_mask", type=float, default=0.3, help="data.masked_lm_prob")
-    recipe.add_argument("--jax_lr", type=float, default=1e-3, help="optimizer.learning_rate (peak)")
-    recipe.add_argument("--jax_warmup", type=float, default=0.06, help="share of the steps warming up")
-    recipe.add_argument("--jax_pre_ln", default=True, action=argparse.BooleanOptionalAction,
+    recipe = parser.add_argument_group("bert_jax's recipe (defaults: configs/short_budget.py's)")
+    recipe.add_argument("--jax_objective", choices=instances.OBJECTIVES, help="train.objective")
+    recipe.add_argument("--jax_packing", action=argparse.BooleanOptionalAction, help="data.packing")
+    recipe.add_argument("--jax_mask", type=float, help="data.masked_lm_prob")
+    recipe.add_argument("--jax_lr", type=float, help="optimizer.learning_rate (peak)")
+    recipe.add_argument("--jax_warmup", type=float, help="share of the steps warming up")
+    recipe.add_argument("--jax_pre_ln", action=argparse.BooleanOptionalAction,
                         help="model.pre_layer_norm (pre-LayerNorm blocks, a final LayerNorm)")
-    recipe.add_argument("--jax_dropout", type=float, default=0.0,
+    recipe.add_argument("--jax_dropout", type=float,
                         help="model.hidden_dropout_prob and model.attention_probs_dropout_prob")
-    recipe.add_argument("--jax_b2", type=float, default=0.999, help="optimizer.b2 (AdamW's beta2)")
+    recipe.add_argument("--jax_b2", type=float, help="optimizer.b2 (AdamW's beta2)")
+    recipe.set_defaults(**recipe_defaults())
     parser.add_argument("--slice", type=float, default=25.0, help="seconds of own training between evaluations")
     parser.add_argument("--seed", type=int, default=0, help="both sides' seed: initial weights, data order, masks "
                         "(bert_jax's train.seed; the reference's torch and shuffling seed)")

@@ -27,14 +27,16 @@ from bert_jax import tokenizer as tokenizer_lib  # noqa: E402
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--side", choices=("bert_jax", "reference"), required=True)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the benchmark's, 1e-3 for "
-                   "bert_jax, 5e-4 for the reference)")
-    p.add_argument("--mask", type=float, default=0.3, help="bert_jax's data.masked_lm_prob")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the benchmark's: "
+                   "configs/short_budget.py's for bert_jax, 5e-4 for the reference)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dropout", type=float, default=0.0, help="bert_jax's hidden and attention dropout")
-    p.add_argument("--pre_ln", default=True, action=argparse.BooleanOptionalAction, help="bert_jax's model.pre_layer_norm")
-    p.add_argument("--warmup", type=float, default=0.06, help="bert_jax's share of the steps warming up")
-    p.add_argument("--b2", type=float, default=0.999, help="bert_jax's AdamW beta2")
+    jax = p.add_argument_group("bert_jax's recipe (defaults: configs/short_budget.py's, as the benchmark's)")
+    jax.add_argument("--mask", type=float, dest="jax_mask", help="data.masked_lm_prob")
+    jax.add_argument("--dropout", type=float, dest="jax_dropout", help="hidden and attention dropout")
+    jax.add_argument("--pre_ln", action=argparse.BooleanOptionalAction, dest="jax_pre_ln", help="model.pre_layer_norm")
+    jax.add_argument("--warmup", type=float, dest="jax_warmup", help="share of the steps warming up")
+    jax.add_argument("--b2", type=float, dest="jax_b2", help="AdamW's beta2")
+    jax.set_defaults(**{k: v for k, v in bench.recipe_defaults().items() if k not in ("jax_lr",)})
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=400, help="the schedule's length")
@@ -42,11 +44,11 @@ def main(argv=None) -> int:
     p.add_argument("--eval_sequences", type=int, default=128)
     p.add_argument("--cache", help="bert_jax's prepared data kept here between runs (as the benchmark's)")
     a = p.parse_args(argv)
-    a.lr = a.lr or (1e-3 if a.side == "bert_jax" else 5e-4)
+    recipe = {k: v for k, v in vars(a).items() if k.startswith("jax_")}
+    recipe["jax_lr"] = a.lr or bench.recipe_defaults()["jax_lr"]
+    a.lr = a.lr or (recipe["jax_lr"] if a.side == "bert_jax" else 5e-4)
     args = argparse.Namespace(size="mini", batch=a.batch, seq=a.seq, steps=a.steps, seed=a.seed,
-                              corpus=str(bench.CORPUS), holdout_every=20, max_articles=None,
-                              jax_objective="mlm", jax_packing=True, jax_mask=a.mask, jax_lr=a.lr, jax_warmup=a.warmup,
-                              jax_dropout=a.dropout, jax_b2=a.b2, jax_pre_ln=a.pre_ln,
+                              corpus=str(bench.CORPUS), holdout_every=20, max_articles=None, **recipe,
                               lr=a.lr, warmup=0.1)
     train, held = bench.split_articles(args.corpus, args.holdout_every, args.max_articles)
     tok = tokenizer_lib.load_tokenizer(bench.vocab_file())
@@ -62,8 +64,9 @@ def main(argv=None) -> int:
             target = min(a.steps, runner.steps_done + a.every)
             while runner.steps_done < target:
                 runner.train_for(1e-9)  # one step
-            print(f"{a.side} lr {a.lr} mask {a.mask if a.side == 'bert_jax' else 0.15} "
-                  f"pre_ln {a.pre_ln if a.side == 'bert_jax' else False} dropout {a.dropout if a.side == 'bert_jax' else 0.1} warmup {a.warmup} b2 {a.b2} seed {a.seed} "
+            print(f"{a.side} lr {a.lr} mask {a.jax_mask if a.side == 'bert_jax' else 0.15} "
+                  f"pre_ln {a.jax_pre_ln if a.side == 'bert_jax' else False} "
+                  f"dropout {a.jax_dropout if a.side == 'bert_jax' else 0.1} seed {a.seed} "
                   f"step {runner.steps_done} {runner.clock:.0f} s accuracy {runner.evaluate(batch):.4f} "
                   f"(load {os.getloadavg()[0]:.1f})", flush=True)
     return 0

@@ -126,6 +126,12 @@ def test_max_predictions_follow_the_masking_rate():
     config_utils.validate(mosaic)
     assert (mosaic.train.objective, mosaic.data.masked_lm_prob, mosaic.model.attention_probs_dropout_prob,
             config_utils.max_predictions_per_seq(mosaic)) == ("mlm", 0.3, 0.0, 39)
+    short = config_utils.load_config_file(str(ROOT / "configs" / "short_budget.py"))
+    short.data.train_path = "data"
+    config_utils.validate(short)
+    model = BertConfig.preset(short.model.preset, **config_utils.model_overrides(short, 30522))
+    assert (model.pre_layer_norm, model.hidden_dropout_prob, model.attention_probs_dropout_prob,
+            short.train.objective, short.optimizer.learning_rate) == (True, 0.0, 0.0, "mlm", 1e-3)
 
 
 @pytest.fixture
