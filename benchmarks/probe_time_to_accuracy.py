@@ -1,7 +1,7 @@
 """One side of bench_time_to_accuracy.py alone, evaluated every N steps: the pilot that picks
 a learning rate (or masking rate, or seed) before the side-by-side run.
 
-    python benchmarks/probe_time_to_accuracy.py --side bert_jax [--lr 1e-3] [--mask 0.3] [--no-pre_ln] [--dropout 0.1] [--seed 0]
+    python benchmarks/probe_time_to_accuracy.py --side bert_jax [--lr 5e-4] [--mask 0.3] [--no-pre_ln] [--dropout 0.1] [--seed 0]
     python benchmarks/probe_time_to_accuracy.py --side reference [--lr 5e-4] [--seed 0]
         [--batch 16] [--seq 128] [--steps 400] [--every 50] [--cache /tmp/tta/cache]
 

@@ -131,7 +131,7 @@ def test_max_predictions_follow_the_masking_rate():
     config_utils.validate(short)
     model = BertConfig.preset(short.model.preset, **config_utils.model_overrides(short, 30522))
     assert (model.pre_layer_norm, model.hidden_dropout_prob, model.attention_probs_dropout_prob,
-            short.train.objective, short.optimizer.learning_rate) == (True, 0.0, 0.0, "mlm", 1e-3)
+            short.train.objective, short.optimizer.learning_rate) == (True, 0.0, 0.0, "mlm", 5e-4)
 
 
 @pytest.fixture
