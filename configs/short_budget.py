@@ -1,6 +1,7 @@
 """bert_jax's short-budget pretraining recipe: the one the time-to-accuracy benchmark runs
 (benchmarks/bench_time_to_accuracy.py; the README has its figures), BERT-mini at 16 x 128 for
-400 steps on a 2-core CPU. On top of configs/bert_mini.py (BERT's recipe):
+400 steps on a 2-core CPU. On top of BERT's recipe (config_utils.pretrain_config, as
+configs/bert_mini.py):
 
 * masked LM only (`train.objective=mlm`), at 30% masking (MosaicBERT's rate), packed rows;
 * pre-LayerNorm blocks and a final LayerNorm (`model.pre_layer_norm`, Xiong et al. 2020;
