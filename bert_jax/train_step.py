@@ -194,12 +194,20 @@ def make_train_step(graphdef, opt: optax.GradientTransformation, mesh: Mesh, rul
                 (loss, sums, grads), _ = jax.lax.scan(body, init, (micro, jnp.arange(micro_batches)))
 
             grad_norm = optax.tree.norm(grads)
-            updates, opt_state = opt.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
             finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
+
+            def apply(operands):
+                grads, opt_state, params = operands
+                updates, opt_state = opt.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state
+
+            operands = (grads, state.opt_state, state.params)
             if skip_nonfinite:
-                keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-                params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+                # The update runs only when finite. (A jnp.where per leaf computed it always, then
+                # selected, and XLA copied every old leaf to do so: 5-11% of a fine-tuning step.)
+                params, opt_state = jax.lax.cond(finite, apply, lambda ops: (ops[2], ops[1]), operands)
+            else:
+                params, opt_state = apply(operands)
             skipped = jnp.logical_not(finite).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32)
             new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                                    skipped_steps=state.skipped_steps + skipped)
