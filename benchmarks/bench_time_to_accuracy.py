@@ -411,4 +411,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from bert_jax import _hugepages
+    _hugepages.reexec()  # as the entry points run: huge pages for malloc (bert_jax/_hugepages.py)
     main()

@@ -17,6 +17,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from bert_jax import _hugepages
+
 GiB = 1024 ** 3
 
 
@@ -145,10 +147,14 @@ class ComputeChoice:
         return self.matmul_impl == "f32_out" and jnp.dtype(self.dtype) != jnp.float32
 
     def describe(self) -> str:
-        """For start-up lines: 'compute float32, XLA matmuls (cpu: avx2)'."""
+        """For start-up lines: 'compute float32, XLA matmuls (cpu; CPU features avx2); malloc huge
+        pages on (...)'."""
         matmuls = f"{self.dtype} x {self.dtype} -> float32 matmuls" if self.f32_out else "XLA matmuls"
         features = ",".join(sorted(self.cpu_features)) or "none of " + ",".join(CPU_FEATURES)
-        return f"compute {self.dtype}, {matmuls} ({self.platform}; CPU features {features})"
+        line = f"compute {self.dtype}, {matmuls} ({self.platform}; CPU features {features})"
+        if self.platform == "cpu":  # XLA:CPU's step buffers are host memory
+            line += f"; {_hugepages.status()}"
+        return line
 
 
 @functools.lru_cache(maxsize=1)

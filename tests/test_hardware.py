@@ -1,4 +1,8 @@
 """The hardware table (MFU logging and the planner read the same chips) and the CPU probe."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from bert_jax import hardware, planner
@@ -95,3 +99,60 @@ def test_configs_resolve_auto_through_compute_choice():
 def test_cpu_peak_measures_the_f32_output_form():
     _, source = hardware.device_peak_flops("bfloat16", f32_out=True, measure_seconds=0.01)
     assert "bfloat16->float32 matmul" in source
+
+
+# ----------------------------------------------------------------------------
+# Huge pages for malloc (bert_jax/_hugepages.py)
+
+from bert_jax import _hugepages  # noqa: E402
+
+
+@pytest.mark.parametrize("environ, glibc, thp, add", [
+    ({}, (2, 36), "madvise", True),
+    ({}, (2, 35), "always", True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, (2, 36), "madvise", True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, (2, 36), "madvise", False),  # the user's choice stays
+    ({"BERT_JAX_HUGE_PAGES": "0"}, (2, 36), "madvise", False),
+    ({}, (2, 31), "madvise", False),
+    ({}, None, "madvise", False),
+    ({}, (2, 36), "never", False),
+    ({}, (2, 36), None, False),
+])
+def test_huge_pages_decision(environ, glibc, thp, add):
+    decided, why = _hugepages.decision(environ, glibc, thp)
+    assert decided == add and why
+
+
+def test_thp_mode_reads_the_bracketed_word(tmp_path):
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    assert _hugepages.thp_mode(str(setting)) == "madvise"
+    assert _hugepages.thp_mode(str(tmp_path / "absent")) is None
+
+
+def test_only_entry_points_reexecute(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_hugepages, "environment", lambda: {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+    for argv0, orig, expected in [
+        ("-m", ["python", "-u", "-m", "bert_jax.finetune", "--config", "c.py"], True),
+        ("-m", ["python", "-m", "bert_jax.tokenizer"], False),  # not a training entry point
+        ("-m", ["python", "-m", "pytest"], False),
+        ("/x/y.py", ["python", "/x/y.py"], False),  # a program importing bert_jax as a library
+    ]:
+        monkeypatch.setattr(sys, "argv", [argv0])
+        monkeypatch.setattr(sys, "orig_argv", orig, raising=False)
+        calls.clear()
+        _hugepages.reexec_entry_point(execve=lambda exe, argv, env: calls.append((argv, env)))
+        assert bool(calls) == expected, orig
+        if expected:
+            assert calls[0] == (orig, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
+
+
+def test_an_entry_point_runs_with_huge_pages_once():
+    """`python -m bert_jax.hugepages` goes through the re-execution as every entry point does."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BERT_JAX_HUGE_PAGES")}
+    run = lambda extra: subprocess.run([sys.executable, "-m", "bert_jax.hugepages"], capture_output=True,  # noqa: E731
+                                       text=True, env={**env, **extra}, check=True).stdout
+    expected, why = _hugepages.decision(env, _hugepages.glibc_version(), _hugepages.thp_mode())
+    assert run({}).strip() == (f"malloc huge pages on ({why})" if expected else f"malloc huge pages off ({why})")
+    assert run({"BERT_JAX_HUGE_PAGES": "0"}).strip() == "malloc huge pages off (BERT_JAX_HUGE_PAGES=0)"
