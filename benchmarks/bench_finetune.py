@@ -23,8 +23,10 @@ bert_jax runs at the default fine-tuning config (configs/glue.py: compute dtype 
 from `hardware.compute_choice`, packing); `--variant` adds rows with config keys changed
 (`buckets:packing=False`, `smallest_bucket=32`) or BertConfig fields (`model.attention_impl=explicit`),
 or `bucket_step=16` (buckets at every multiple of 16), or `last_layer=all` (the last encoder
-layer at every position, not only at the [CLS] tokens the classifier reads), measured in the
-same run. Compilation
+layer at every position, not only at the [CLS] tokens the classifier reads), or `guard=where`
+(the train step's old non-finite guard, a `jnp.where` per leaf, against today's `lax.cond`), or
+`huge_pages=off` (that worker without the huge-page malloc setting), measured in the same run.
+Each side's minor page faults per timed step (getrusage) are printed with its totals. Compilation
 (one per batch shape) is timed apart from the steps. Prints the CPU features, the load average,
 examples/s of each, the ratios, real tokens per row slot and the shapes compiled, and the
 roofline: the matmul FLOPs of the real tokens (`hardware.pretraining_flops_per_sequence`, no MLM
@@ -35,9 +37,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
+import resource
 import sys
 import time
 
@@ -133,6 +137,10 @@ class Plan:
         settings = dict(settings)
         self.bucket_step = int(settings.pop("bucket_step", 0))
         self.last_layer = settings.pop("last_layer", "cls")
+        self.guard = settings.pop("guard", "cond")
+        self.huge_pages = settings.pop("huge_pages", "on")
+        if self.guard not in ("cond", "where") or self.huge_pages not in ("on", "off"):
+            raise SystemExit(f"--variant {name}: guard is cond or where, huge_pages on or off")
         self.model_keys = {k[len("model."):]: v for k, v in settings.items() if k.startswith("model.")}
         self.c = finetune_config({k: v for k, v in settings.items() if not k.startswith("model.")})
 
@@ -146,7 +154,25 @@ class Plan:
                                 max_per_row=c.max_examples_per_row, rows_multiple=glue_task.PACKED_ROWS_MULTIPLE)
 
 
-class Ours:
+class _Faults:
+    """Minor page faults of this process per timed step (each side runs in a process of its own;
+    in one process, --in_process, the count is the whole process's)."""
+    faults, steps = 0, 0
+
+    def _count(self, steps: int, since: int) -> None:
+        self.faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - since
+        self.steps += steps
+
+    def faults_per_step(self) -> float:
+        return self.faults / max(self.steps, 1)
+
+    def _untimed(self, batches: list[dict]) -> None:
+        counted = self.faults, self.steps
+        self.seconds(batches)
+        self.faults, self.steps = counted
+
+
+class Ours(_Faults):
     """One bert_jax variant: its compiled train step, shared by every task of the run."""
 
     def __init__(self, plan: Plan, pretrained):
@@ -157,7 +183,12 @@ class Ours:
         for key, value in model_keys.items():
             config = config.replace(**{key: type(getattr(config, key))(value)})
         mesh = sharding.make_mesh({"data": -1})
-        self.tuner = sweep.FineTuning(task, _Pretrained(config), self.c, mesh, sharding.DEFAULT_RULES)
+        make_step = train_step_lib.make_train_step
+        train_step_lib.make_train_step = functools.partial(make_step, guard=plan.guard)  # what sweep calls
+        try:
+            self.tuner = sweep.FineTuning(task, _Pretrained(config), self.c, mesh, sharding.DEFAULT_RULES)
+        finally:
+            train_step_lib.make_train_step = make_step
         cfg = self.tuner.model_config
         head = {"classifier": {"kernel": np.zeros((cfg.hidden_size, 2), np.float32),
                                "bias": np.zeros((2,), np.float32)}}
@@ -190,17 +221,19 @@ class Ours:
                 jax.block_until_ready(self._step(batch))
                 self.compile_seconds += time.perf_counter() - start
                 self.compiled_shapes.add(shape)
-        self.seconds(batches)
+        self._untimed(batches)
 
     def seconds(self, batches: list[dict]) -> float:
-        start = time.perf_counter()
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         for batch in batches:
             metrics = self._step(batch)
         jax.block_until_ready(metrics)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self._count(len(batches), faults)
+        return elapsed
 
 
-class Torch:
+class Torch(_Faults):
     def __init__(self, model_dir: str):
         import torch
         import transformers
@@ -231,14 +264,16 @@ class Torch:
         self.opt.zero_grad(set_to_none=True)
 
     def warm_up(self, batches: list[dict]) -> None:
-        self.seconds(batches)
+        self._untimed(batches)
 
     def seconds(self, batches: list[dict]) -> float:
         tensors = [self._tensors(b) for b in batches]
-        start = time.perf_counter()
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         for inputs, labels in tensors:
             self._step(inputs, labels)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self._count(len(tensors), faults)
+        return elapsed
 
 
 def _serve(conn, kind: str, args: tuple) -> None:
@@ -298,9 +333,22 @@ class Remote:
     def stats(self):
         return self._call("stats")
 
+    def faults_per_step(self):
+        return self._call("faults_per_step")
+
     def close(self):
         self.conn.send(None)
         self.proc.join(timeout=30)
+
+
+def _small_pages() -> dict:
+    """This shell's environment without the huge-page malloc setting (``huge_pages=off``)."""
+    env = dict(os.environ, **{_hugepages.OPT_OUT: "0"})
+    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t.split("=")[0] != _hugepages.TUNABLE]
+    env["GLIBC_TUNABLES"] = ":".join(kept)
+    if not kept:
+        del env["GLIBC_TUNABLES"]
+    return env
 
 
 def _load_pretrained(model_dir: str, model: str):
@@ -367,6 +415,8 @@ def main(argv=None) -> int:
         variants = ([] if args.no_default else [("default", {})]) + [parse_variant(v) for v in args.variant]
         reference = None
     plans = [Plan(name, settings) for name, settings in variants]
+    if args.in_process and any(p.huge_pages == "off" for p in plans):
+        raise SystemExit("--variant NAME:huge_pages=off needs a process of its own: drop --in_process")
     if args.in_process:
         ours = [Ours(p, pretrained) for p in plans]
         theirs = Torch(model_dir) if args.model == "minilm" else None
@@ -374,7 +424,8 @@ def main(argv=None) -> int:
         # bert_jax's workers get the environment its entry points give themselves
         # (bert_jax/_hugepages.py); PyTorch gets this shell's, or the same with --torch_huge_pages.
         entry_env = _hugepages.environment()
-        ours = [Remote("ours", p, model_dir, args.model, env=entry_env) for p in plans]
+        ours = [Remote("ours", p, model_dir, args.model, env=entry_env if p.huge_pages == "on" else _small_pages())
+                for p in plans]
         theirs = (Remote("torch", model_dir, env=entry_env if args.torch_huge_pages else None)
                   if args.model == "minilm" else None)
     cfg = pretrained.config
@@ -419,7 +470,10 @@ def main(argv=None) -> int:
         compiled, compile_seconds = o.stats()
         print(f"{p.name:10s} ratio to {'PyTorch' if theirs else reference} over tasks: "
               f"mean {np.mean(ratios[p.name]):.2f}, geometric mean {np.exp(np.mean(np.log(ratios[p.name]))):.2f}; "
-              f"{compiled} shapes compiled, {compile_seconds:.0f} s compiling", flush=True)
+              f"{compiled} shapes compiled, {compile_seconds:.0f} s compiling; "
+              f"{o.faults_per_step():.0f} minor page faults a timed step", flush=True)
+    if theirs is not None:
+        print(f"PyTorch    {theirs.faults_per_step():.0f} minor page faults a timed step", flush=True)
     for side in ours + ([theirs] if theirs is not None else []):
         if isinstance(side, Remote):
             side.close()

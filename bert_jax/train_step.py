@@ -18,7 +18,7 @@ Public API
   every parameter and optimizer moment is created directly on its shard. Pass
   ``params`` (nested dict, e.g. pretrained weights) to start from them.
 * ``make_train_step(graphdef, opt, mesh, rules, state_shardings, *,
-  micro_batches=1, schedule=None, skip_nonfinite=True)`` -> ``jax.jit`` object
+  micro_batches=1, schedule=None, skip_nonfinite=True, guard="cond")`` -> ``jax.jit`` object
   (unlowered: call it, or ``.lower(state, batch, key).compile()`` for AOT).
   ``step(state, batch, base_key) -> (state, metrics)``; dropout key =
   fold_in(base_key, step). With ``micro_batches=k`` the batch is split into k
@@ -157,17 +157,24 @@ def _tree_add(a, b):
 def make_train_step(graphdef, opt: optax.GradientTransformation, mesh: Mesh, rules, state_shardings, *,
                     micro_batches: int = 1, schedule: Callable | None = None, accumulate_steps: int = 1,
                     loss_fns: LossFns = PRETRAINING, skip_nonfinite: bool = True, donate: bool = True,
-                    compiler_options: dict | None = None):
+                    compiler_options: dict | None = None, guard: str = "cond"):
     """The jitted train step (unlowered ``jax.jit`` object); see the module docstring.
 
     ``accumulate_steps``: the optimizer's ``accumulate_steps`` (optax.MultiSteps),
     only used to report the learning rate of the right update.
     ``compiler_options``: XLA options for this program, e.g.
     ``{"xla_backend_optimization_level": 0}`` compiles ~3x faster on CPU (tests).
+    ``guard``: how ``skip_nonfinite`` keeps the old state: ``"cond"`` (a ``lax.cond``: the update
+    runs only when finite) or ``"where"`` (the update always runs, then a ``jnp.where`` per leaf
+    selects, which makes XLA copy every old leaf: 5-11% of a fine-tuning step). Both give the
+    same results; "where" is kept so that ``benchmarks/bench_finetune.py --variant
+    where:guard=where`` measures the difference.
     """
     rules = sharding.DEFAULT_RULES if rules is None else rules
     if micro_batches < 1:
         raise ValueError(f"micro_batches={micro_batches} must be >= 1")
+    if guard not in ("cond", "where"):
+        raise ValueError(f"guard={guard!r}: expected 'cond' or 'where'")
     grad_fn = jax.value_and_grad(loss_fns.loss, has_aux=True)
 
     def step_fn(state: TrainState, batch, base_key):
@@ -202,10 +209,11 @@ def make_train_step(graphdef, opt: optax.GradientTransformation, mesh: Mesh, rul
                 return optax.apply_updates(params, updates), opt_state
 
             operands = (grads, state.opt_state, state.params)
-            if skip_nonfinite:
-                # The update runs only when finite. (A jnp.where per leaf computed it always, then
-                # selected, and XLA copied every old leaf to do so: 5-11% of a fine-tuning step.)
+            if skip_nonfinite and guard == "cond":  # the update runs only when finite
                 params, opt_state = jax.lax.cond(finite, apply, lambda ops: (ops[2], ops[1]), operands)
+            elif skip_nonfinite:  # "where": computed always, then selected leaf by leaf
+                params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), apply(operands),
+                                                 (state.params, state.opt_state))
             else:
                 params, opt_state = apply(operands)
             skipped = jnp.logical_not(finite).astype(jnp.int32) if skip_nonfinite else jnp.zeros((), jnp.int32)

@@ -75,9 +75,11 @@ def test_gradient_accumulation_equals_one_big_batch(setup):
                                                                                 jax.random.key(0))
 
 
-def test_nonfinite_gradients_skip_the_update(setup):
+@pytest.mark.parametrize("guard", ["cond", "where"])  # "where": the old form bench_finetune compares
+def test_nonfinite_gradients_skip_the_update(setup, guard):
     _, opt, schedule, mesh, graphdef, state, shardings = setup
-    step = T.make_train_step(graphdef, opt, mesh, None, shardings, schedule=schedule, compiler_options=FAST_COMPILE)
+    step = T.make_train_step(graphdef, opt, mesh, None, shardings, schedule=schedule, compiler_options=FAST_COMPILE,
+                             guard=guard)
     batch = make_batch(np.random.default_rng(3), batch_size=8)
     bad = dict(batch, masked_lm_weights=np.full_like(batch["masked_lm_weights"], np.nan))
     before = jax.tree.map(np.asarray, state.params)
