@@ -166,9 +166,9 @@ def make_train_step(graphdef, opt: optax.GradientTransformation, mesh: Mesh, rul
     ``{"xla_backend_optimization_level": 0}`` compiles ~3x faster on CPU (tests).
     ``guard``: how ``skip_nonfinite`` keeps the old state: ``"cond"`` (a ``lax.cond``: the update
     runs only when finite) or ``"where"`` (the update always runs, then a ``jnp.where`` per leaf
-    selects, which makes XLA copy every old leaf: 5-11% of a fine-tuning step). Both give the
-    same results; "where" is kept so that ``benchmarks/bench_finetune.py --variant
-    where:guard=where`` measures the difference.
+    selects, which makes XLA copy every old leaf: 5-11% of a fine-tuning step in one A/B, within
+    noise in a later one; README). Both give the same results; "where" is kept so that
+    ``benchmarks/bench_finetune.py --variant where:guard=where`` measures the difference.
     """
     rules = sharding.DEFAULT_RULES if rules is None else rules
     if micro_batches < 1:
