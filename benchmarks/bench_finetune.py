@@ -22,8 +22,9 @@ buckets (16/32/64/128) against padded to 128, per task.
 bert_jax runs at the default fine-tuning config (configs/glue.py: compute dtype and matmul path
 from `hardware.compute_choice`, packing); `--variant` adds rows with config keys changed
 (`buckets:packing=False`, `smallest_bucket=32`) or BertConfig fields (`model.attention_impl=explicit`),
-or `bucket_step=16` (buckets at every multiple of 16), or `last_layer=all` (the last encoder
-layer at every position, not only at the [CLS] tokens the classifier reads), or `guard=where`
+or `bucket_step=16` (buckets at every multiple of 16), or `rows_multiple=2` (packed row counts
+rounded up to even ones, as before `batching.packed_row_count`'s ladder), or `last_layer=all`
+(the last encoder layer at every position, not only at the [CLS] tokens the classifier reads), or `guard=where`
 (the train step's old non-finite guard, a `jnp.where` per leaf, against today's `lax.cond`), or
 `huge_pages=off` (that worker without the huge-page malloc setting), measured in the same run.
 Each side's minor page faults per timed step (getrusage) are printed with its totals. Compilation
@@ -53,7 +54,6 @@ import numpy as np  # noqa: E402
 from bert_jax import _hugepages, hardware, losses, sharding, sweep, weights  # noqa: E402
 from bert_jax import model as bert_model  # noqa: E402
 from bert_jax import train_step as train_step_lib  # noqa: E402
-from bert_jax.tasks import glue as glue_task  # noqa: E402
 from bert_jax.tasks import glue_data  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -136,6 +136,7 @@ class Plan:
         self.settings = dict(settings)
         settings = dict(settings)
         self.bucket_step = int(settings.pop("bucket_step", 0))
+        self.rows_multiple = int(settings.pop("rows_multiple", 0))
         self.last_layer = settings.pop("last_layer", "cls")
         self.guard = settings.pop("guard", "cond")
         self.huge_pages = settings.pop("huge_pages", "on")
@@ -151,7 +152,7 @@ class Plan:
         else:
             buckets = glue_data.bucket_lengths(c.max_seq_length, c.smallest_bucket)
         return glue_data.Layout(buckets, pad_id, packing=c.packing, row_length=c.max_seq_length,
-                                max_per_row=c.max_examples_per_row, rows_multiple=glue_task.PACKED_ROWS_MULTIPLE)
+                                max_per_row=c.max_examples_per_row, rows_multiple=self.rows_multiple)
 
 
 class _Faults:
@@ -223,7 +224,9 @@ class Ours(_Faults):
                 self.compiled_shapes.add(shape)
         self._untimed(batches)
 
-    def seconds(self, batches: list[dict]) -> float:
+    def seconds(self, batches: list[dict], settle: int = 0) -> float:
+        for batch in batches[:settle]:  # untimed: the first steps of a turn run slow
+            jax.block_until_ready(self._step(batch))
         faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         for batch in batches:
             metrics = self._step(batch)
@@ -266,8 +269,10 @@ class Torch(_Faults):
     def warm_up(self, batches: list[dict]) -> None:
         self._untimed(batches)
 
-    def seconds(self, batches: list[dict]) -> float:
+    def seconds(self, batches: list[dict], settle: int = 0) -> float:
         tensors = [self._tensors(b) for b in batches]
+        for inputs, labels in tensors[:settle]:  # untimed, as bert_jax's
+            self._step(inputs, labels)
         faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         for inputs, labels in tensors:
             self._step(inputs, labels)
@@ -327,8 +332,8 @@ class Remote:
     def warm_up(self, batches):
         return self._call("warm_up", batches)
 
-    def seconds(self, batches):
-        return self._call("seconds", batches)
+    def seconds(self, batches, settle: int = 0):
+        return self._call("seconds", batches, settle)
 
     def stats(self):
         return self._call("stats")
@@ -360,9 +365,14 @@ def real_examples(batches: list[dict]) -> int:
     return int(sum(b["is_real_example"].sum() for b in batches))
 
 
-def timed_in_slices(sides: list, batches: list[list[dict]], slice_batches: int) -> list[float]:
+def timed_in_slices(sides: list, batches: list[list[dict]], slice_batches: int, settle: int = 1) -> list[float]:
     """examples/s of each side on its batches, the sides taking turns slice by slice (so load
-    changes during the run affect them alike)."""
+    changes during the run affect them alike). Each turn starts with `settle` untimed steps (on
+    the turn's first batches, which are then timed too): the first step after another process's
+    turn runs up to twice as slow as the next ones (bert_jax's MRPC step after PyTorch's turn
+    1.2-1.4 s against 0.5-0.8 s), so without them the side after PyTorch paid that every turn
+    and the others did not (the first variant read 20-30% slower than the same config second).
+    Training runs its steps back to back, never after such a switch."""
     seconds = [0.0] * len(sides)
     for side, own in zip(sides, batches):
         side.warm_up(own)
@@ -370,7 +380,7 @@ def timed_in_slices(sides: list, batches: list[list[dict]], slice_batches: int) 
     for start in range(0, longest, slice_batches):
         for i, (side, own) in enumerate(zip(sides, batches)):
             if own[start: start + slice_batches]:
-                seconds[i] += side.seconds(own[start: start + slice_batches])
+                seconds[i] += side.seconds(own[start: start + slice_batches], settle)
     return [real_examples(own) / s for own, s in zip(batches, seconds)]
 
 
@@ -396,6 +406,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", choices=("minilm", "base"), default="minilm",
                     help="minilm: the real weights, against PyTorch; base: BERT-base size, random weights, "
                          "bert_jax only (packed vs today's buckets vs padded to 128)")
+    ap.add_argument("--settle", type=int, default=1,
+                    help="untimed steps at the start of each turn (0: none; the first step after another "
+                         "process's turn runs up to twice as slow)")
     ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,... another bert_jax row")
     ap.add_argument("--no-default", action="store_true", help="only the --variant rows")
     ap.add_argument("--in_process", action="store_true",
@@ -448,7 +461,7 @@ def main(argv=None) -> int:
             sides.append(theirs)
             batches.append(list(glue_data.train_batches(features, c.batch_size, glue_data.Layout((c.max_seq_length,), pad_id),
                                                         seed=0, epoch=0)))
-        rates = timed_in_slices(sides, batches, args.slice)
+        rates = timed_in_slices(sides, batches, args.slice, args.settle)
         base_rate = rates[-1] if theirs is not None else rates[[p.name for p in plans].index(reference)]
         against = "PyTorch" if theirs is not None else reference
         print(f"{task:5s} mean length {lengths.mean():5.1f}" + (f"; PyTorch {rates[-1]:6.1f} ex/s" if theirs else ""),
