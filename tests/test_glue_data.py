@@ -1,4 +1,5 @@
 """GLUE readers (TSV as distributed, TFDS), featurisation, batching, continuation task."""
+import dataclasses
 import os
 
 import numpy as np
@@ -220,6 +221,10 @@ def test_packed_batches_hold_every_example_once_in_few_rows():
     batches = list(glue.train_batches(features, 16, layout, seed=3, epoch=0))
     assert len(batches) == 13 and all(b["input_ids"].shape[0] % 2 == 0 and b["input_ids"].shape[1] == 64
                                       for b in batches)
+    ladder = list(glue.train_batches(features, 16, dataclasses.replace(layout, rows_multiple=0), seed=3, epoch=0))
+    rows = [b["input_ids"].shape[0] for b in ladder]  # the default: every row count up to 16, none empty
+    assert sorted(rows) != sorted(b["input_ids"].shape[0] for b in batches) and all(
+        b["is_real_example"][-1].any() for b in ladder)
     seen = np.concatenate([b["label_ids"][b["is_real_example"] > 0] for b in batches])
     assert sorted(seen.tolist()) == list(range(203))
     real = sum(int(b["input_mask"].sum()) for b in batches)
@@ -232,6 +237,18 @@ def test_packed_batches_hold_every_example_once_in_few_rows():
             assert b["packed_segment_ids"][row, start] == slot + 1
     again = list(glue.train_batches(features, 16, layout, seed=3, epoch=0))
     assert all((x["input_ids"] == y["input_ids"]).all() for x, y in zip(batches, again))
+
+
+def test_packed_row_counts_climb_a_ladder():
+    from bert_jax.tasks import batching
+    assert [batching.packed_row_count(n) for n in (1, 3, 16, 17, 18, 31, 33, 35, 64, 65)] == \
+        [1, 3, 16, 18, 18, 32, 36, 36, 64, 72]
+    for n in range(1, 300):  # fewer than an eighth of the rows empty, none up to 16
+        assert n <= batching.packed_row_count(n) < n * 8 / 7 and (n > 16 or batching.packed_row_count(n) == n)
+    assert len({batching.packed_row_count(n) for n in range(17, 33)}) == 8
+    assert [batching.packed_row_count(n, 2) for n in (1, 3, 4)] == [2, 4, 4]
+    with pytest.raises(ValueError, match="multiple=-1"):
+        batching.packed_row_count(3, -1)
 
 
 def test_continuation_task_round_trips(tmp_path):

@@ -15,10 +15,9 @@ from flax import nnx
 
 from bert_jax import glue_metrics, losses
 from bert_jax.model import BertConfig, BertForSequenceClassification
-from bert_jax.tasks import batching, glue_data, heads
+from bert_jax.tasks import glue_data, heads
 
 NAMES = tuple(glue_data.TASKS)
-PACKED_ROWS_MULTIPLE = batching.PACKED_ROWS_MULTIPLE
 GLUE_TASKS = glue_data.GLUE_TASKS
 
 
@@ -56,7 +55,7 @@ class Glue:
         self.batch_size, self.eval_batch_size = c.batch_size, c.eval_batch_size
         self.layout = glue_data.Layout(glue_data.bucket_lengths(c.max_seq_length, c.smallest_bucket), tokenizer.pad_id,
                                        regression=spec.is_regression, packing=c.packing, row_length=c.max_seq_length,
-                                       max_per_row=c.max_examples_per_row, rows_multiple=PACKED_ROWS_MULTIPLE)
+                                       max_per_row=c.max_examples_per_row)
         self.num_train_examples = len(self.train)
         self.steps_per_epoch = math.ceil(len(self.train) / c.batch_size)
 

@@ -351,14 +351,15 @@ def pad_batch(features: Features, indices: Sequence[int], batch_size: int,
 
 
 def pack_batch(features: Features, indices: Sequence[int], row_length: int, max_per_row: int, pad_id: int,
-               regression: bool, rows_multiple: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
+               regression: bool, rows_multiple: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Packs examples `indices` into rows of `row_length` tokens (`batching.pack_rows`; the row
-    count rounded up to a multiple of `rows_multiple`). -> (batch, examples): label_ids and
+    count rounded up by `batching.packed_row_count`: to a multiple of `rows_multiple`, or with 0
+    to its ladder). -> (batch, examples): label_ids and
     is_real_example are [rows, max_per_row], one per (row, slot), and `examples` holds the
     example index of each slot (-1: empty)."""
     indices = np.asarray(indices, np.int64)
     rows = batching.pack_rows([len(features.token_ids[i]) for i in indices], row_length, max_per_row)
-    num_rows = -(-len(rows) // rows_multiple) * rows_multiple
+    num_rows = batching.packed_row_count(len(rows), rows_multiple)
     batch, slots = batching.packed_encoder_inputs(
         [features.token_ids[i] for i in indices], features.first_segment_lengths[indices], rows, num_rows,
         row_length, max_per_row, pad_id)
@@ -381,7 +382,7 @@ class Layout:
     packing: bool = False
     row_length: int = 128
     max_per_row: int = 1
-    rows_multiple: int = 1
+    rows_multiple: int = 0  # packed row counts: batching.packed_row_count
 
     def batch(self, features: Features, indices: Sequence[int], batch_size: int
               ) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -95,7 +95,7 @@ class Ner:
 
         Padded: one window per row, `rows` rows (fill rows: all labels IGNORE), padded to a
         bucket. Packed: the windows first-fit into rows of `max_seq_length` tokens (the row
-        count rounded up to `batching.PACKED_ROWS_MULTIPLE`), labels IGNORE between them."""
+        count rounded up by `batching.packed_row_count`), labels IGNORE between them."""
         token_ids = [features.token_ids[i] for i in indices]
         if not self.packing:
             length = batching.bucket_length(features.lengths[indices], self.buckets)
@@ -104,7 +104,7 @@ class Ner:
                                                    ner_data.IGNORE)
             return batch, [(k, 0) for k in range(len(indices))]
         packed = batching.pack_rows([len(t) for t in token_ids], self.row_length, self.max_per_row)
-        num_rows = -(-len(packed) // batching.PACKED_ROWS_MULTIPLE) * batching.PACKED_ROWS_MULTIPLE
+        num_rows = batching.packed_row_count(len(packed))
         batch, slots = batching.packed_encoder_inputs(token_ids, None, packed, num_rows, self.row_length,
                                                       self.max_per_row, self.pad_id)
         starts = batch.pop("cls_positions")  # the head reads every token, not the [CLS]
