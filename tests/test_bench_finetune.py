@@ -1,5 +1,7 @@
-"""benchmarks/bench_finetune.py's turn-taking: every side's turn starts with untimed settling steps,
-so the side that runs right after another process is not the only one to pay for the switch."""
+"""benchmarks/bench_finetune.py's turn-taking: every side, every turn, is asked for the untimed
+settling steps, so the side that runs right after another process is not the only one to pay for
+the switch. (The fake side stands in for the workers: that their `seconds` runs the settling steps
+untimed is read in Ours.seconds / Torch.seconds, not tested here.)"""
 import importlib.util
 import pathlib
 
