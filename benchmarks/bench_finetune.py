@@ -26,7 +26,9 @@ or `bucket_step=16` (buckets at every multiple of 16), or `rows_multiple=2` (pac
 rounded up to even ones, as before `batching.packed_row_count`'s ladder), or `last_layer=all`
 (the last encoder layer at every position, not only at the [CLS] tokens the classifier reads), or `guard=where`
 (the train step's old non-finite guard, a `jnp.where` per leaf, against today's `lax.cond`), or
-`huge_pages=off` (that worker without the huge-page malloc setting), measured in the same run.
+`huge_pages=off` (that worker without the huge-page malloc setting), or `devices=N` (that worker
+with N host CPU devices: the step data parallel over them), or `packed_row_length=128` (rows of
+max_seq_length, as before the auto row length), measured in the same run.
 Each side's minor page faults per timed step (getrusage) are printed with its totals. Compilation
 (one per batch shape) is timed apart from the steps. Prints the CPU features, the load average,
 examples/s of each, the ratios, real tokens per row slot and the shapes compiled, and the
@@ -54,7 +56,7 @@ import numpy as np  # noqa: E402
 from bert_jax import _hugepages, hardware, losses, sharding, sweep, weights  # noqa: E402
 from bert_jax import model as bert_model  # noqa: E402
 from bert_jax import train_step as train_step_lib  # noqa: E402
-from bert_jax.tasks import glue_data  # noqa: E402
+from bert_jax.tasks import batching, glue_data  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GLUE_LENGTHS = ROOT.parent / "shared" / "data" / "glue_lengths.json"
@@ -69,6 +71,13 @@ def sample_lengths(task: str, n: int, max_len: int, seed: int = 0) -> np.ndarray
     counts = np.array([hist[k] for k in hist], np.float64)
     drawn = np.random.default_rng(seed).choice(lengths, size=n, p=counts / counts.sum())
     return np.minimum(drawn, max_len)
+
+
+def training_lengths(task: str, max_len: int) -> np.ndarray:
+    """Every training example's length (with [CLS]/[SEP]) of the task's real histogram, truncated
+    to max_len: what fine-tuning chooses its packed row length from (`config.packed_row_length`)."""
+    hist = json.loads(GLUE_LENGTHS.read_text())["tasks"][task]["train"]["tokens_with_special"]
+    return np.minimum(np.repeat([int(k) for k in hist], [hist[k] for k in hist]), max_len)
 
 
 def synthetic_features(task: str, lengths: np.ndarray, tokenizer, seed: int = 0) -> glue_data.Features:
@@ -140,18 +149,24 @@ class Plan:
         self.last_layer = settings.pop("last_layer", "cls")
         self.guard = settings.pop("guard", "cond")
         self.huge_pages = settings.pop("huge_pages", "on")
+        self.devices = int(settings.pop("devices", 0))  # 0: as this shell's XLA_FLAGS say
         if self.guard not in ("cond", "where") or self.huge_pages not in ("on", "off"):
             raise SystemExit(f"--variant {name}: guard is cond or where, huge_pages on or off")
         self.model_keys = {k[len("model."):]: v for k, v in settings.items() if k.startswith("model.")}
         self.c = finetune_config({k: v for k, v in settings.items() if not k.startswith("model.")})
 
-    def layout(self, pad_id: int) -> glue_data.Layout:
+    def layout(self, pad_id: int, task_lengths: np.ndarray) -> glue_data.Layout:
+        """`task_lengths`: the whole training set's, from which the packed row length is chosen as
+        fine-tuning chooses it (bert_jax.tasks.glue)."""
         c = self.c
         if self.bucket_step:  # every multiple of bucket_step: less padding, more compiles
             buckets = tuple(range(self.bucket_step, c.max_seq_length + 1, self.bucket_step))
         else:
             buckets = glue_data.bucket_lengths(c.max_seq_length, c.smallest_bucket)
-        return glue_data.Layout(buckets, pad_id, packing=c.packing, row_length=c.max_seq_length,
+        row_length = batching.packed_row_length(c.packed_row_length, c.max_seq_length, task_lengths,
+                                                int(task_lengths.max()), c.batch_size, c.max_examples_per_row,
+                                                jax.default_backend())
+        return glue_data.Layout(buckets, pad_id, packing=c.packing, row_length=row_length,
                                 max_per_row=c.max_examples_per_row, rows_multiple=self.rows_multiple)
 
 
@@ -356,6 +371,15 @@ def _small_pages() -> dict:
     return env
 
 
+def _with_devices(env: dict, devices: int) -> dict:
+    """``devices=N``: the worker's XLA_FLAGS with N host CPU devices (the step then runs data
+    parallel over them, each device's program on threads of its own)."""
+    if not devices:
+        return env
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return dict(env, XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]))
+
+
 def _load_pretrained(model_dir: str, model: str):
     pretrained = weights.load_pretrained_encoder(model_dir)
     return _random_base(pretrained) if model == "base" else pretrained
@@ -428,8 +452,8 @@ def main(argv=None) -> int:
         variants = ([] if args.no_default else [("default", {})]) + [parse_variant(v) for v in args.variant]
         reference = None
     plans = [Plan(name, settings) for name, settings in variants]
-    if args.in_process and any(p.huge_pages == "off" for p in plans):
-        raise SystemExit("--variant NAME:huge_pages=off needs a process of its own: drop --in_process")
+    if args.in_process and any(p.huge_pages == "off" or p.devices for p in plans):
+        raise SystemExit("--variant NAME:huge_pages=off or devices=N needs a process of its own: drop --in_process")
     if args.in_process:
         ours = [Ours(p, pretrained) for p in plans]
         theirs = Torch(model_dir) if args.model == "minilm" else None
@@ -437,7 +461,8 @@ def main(argv=None) -> int:
         # bert_jax's workers get the environment its entry points give themselves
         # (bert_jax/_hugepages.py); PyTorch gets this shell's, or the same with --torch_huge_pages.
         entry_env = _hugepages.environment()
-        ours = [Remote("ours", p, model_dir, args.model, env=entry_env if p.huge_pages == "on" else _small_pages())
+        ours = [Remote("ours", p, model_dir, args.model,
+                       env=_with_devices(entry_env if p.huge_pages == "on" else _small_pages(), p.devices))
                 for p in plans]
         theirs = (Remote("torch", model_dir, env=entry_env if args.torch_huge_pages else None)
                   if args.model == "minilm" else None)
@@ -453,9 +478,11 @@ def main(argv=None) -> int:
     for task in args.tasks.split(","):
         c = plans[0].c
         lengths = sample_lengths(task, c.batch_size * args.batches, c.max_seq_length)
+        task_lengths = training_lengths(task, c.max_seq_length)
         features = synthetic_features(task, lengths, pretrained.tokenizer)
         sides = list(ours)
-        batches = [list(glue_data.train_batches(features, p.c.batch_size, p.layout(pad_id), seed=0, epoch=0))
+        batches = [list(glue_data.train_batches(features, p.c.batch_size, p.layout(pad_id, task_lengths),
+                                                seed=0, epoch=0))
                    for p in plans]
         if theirs is not None:  # PyTorch: the length-grouped rows, each batch padded to its longest
             sides.append(theirs)

@@ -183,9 +183,11 @@ def finetune_config(glue_data: bool = True) -> config_dict.ConfigDict:
         c.glue_dir = ""             # GLUE's TSV layout: GLUE_DIR/MRPC/train.tsv, ...
         c.tfds_data_dir = ""        # else TFDS glue/<task> prepared here ('' : TFDS default)
         c.skip_bad_rows = False     # drop rows with a wrong column count (with a warning)
-        c.packing = True            # several examples per row of max_seq_length tokens, each with its own
+        c.packing = True            # several examples per row of packed_row_length tokens, each with its own
                                     # [CLS], positions and attention (False: one per row, padded to buckets)
         c.max_examples_per_row = 16  # examples a packed row holds at most
+        c.packed_row_length = 0     # tokens a packed row holds; 0 (auto): on a CPU the row length with the
+                                    # least estimated cost for the task's lengths (CoLA: 48), else max_seq_length
 
     c.max_seq_length = 128
     c.batch_size = 32               # global, over all hosts and devices

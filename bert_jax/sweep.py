@@ -45,7 +45,7 @@ RUN_RESULT = "result.json"
 # The config keys that change what a run computes (with its learning rate, seed and model).
 RUN_KEYS = ("batch_size", "max_seq_length", "smallest_bucket", "num_epochs", "warmup_fraction", "weight_decay",
             "clip_norm", "max_train_examples", "eval_every_steps", "eval_before_training", "packing",
-            "max_examples_per_row")
+            "max_examples_per_row", "packed_row_length")
 
 
 class FineTuning:
@@ -114,8 +114,11 @@ class FineTuning:
 
     def run_key(self, learning_rate: float, seed: int) -> dict:
         """What a run's checkpoint and result must agree on to be resumed or reused."""
-        return {"learning_rate": learning_rate, "seed": seed, "total_steps": self.total_steps,
-                **{k: self.c[k] for k in RUN_KEYS if k in self.c}, "model_config": self.model_config.to_dict()}
+        key = {"learning_rate": learning_rate, "seed": seed, "total_steps": self.total_steps,
+               **{k: self.c[k] for k in RUN_KEYS if k in self.c}, "model_config": self.model_config.to_dict()}
+        if self.c.get("packing") and getattr(self.task, "row_length", None):  # the rows used (auto: chosen)
+            key["packed_row_length"] = self.task.row_length
+        return key
 
     def train(self, learning_rate: float, seed: int, run_dir: epath.Path, preemption) -> tuple[dict, object] | None:
         """One run, resumed from run_dir's checkpoint if it has one -> (record, state), None if preempted."""
@@ -204,8 +207,10 @@ def run_sweep(tuner: FineTuning, workdir: epath.Path, results: dict, preemption)
     c, task = tuner.c, tuner.task
     compute = hardware.compute_choice(tuner.model_config.dtype, tuner.model_config.matmul_impl)
     if jax.process_index() == 0:  # the start-up line, whatever the logging verbosity
+        rows = (f"packed rows of {task.row_length} tokens; " if c.get("packing") and getattr(task, "row_length", None)
+                else "")
         print(f"{task.name}: {task.num_train_examples} train examples, {task.steps_per_epoch} steps/epoch, "
-              f"{tuner.total_steps} steps; {compute.describe()}; "
+              f"{tuner.total_steps} steps; {rows}{compute.describe()}; "
               f"{attention.describe(tuner.model_config, seq_len=c.max_seq_length)}", flush=True)
     entry = results["tasks"][task.name] = {"primary_metric": task.primary_metric, "runs": []}
     for learning_rate, seed in itertools.product(c.learning_rates, c.seeds):

@@ -19,9 +19,11 @@ def get_config(arg: str = ""):
     c.data_source = ""              # '' : the files in data_dir; 'tfds:conll2003': TFDS, prepared in tfds_data_dir
     c.tfds_data_dir = ""            # '' : $TFDS_DATA_DIR or ~/tensorflow_datasets
     c.doc_stride = 0                # long sentences: windows this many sub-tokens apart (0: half a window)
-    c.packing = True                # several sentence windows per row of max_seq_length tokens, each with its
+    c.packing = True                # several sentence windows per row of packed_row_length tokens, each with its
                                     # own [CLS], positions and attention (False: one per row, padded to buckets)
     c.max_examples_per_row = 16     # windows a packed row holds at most
+    c.packed_row_length = 0         # tokens a packed row holds; 0 (auto): on a CPU the row length with the
+                                    # least estimated cost for the windows' lengths, else max_seq_length
     c.learning_rates = (5e-5,)
     if arg == "quick":
         c.num_epochs = 1.0

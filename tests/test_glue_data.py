@@ -332,3 +332,32 @@ def test_packed_batch_gives_the_unpacked_loss_gradients_and_predictions():
         glue.pack_batch(features, indices, 8, 4, 0, regression=False)
     with pytest.raises(ValueError, match="max_examples_per_row=0"):
         glue.pack_batch(features, indices, 64, 0, 0, regression=False)
+
+
+def test_auto_packed_row_length_follows_the_task_lengths(shared_data):
+    """config.packed_row_length=0: on a CPU the row length with the least estimated cost for the
+    real training lengths (short tasks get short rows: CoLA's longest example is 47 tokens), always
+    holding the longest example; elsewhere, and for long tasks, max_seq_length."""
+    import json
+    from bert_jax.tasks import batching
+    tasks = json.loads((shared_data / "glue_lengths.json").read_text())["tasks"]
+
+    def lengths(task):
+        hist = tasks[task]["train"]["tokens_with_special"]
+        return np.minimum(np.repeat([int(k) for k in hist], [hist[k] for k in hist]), 128)
+
+    def auto(task, platform="cpu", setting=0):
+        n = lengths(task)
+        return batching.packed_row_length(setting, 128, n, int(n.max()), 32, 16, platform)
+    assert (auto("CoLA"), auto("SST-2"), auto("MRPC"), auto("RTE")) == (48, 80, 128, 128)
+    assert auto("CoLA", "tpu") == auto("CoLA", "gpu") == 128
+    assert auto("CoLA", setting=64) == 64  # a setting is used as it is
+    # 32 examples of 20 tokens: rows of 80 hold 4 with no token empty (8 rows); 64 holds 3 with 4
+    # empty, 96 still 4 with 16 empty, 128 six with 8 empty but each token attends over 128 keys.
+    assert batching.choose_row_length([20] * 320, 32, 128, 16) == 80
+    # The eval sets' longest example must fit too.
+    assert batching.choose_row_length([10] * 64, 32, 128, 16, longest=100) >= 100
+    with pytest.raises(ValueError, match=r"config.packed_row_length=40: an example of 47 tokens"):
+        auto("CoLA", setting=40)
+    with pytest.raises(ValueError, match=r"packed_row_length=256: must be 0 \(auto\) or in \[1, max_seq_length=128\]"):
+        auto("CoLA", setting=256)

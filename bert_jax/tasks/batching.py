@@ -41,6 +41,64 @@ def packed_row_count(rows: int, multiple: int = 0) -> int:
     return -(-rows // multiple) * multiple
 
 
+# Auto packed row lengths (`choose_row_length`): candidates are multiples of this many tokens.
+ROW_LENGTH_STEP = 16
+# A packed row's attention cost per token against its dense layers', on a CPU: L / this, for rows
+# of L tokens. The attention matmuls are L / (6 hidden) of a layer's FLOPs (QK^T and PV: 2 L hidden
+# multiply-adds a token; the dense layers 12 hidden^2), and XLA:CPU runs their small batched
+# matmuls on one thread about 5x slower than the dense ones: MiniLM (hidden 384) on MRPC lengths
+# spent about 21% of its step on them for 6% of the FLOPs, i.e. L / 480. A wider model's attention
+# is a smaller share (L / 960 at hidden 768); both give the same rows on the GLUE tasks.
+ATTENTION_COST_TOKENS = 480
+
+
+def choose_row_length(lengths: Sequence[int], batch_size: int, max_seq_length: int, max_per_row: int,
+                      *, longest: int | None = None, sample_batches: int = 64,
+                      seed: int = 0) -> int:
+    """The packed row length with the least estimated step cost for examples of these `lengths`
+    (a dataset's): among the multiples of ROW_LENGTH_STEP from the one that holds the `longest`
+    example (default: the longest of `lengths`) up to `max_seq_length` (and `max_seq_length`
+    itself), the one whose rows cost least on a random sample of `sample_batches` batches:
+    row slots x (1 + L / ATTENTION_COST_TOKENS), slots counted as the batches
+    pack them (`pack_rows`, `packed_row_count`). Short examples get short rows, where each token
+    attends over fewer keys (CoLA, at most 47 tokens: rows of 48, not 128). Deterministic."""
+    lengths = np.asarray(lengths, np.int64)
+    longest = int(lengths.max(initial=1)) if longest is None else int(longest)
+    if longest > max_seq_length:
+        raise ValueError(f"an example of {longest} tokens does not fit a packed row of {max_seq_length} tokens "
+                         "(max_seq_length): raise max_seq_length or truncate the example")
+    first = -(-longest // ROW_LENGTH_STEP) * ROW_LENGTH_STEP
+    candidates = sorted({min(n, max_seq_length)
+                         for n in range(first, max_seq_length + ROW_LENGTH_STEP, ROW_LENGTH_STEP)})
+    order = np.random.default_rng(seed).permutation(len(lengths))[: batch_size * sample_batches]
+    batches = [lengths[order[i: i + batch_size]] for i in range(0, len(order), batch_size)]
+
+    def cost(row_length: int) -> float:
+        slots = sum(packed_row_count(len(pack_rows(b, row_length, max_per_row))) * row_length for b in batches)
+        return slots * (1.0 + row_length / ATTENTION_COST_TOKENS)
+    return min(candidates, key=lambda n: (cost(n), -n))
+
+
+def packed_row_length(setting: int, max_seq_length: int, train_lengths: Sequence[int], longest: int,
+                      batch_size: int, max_per_row: int, platform: str) -> int:
+    """The row length of a task's packed batches from `config.packed_row_length` (`setting`):
+    0 (auto) is `choose_row_length` over the training lengths on a CPU, and `max_seq_length`
+    elsewhere (fused attention kernels: rows of 128 are what splash attention tiles; the cost
+    model is a CPU's); a positive setting is used as it is. `longest`: the longest example of
+    every split the rows will hold (train, dev, test)."""
+    if setting < 0 or setting > max_seq_length:
+        raise ValueError(f"config.packed_row_length={setting}: must be 0 (auto) or in "
+                         f"[1, max_seq_length={max_seq_length}]")
+    if setting and longest > setting:
+        raise ValueError(f"config.packed_row_length={setting}: an example of {longest} tokens does not fit a row; "
+                         f"raise it (at most max_seq_length={max_seq_length}) or set 0 (auto)")
+    if setting:
+        return setting
+    if platform != "cpu":
+        return max_seq_length
+    return choose_row_length(train_lengths, batch_size, max_seq_length, max_per_row, longest=longest)
+
+
 def pad_rows(rows: Sequence[np.ndarray], batch_size: int, length: int, fill, dtype=np.int32) -> np.ndarray:
     """[batch_size, length, ...] with rows[i] at the start of row i, `fill` elsewhere."""
     trailing = np.shape(rows[0])[1:] if len(rows) else ()

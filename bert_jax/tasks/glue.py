@@ -9,13 +9,14 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from bert_jax import glue_metrics, losses
 from bert_jax.model import BertConfig, BertForSequenceClassification
-from bert_jax.tasks import glue_data, heads
+from bert_jax.tasks import batching, glue_data, heads
 
 NAMES = tuple(glue_data.TASKS)
 GLUE_TASKS = glue_data.GLUE_TASKS
@@ -53,8 +54,13 @@ class Glue:
         self.dev = {name: featurize(split) for name, split in splits["dev"].items()}
         self.test = {name: (split, featurize(split)) for name, split in splits["test"].items()}
         self.batch_size, self.eval_batch_size = c.batch_size, c.eval_batch_size
+        longest = max(int(f.lengths.max(initial=1)) for f in [self.train, *self.dev.values()]
+                      + [f for _, f in self.test.values()])
+        self.row_length = batching.packed_row_length(
+            c.get("packed_row_length", 0), c.max_seq_length, self.train.lengths, longest, c.batch_size,
+            c.max_examples_per_row, jax.default_backend()) if c.packing else c.max_seq_length
         self.layout = glue_data.Layout(glue_data.bucket_lengths(c.max_seq_length, c.smallest_bucket), tokenizer.pad_id,
-                                       regression=spec.is_regression, packing=c.packing, row_length=c.max_seq_length,
+                                       regression=spec.is_regression, packing=c.packing, row_length=self.row_length,
                                        max_per_row=c.max_examples_per_row)
         self.num_train_examples = len(self.train)
         self.steps_per_epoch = math.ceil(len(self.train) / c.batch_size)

@@ -3,10 +3,11 @@ token-classification head at the word's first sub-token, scored by entity-level 
 recall and F1 (seqeval, conlleval's definition) on the dev and test files.
 
 With `packing` (configs/ner.py's default) several sentence windows share a row of
-`max_seq_length` tokens, each with its own [CLS] ... [SEP], positions restarting at 0 and
-attention kept inside it (`tasks.batching.pack_rows`); the loss is the mean over the batch's
-labelled tokens either way, so packed and padded batches of the same windows give the same
-loss, gradients and predictions (tests/test_ner.py).
+`packed_row_length` tokens (auto: `tasks.batching.choose_row_length`), each with its own
+[CLS] ... [SEP], positions restarting at 0 and attention kept inside it
+(`tasks.batching.pack_rows`); the loss is the mean over the batch's labelled tokens either way,
+so packed and padded batches of the same windows give the same loss, gradients and predictions
+(tests/test_ner.py).
 
     python -m bert_jax.finetune --config configs/ner.py --config.data_dir=DIR \
         --config.init_checkpoint=PATH --workdir WORKDIR
@@ -20,6 +21,7 @@ import math
 import os
 from typing import Callable, Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -63,7 +65,11 @@ class Ner:
         self.batch_size, self.eval_batch_size, self.pad_id = c.batch_size, c.eval_batch_size, tokenizer.pad_id
         self.buckets = glue_data.bucket_lengths(c.max_seq_length, c.smallest_bucket)
         self.packing = bool(c.get("packing", False))
-        self.row_length, self.max_per_row = c.max_seq_length, c.get("max_examples_per_row", 1)
+        self.max_per_row = c.get("max_examples_per_row", 1)
+        longest = max(int(f.lengths.max(initial=1)) for f in [self.train, *self.eval_features.values()])
+        self.row_length = batching.packed_row_length(
+            c.get("packed_row_length", 0), c.max_seq_length, self.train.lengths, longest, c.batch_size,
+            self.max_per_row, jax.default_backend()) if self.packing else c.max_seq_length
         self.num_train_examples = len(train)
         self.steps_per_epoch = math.ceil(len(self.train) / c.batch_size)
 
@@ -94,7 +100,7 @@ class Ner:
         """-> (batch, where): `where[k]` is the (row, first position) of window `indices[k]`.
 
         Padded: one window per row, `rows` rows (fill rows: all labels IGNORE), padded to a
-        bucket. Packed: the windows first-fit into rows of `max_seq_length` tokens (the row
+        bucket. Packed: the windows first-fit into rows of `row_length` tokens (the row
         count rounded up by `batching.packed_row_count`), labels IGNORE between them."""
         token_ids = [features.token_ids[i] for i in indices]
         if not self.packing:
