@@ -1,9 +1,10 @@
 """benchmarks/bench_finetune.py's turn-taking: every side, every turn, is asked for the untimed
 settling steps, so the side that runs right after another process is not the only one to pay for
-the switch. (The fake side stands in for the workers: that their `seconds` runs the settling steps
-untimed is read in Ours.seconds / Torch.seconds, not tested here.)"""
+the switch (a fake side); and both real workers (bert_jax's `Ours`, PyTorch's `Torch`, on the real
+MiniLM weights) run those steps before their clock starts."""
 import importlib.util
 import pathlib
+import time
 
 import numpy as np
 
@@ -46,3 +47,34 @@ def test_each_turn_settles_and_rates_count_timed_steps_only():
     assert rates == [4.0, 4.0]  # 4 examples a batch, 1 s a timed batch: the switch is not counted
     unsettled = bench.timed_in_slices(sides, [_batches(12), _batches(6)], 6, settle=0)
     assert unsettled[0] < 4.0 and unsettled[1] < 4.0
+
+
+def test_workers_run_the_settling_steps_before_the_clock(minilm):
+    """The first step of a turn is made 3 s slower: with settle=1 it is run and not timed, with
+    settle=0 it is timed; either way every batch of the turn is timed once."""
+    from bert_jax.tasks import glue_data
+    bench = _bench()
+    pretrained = bench._load_pretrained(str(minilm.MODEL_DIR), "minilm")
+    lengths = np.full(64, 12)
+    features = bench.synthetic_features("CoLA", lengths, pretrained.tokenizer)
+    plan = bench.Plan("default", {})
+    pad_id = pretrained.tokenizer.pad_id
+    packed = list(glue_data.train_batches(features, 32, plan.layout(pad_id, lengths), seed=0, epoch=0))
+    padded = list(glue_data.train_batches(features, 32, glue_data.Layout((128,), pad_id), seed=0, epoch=0))
+    assert len(packed) == len(padded) == 2  # PyTorch takes one example a row, as in the bench
+    for side, batches in ((bench.Ours(plan, pretrained), packed), (bench.Torch(str(minilm.MODEL_DIR)), padded)):
+        side.warm_up(batches)
+        calls, step = [], side._step
+
+        def slow_first(*args, step=step, calls=calls):
+            calls.append(1)
+            if len(calls) == 1:
+                time.sleep(3.0)
+            return step(*args)
+        side._step = slow_first
+        settled = side.seconds(batches, settle=1)
+        assert len(calls) == len(batches) + 1, type(side).__name__
+        calls.clear()
+        unsettled = side.seconds(batches, settle=0)
+        assert len(calls) == len(batches), type(side).__name__
+        assert unsettled > settled + 2.5, (type(side).__name__, settled, unsettled)
