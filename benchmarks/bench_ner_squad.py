@@ -11,7 +11,7 @@ defaults (configs/ner.py: 128 tokens, batch 32; configs/squad.py: 384 tokens, st
 batch 24; `--batch_size` overrides both), AdamW with the config's learning rate, weight decay 0.01, clipping 1.0, dropout
 0.1. bert_jax pads each batch to its bucket (configs' `smallest_bucket`); PyTorch gets the
 same rows padded to the batch's longest (dynamic padding). For NER, bert_jax also runs packed
-(configs/ner.py's default: several sentence windows per row of 128 tokens) on the batches of
+(configs/ner.py's default: several sentence windows per row, of packed_row_length tokens) on the batches of
 the same epoch as its packed task makes them (same batch size in windows, no length grouping),
 beside the padded side's length-grouped batches. Rounds alternate which side runs first, so
 all see the same load; compilation (one per batch shape) is timed apart. Prints the load
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         for side, (_, own) in ours.items():
             if own is not None:
                 print(f"  {side}: rows per batch {sorted({len(b['input_ids']) for b in own})} of "
-                      f"{c.max_seq_length} tokens ({real_share(own):.0%} real tokens), "
+                      f"{sorted({b['input_ids'].shape[1] for b in own})} tokens ({real_share(own):.0%} real tokens), "
                       f"{sum(map(examples_in, own)) / len(own):.1f} windows per batch", flush=True)
         runners = [(side, runner, own if own is not None else batches) for side, (runner, own) in ours.items()]
         runners.append(("PyTorch", theirs, batches))
