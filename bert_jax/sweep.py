@@ -45,7 +45,9 @@ RUN_RESULT = "result.json"
 # The config keys that change what a run computes (with its learning rate, seed and model).
 RUN_KEYS = ("batch_size", "max_seq_length", "smallest_bucket", "num_epochs", "warmup_fraction", "weight_decay",
             "clip_norm", "max_train_examples", "eval_every_steps", "eval_before_training", "packing",
-            "max_examples_per_row", "packed_row_length")
+            "max_examples_per_row")
+# Keys a run key holds only when they differ from what runs without them did (FineTuning.run_key).
+OPTIONAL_RUN_KEYS = ("packed_row_length",)
 
 
 class FineTuning:
@@ -116,8 +118,9 @@ class FineTuning:
         """What a run's checkpoint and result must agree on to be resumed or reused."""
         key = {"learning_rate": learning_rate, "seed": seed, "total_steps": self.total_steps,
                **{k: self.c[k] for k in RUN_KEYS if k in self.c}, "model_config": self.model_config.to_dict()}
-        if self.c.get("packing") and getattr(self.task, "row_length", None):  # the rows used (auto: chosen)
-            key["packed_row_length"] = self.task.row_length
+        rows = getattr(self.task, "row_length", None) if self.c.get("packing") else None
+        if rows and rows != self.c.max_seq_length:  # rows shorter than max_seq_length (auto's choice, or set)
+            key["packed_row_length"] = rows  # absent otherwise: runs saved before the key existed resume
         return key
 
     def train(self, learning_rate: float, seed: int, run_dir: epath.Path, preemption) -> tuple[dict, object] | None:
@@ -191,7 +194,9 @@ def _epochs(task, seed: int, start_step: int):
 
 
 def _check_same_run(saved: dict, expected: dict, where) -> None:
-    diffs = [f"{k}: saved {saved.get(k)!r} vs this sweep {expected[k]!r}" for k in expected if saved.get(k) != expected[k]]
+    keys = list(expected) + [k for k in OPTIONAL_RUN_KEYS if k in saved and k not in expected]
+    diffs = [f"{k}: saved {saved.get(k)!r} vs this sweep {expected.get(k)!r}" for k in keys
+             if saved.get(k) != expected.get(k)]
     if diffs:
         raise checkpoint.CheckpointMismatchError(
             f"{where} belongs to a run with other settings ({'; '.join(diffs)}); use another --workdir "

@@ -178,3 +178,14 @@ def test_nan_batches_roll_back_and_a_damaged_checkpoint_falls_back(inputs, tmp_p
     after = _hashes(run_dir)  # the finished run's checkpoints/ is removed; the damaged one is kept as it was
     assert {k: v for k, v in before.items() if k.startswith("4/")} == after
     assert results["tasks"]["continuation"]["runs"][0]["final"]["step"] == 6
+
+
+def test_run_keys_name_packed_rows_only_where_they_differ_from_max_seq_length(tmp_path):
+    """A run saved before `packed_row_length` existed (rows of max_seq_length) resumes; one whose
+    rows differ from this sweep's, either way round, is refused with the key named."""
+    base = {"learning_rate": 1e-3, "seed": 0, "max_seq_length": 128}
+    sweep._check_same_run(dict(base), dict(base), tmp_path)  # rows of 128 both: no key, no diff
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="packed_row_length: saved None vs this sweep 48"):
+        sweep._check_same_run(dict(base), {**base, "packed_row_length": 48}, tmp_path)
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="packed_row_length: saved 48 vs this sweep None"):
+        sweep._check_same_run({**base, "packed_row_length": 48}, dict(base), tmp_path)
