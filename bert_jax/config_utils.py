@@ -242,6 +242,9 @@ def validate_finetune(c: config_dict.ConfigDict) -> None:
     check(1 <= c.smallest_bucket <= c.max_seq_length, "smallest_bucket", "must be in [1, max_seq_length]")
     if "max_examples_per_row" in c:
         check(c.max_examples_per_row >= 1, "max_examples_per_row", "must be >= 1 (a packed row holds one example or more)")
+    if "packed_row_length" in c:
+        check(0 <= c.packed_row_length <= c.max_seq_length, "packed_row_length",
+              "must be 0 (auto) or in [1, max_seq_length]")
     for key in ("batch_size", "eval_batch_size", "log_every_steps", "max_nonfinite_steps", "keep_checkpoints"):
         check(c[key] >= 1, key, "must be >= 1")
     check(c.resume_damaged in ("fallback", "refuse"), "resume_damaged", "must be 'fallback' or 'refuse'")

@@ -64,6 +64,7 @@ FINETUNING_CASES = [
     ("dtype=float64", "config.dtype: must be one of"),
     ("smallest_bucket=512", "config.smallest_bucket: must be in [1, max_seq_length]"),
     ("max_examples_per_row=0", "config.max_examples_per_row: must be >= 1"),
+    ("packed_row_length=256", "config.packed_row_length: must be 0 (auto) or in [1, max_seq_length]"),
 ]
 
 

@@ -355,8 +355,8 @@ def test_auto_packed_row_length_follows_the_task_lengths(shared_data):
     # 32 examples of 20 tokens: rows of 80 hold 4 with no token empty (8 rows); 64 holds 3 with 4
     # empty, 96 still 4 with 16 empty, 128 six with 8 empty but each token attends over 128 keys.
     assert batching.choose_row_length([20] * 320, 32, 128, 16) == 80
-    # The eval sets' longest example must fit too.
-    assert batching.choose_row_length([10] * 64, 32, 128, 16, longest=100) >= 100
+    # The eval sets' longest example (100 tokens) must fit too: rows of 112 hold 11 of these, 128 twelve.
+    assert batching.choose_row_length([10] * 64, 32, 128, 16, longest=100) == 112
     with pytest.raises(ValueError, match=r"config.packed_row_length=40: an example of 47 tokens"):
         auto("CoLA", setting=40)
     with pytest.raises(ValueError, match=r"packed_row_length=256: must be 0 \(auto\) or in \[1, max_seq_length=128\]"):

@@ -189,3 +189,19 @@ def test_run_keys_name_packed_rows_only_where_they_differ_from_max_seq_length(tm
         sweep._check_same_run(dict(base), {**base, "packed_row_length": 48}, tmp_path)
     with pytest.raises(checkpoint.CheckpointMismatchError, match="packed_row_length: saved 48 vs this sweep None"):
         sweep._check_same_run({**base, "packed_row_length": 48}, dict(base), tmp_path)
+
+
+def test_run_key_holds_the_packed_rows_only_when_shorter_than_max_seq_length():
+    """FineTuning.run_key on stand-ins for its members: rows of max_seq_length (or no packing) add
+    no key, so runs saved before it existed compare equal; shorter rows are named."""
+    import types
+    from ml_collections import config_dict
+    cfg = config_dict.ConfigDict({"max_seq_length": 128, "packing": True, "batch_size": 32})
+
+    def key(rows, packing=True):
+        cfg.packing = packing
+        tuner = types.SimpleNamespace(c=cfg, task=types.SimpleNamespace(row_length=rows), total_steps=10,
+                                      model_config=types.SimpleNamespace(to_dict=dict))
+        return sweep.FineTuning.run_key(tuner, 1e-3, 0)
+    assert "packed_row_length" not in key(128) and "packed_row_length" not in key(48, packing=False)
+    assert key(48)["packed_row_length"] == 48
