@@ -14,8 +14,9 @@ a process of its own (spawned: no thread pool, allocator or OpenMP spin-wait sha
 other; `--in_process` runs them in one), and they take turns every `--slice` batches, so load
 changes during the run hit both alike. Before timing, each side compiles its shapes and runs one
 untimed pass over its batches (first steps run slower: allocator and caches warming). bert_jax's
-worker runs as its entry points do (huge pages for malloc, bert_jax/_hugepages.py); PyTorch's
-with this shell's environment (`--torch_huge_pages`: the same setting; it gains nothing from it).
+worker runs as its entry points do (huge pages for malloc, and freed memory kept for the next
+step: bert_jax/_hugepages.py); PyTorch's with this shell's environment (`--torch_huge_pages`: the
+same settings; its own caching allocator gains nothing from them).
 `--model base`: BERT-base size with random weights, bert_jax only: packed against today's
 buckets (16/32/64/128) against padded to 128, per task.
 
@@ -26,7 +27,9 @@ or `bucket_step=16` (buckets at every multiple of 16), or `rows_multiple=2` (pac
 rounded up to even ones, as before `batching.packed_row_count`'s ladder), or `last_layer=all`
 (the last encoder layer at every position, not only at the [CLS] tokens the classifier reads), or `guard=where`
 (the train step's old non-finite guard, a `jnp.where` per leaf, against today's `lax.cond`), or
-`huge_pages=off` (that worker without the huge-page malloc setting), or `devices=N` (that worker
+`huge_pages=off` (that worker without the huge-page malloc setting), or `malloc_reuse=off` (that
+worker's freed memory handed back to the system, as before: each step's ~500 MB of temporaries
+mapped and zeroed afresh), or `devices=N` (that worker
 with N host CPU devices: the step data parallel over them), or `packed_row_length=128` (rows of
 max_seq_length, as before the auto row length), measured in the same run.
 Each side's minor page faults per timed step (getrusage) are printed with its totals. Compilation
@@ -149,9 +152,10 @@ class Plan:
         self.last_layer = settings.pop("last_layer", "cls")
         self.guard = settings.pop("guard", "cond")
         self.huge_pages = settings.pop("huge_pages", "on")
+        self.malloc_reuse = settings.pop("malloc_reuse", "on")
         self.devices = int(settings.pop("devices", 0))  # 0: as this shell's XLA_FLAGS say
-        if self.guard not in ("cond", "where") or self.huge_pages not in ("on", "off"):
-            raise SystemExit(f"--variant {name}: guard is cond or where, huge_pages on or off")
+        if self.guard not in ("cond", "where") or {self.huge_pages, self.malloc_reuse} - {"on", "off"}:
+            raise SystemExit(f"--variant {name}: guard is cond or where, huge_pages and malloc_reuse on or off")
         self.model_keys = {k[len("model."):]: v for k, v in settings.items() if k.startswith("model.")}
         self.c = finetune_config({k: v for k, v in settings.items() if not k.startswith("model.")})
 
@@ -361,14 +365,21 @@ class Remote:
         self.proc.join(timeout=30)
 
 
-def _small_pages() -> dict:
-    """This shell's environment without the huge-page malloc setting (``huge_pages=off``)."""
-    env = dict(os.environ, **{_hugepages.OPT_OUT: "0"})
-    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t.split("=")[0] != _hugepages.TUNABLE]
+def _worker_env(plan: Plan) -> dict:
+    """The environment bert_jax's entry points give themselves (bert_jax/_hugepages.py), less
+    what the plan turns off (``huge_pages=off``, ``malloc_reuse=off``)."""
+    env, dropped = dict(os.environ), set()
+    if plan.huge_pages == "off":
+        env[_hugepages.OPT_OUT] = "0"
+        dropped.add(_hugepages.TUNABLE)
+    if plan.malloc_reuse == "off":
+        env[_hugepages.REUSE_OPT_OUT] = "0"
+        dropped |= set(_hugepages.REUSE_TUNABLES)
+    kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t.split("=")[0] not in dropped]
     env["GLIBC_TUNABLES"] = ":".join(kept)
     if not kept:
         del env["GLIBC_TUNABLES"]
-    return env
+    return _hugepages.environment(env) or env
 
 
 def _with_devices(env: dict, devices: int) -> dict:
@@ -452,8 +463,9 @@ def main(argv=None) -> int:
         variants = ([] if args.no_default else [("default", {})]) + [parse_variant(v) for v in args.variant]
         reference = None
     plans = [Plan(name, settings) for name, settings in variants]
-    if args.in_process and any(p.huge_pages == "off" or p.devices for p in plans):
-        raise SystemExit("--variant NAME:huge_pages=off or devices=N needs a process of its own: drop --in_process")
+    if args.in_process and any(p.huge_pages == "off" or p.malloc_reuse == "off" or p.devices for p in plans):
+        raise SystemExit("--variant NAME:huge_pages=off, malloc_reuse=off or devices=N needs a process of its own: "
+                         "drop --in_process")
     if args.in_process:
         ours = [Ours(p, pretrained) for p in plans]
         theirs = Torch(model_dir) if args.model == "minilm" else None
@@ -462,7 +474,7 @@ def main(argv=None) -> int:
         # (bert_jax/_hugepages.py); PyTorch gets this shell's, or the same with --torch_huge_pages.
         entry_env = _hugepages.environment()
         ours = [Remote("ours", p, model_dir, args.model,
-                       env=_with_devices(entry_env if p.huge_pages == "on" else _small_pages(), p.devices))
+                       env=_with_devices(_worker_env(p), p.devices))
                 for p in plans]
         theirs = (Remote("torch", model_dir, env=entry_env if args.torch_huge_pages else None)
                   if args.model == "minilm" else None)

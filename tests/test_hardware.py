@@ -148,11 +148,57 @@ def test_only_entry_points_reexecute(monkeypatch):
             assert calls[0] == (orig, {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
 
 
+@pytest.mark.parametrize("environ, glibc, accelerator, add", [
+    ({}, (2, 36), False, True),
+    ({}, (2, 26), False, True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, (2, 36), False, True),
+    ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, (2, 36), False, False),  # the user's choice stays
+    ({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}, (2, 36), False, False),
+    ({"BERT_JAX_MALLOC_REUSE": "0"}, (2, 36), False, False),
+    ({}, (2, 25), False, False),
+    ({}, None, False, False),
+    ({}, (2, 36), True, False),  # a GPU or TPU holds the step's buffers
+])
+def test_malloc_reuse_decision(environ, glibc, accelerator, add):
+    decided, why = _hugepages.reuse_decision(environ, glibc, accelerator)
+    assert decided == add and why
+
+
+def test_accelerator_from_jax_platforms_or_device_nodes(tmp_path):
+    (tmp_path / "nvidia0").write_text("")
+    gpu = (str(tmp_path / "nvidia[0-9]*"),)
+    none = (str(tmp_path / "accel[0-9]*"),)
+    assert _hugepages.on_accelerator({}, gpu) and not _hugepages.on_accelerator({}, none)
+    assert not _hugepages.on_accelerator({"JAX_PLATFORMS": "cpu"}, gpu)  # the user's platform wins
+    assert _hugepages.on_accelerator({"JAX_PLATFORMS": "tpu,cpu"}, none)
+
+
+def test_environment_keeps_the_users_tunables_and_adds_the_rest(monkeypatch):
+    monkeypatch.setattr(_hugepages, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(_hugepages, "thp_mode", lambda: "madvise")
+    env = _hugepages.environment({"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0", "JAX_PLATFORMS": "cpu"})
+    assert env["GLIBC_TUNABLES"].split(":") == [
+        "glibc.malloc.tcache_count=0", "glibc.malloc.hugetlb=1", "glibc.malloc.arena_max=1",
+        "glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={2**40}"]
+    assert "kept for reuse" in _hugepages.status(env)
+    assert _hugepages.environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0", "JAX_PLATFORMS": "tpu"}) is None
+
+
 def test_an_entry_point_runs_with_huge_pages_once():
     """`python -m bert_jax.hugepages` goes through the re-execution as every entry point does."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "BERT_JAX_HUGE_PAGES")}
+    drop = ("GLIBC_TUNABLES", "BERT_JAX_HUGE_PAGES", "BERT_JAX_MALLOC_REUSE")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["JAX_PLATFORMS"] = "cpu"
     run = lambda extra: subprocess.run([sys.executable, "-m", "bert_jax.hugepages"], capture_output=True,  # noqa: E731
-                                       text=True, env={**env, **extra}, check=True).stdout
-    expected, why = _hugepages.decision(env, _hugepages.glibc_version(), _hugepages.thp_mode())
-    assert run({}).strip() == (f"malloc huge pages on ({why})" if expected else f"malloc huge pages off ({why})")
-    assert run({"BERT_JAX_HUGE_PAGES": "0"}).strip() == "malloc huge pages off (BERT_JAX_HUGE_PAGES=0)"
+                                       text=True, env={**env, **extra}, check=True).stdout.strip()
+    glibc = _hugepages.glibc_version()
+    huge, why = _hugepages.decision(env, glibc, _hugepages.thp_mode())
+    reuse, _ = _hugepages.reuse_decision(env, glibc, False)
+    if huge and reuse:
+        assert run({}).startswith("malloc huge pages on, freed memory kept for reuse (GLIBC_TUNABLES=glibc.malloc.hugetlb=1:")
+    out = run({"BERT_JAX_HUGE_PAGES": "0"})
+    assert out.startswith("malloc huge pages off (BERT_JAX_HUGE_PAGES=0)")
+    assert out.endswith("; freed memory kept for reuse") == reuse
+    out = run({"BERT_JAX_HUGE_PAGES": "0", "BERT_JAX_MALLOC_REUSE": "0"})
+    assert out == ("malloc huge pages off (BERT_JAX_HUGE_PAGES=0); freed memory returned to the system "
+                   "(BERT_JAX_MALLOC_REUSE=0)")
