@@ -18,7 +18,9 @@ worker runs as its entry points do (huge pages for malloc, and freed memory kept
 step: bert_jax/_hugepages.py); PyTorch's with this shell's environment (`--torch_huge_pages`: the
 same settings; its own caching allocator gains nothing from them).
 `--model base`: BERT-base size with random weights, bert_jax only: packed against today's
-buckets (16/32/64/128) against padded to 128, per task.
+buckets (16/32/64/128) against padded to 128, per task, its workers with freed memory handed
+back (`BASE_VARIANTS`: three that keep it do not fit 24 GB). Before the workers start, their
+measured peak memory (`WORKER_PEAK_GB`) is checked against what the machine has available.
 
 bert_jax runs at the default fine-tuning config (configs/glue.py: compute dtype and matmul path
 from `hardware.compute_choice`, packing); `--variant` adds rows with config keys changed
@@ -186,6 +188,11 @@ class _Faults:
     def faults_per_step(self) -> float:
         return self.faults / max(self.steps, 1)
 
+    def peak_rss_gb(self) -> float:
+        """This process's peak resident memory so far (getrusage; in one process, --in_process,
+        the whole process's)."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
     def _untimed(self, batches: list[dict]) -> None:
         counted = self.faults, self.steps
         self.seconds(batches)
@@ -342,8 +349,16 @@ class Remote:
         return value
 
     def _call(self, *msg):
-        self.conn.send(msg)
-        return self._answer()
+        try:
+            self.conn.send(msg)
+            return self._answer()
+        except (BrokenPipeError, EOFError, ConnectionResetError):
+            self.proc.join(timeout=5)
+            code = self.proc.exitcode
+            why = ("killed (SIGKILL: most likely the kernel's out-of-memory killer; see `dmesg`)" if code == -9
+                   else f"exit code {code}")
+            raise SystemExit(f"bench_finetune: a worker process died during {msg[0]}: {why}. Run fewer variants "
+                             "at once (--no-default --variant ...), or fewer tasks, or free memory") from None
 
     def info(self) -> dict:
         return self._info
@@ -359,6 +374,9 @@ class Remote:
 
     def faults_per_step(self):
         return self._call("faults_per_step")
+
+    def peak_rss_gb(self):
+        return self._call("peak_rss_gb")
 
     def close(self):
         self.conn.send(None)
@@ -466,6 +484,8 @@ def main(argv=None) -> int:
     if args.in_process and any(p.huge_pages == "off" or p.malloc_reuse == "off" or p.devices for p in plans):
         raise SystemExit("--variant NAME:huge_pages=off, malloc_reuse=off or devices=N needs a process of its own: "
                          "drop --in_process")
+    if not args.in_process:
+        check_memory(args.model, plans, available_gb())
     if args.in_process:
         ours = [Ours(p, pretrained) for p in plans]
         theirs = Torch(model_dir) if args.model == "minilm" else None
@@ -523,17 +543,47 @@ def main(argv=None) -> int:
         print(f"{p.name:10s} ratio to {'PyTorch' if theirs else reference} over tasks: "
               f"mean {np.mean(ratios[p.name]):.2f}, geometric mean {np.exp(np.mean(np.log(ratios[p.name]))):.2f}; "
               f"{compiled} shapes compiled, {compile_seconds:.0f} s compiling; "
-              f"{o.faults_per_step():.0f} minor page faults a timed step", flush=True)
+              f"{o.faults_per_step():.0f} minor page faults a timed step, peak RSS {o.peak_rss_gb():.2f} GB",
+              flush=True)
     if theirs is not None:
-        print(f"PyTorch    {theirs.faults_per_step():.0f} minor page faults a timed step", flush=True)
+        print(f"PyTorch    {theirs.faults_per_step():.0f} minor page faults a timed step, "
+              f"peak RSS {theirs.peak_rss_gb():.2f} GB", flush=True)
     for side in ours + ([theirs] if theirs is not None else []):
         if isinstance(side, Remote):
             side.close()
     return 0
 
 
-BASE_VARIANTS = [("packed", {"packing": "True"}), ("buckets", {"packing": "False"}),
-                 ("pad128", {"packing": "False", "smallest_bucket": "128"})]
+# BERT-base's workers hand freed memory back (malloc_reuse=off): with it kept (the entry points'
+# CPU default) one peaked at 9.3 GB against 6.2 (MRPC, buckets), and three of them did not fit
+# a 24 GB machine. The rows compare batch layouts, all under the same allocator setting.
+BASE_VARIANTS = [("packed", {"packing": "True", "malloc_reuse": "off"}),
+                 ("buckets", {"packing": "False", "malloc_reuse": "off"}),
+                 ("pad128", {"packing": "False", "smallest_bucket": "128", "malloc_reuse": "off"})]
+
+# Peak RSS (GB) of one bert_jax worker, measured on the avx512_bf16 machine (twelfth session):
+# MiniLM on RTE-like batches, BERT-base on MRPC-like buckets; by model and malloc_reuse.
+WORKER_PEAK_GB = {("minilm", "on"): 3.2, ("minilm", "off"): 2.0, ("base", "on"): 9.3, ("base", "off"): 6.2}
+
+
+def available_gb() -> float | None:
+    try:
+        for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(model: str, plans: list[Plan], available: float | None) -> None:
+    """One clear line, before any worker starts, when the bert_jax workers' measured peak memory
+    (WORKER_PEAK_GB) exceeds what the machine has available: the kernel would kill one mid-run."""
+    need = sum(WORKER_PEAK_GB[(model, p.malloc_reuse)] for p in plans)
+    if available is not None and need > available:
+        raise SystemExit(f"bench_finetune: {len(plans)} {model} workers need about {need:.1f} GB at their peak "
+                         f"(WORKER_PEAK_GB), {available:.1f} GB is available: run fewer variants at once "
+                         "(--no-default --variant ...), or add malloc_reuse=off to a variant (less memory)")
 
 
 def _random_base(pretrained):

@@ -122,6 +122,11 @@ def environment(environ=None) -> dict | None:
     return environ
 
 
+# What reuse costs, for the start-up line: freed blocks stay resident (fine-tuning MiniLM on
+# RTE-like batches peaked at 3.2 GB against 2.0; BERT-base on MRPC-like buckets 9.3 against 6.2).
+REUSE_COST = f"peak memory about 1.5x: {REUSE_OPT_OUT}=0 returns it"
+
+
 def status(environ=None) -> str:
     """One line for start-up logs: whether this process runs with huge pages for malloc and
     keeps the step's memory for the next step, and why."""
@@ -131,7 +136,8 @@ def status(environ=None) -> str:
     huge = f"{TUNABLE}=1" in items or f"{TUNABLE}=2" in items
     reuse = all(f"{k}={v}" in items for k, v in REUSE_TUNABLES.items())
     if huge and reuse:
-        return f"malloc huge pages on, freed memory kept for reuse (GLIBC_TUNABLES={tunables})"
+        return (f"malloc huge pages on, freed memory kept for reuse (GLIBC_TUNABLES={tunables}; "
+                f"{REUSE_COST})")
     parts = []
     if huge:
         parts.append(f"malloc huge pages on (GLIBC_TUNABLES={tunables})")
@@ -146,7 +152,7 @@ def status(environ=None) -> str:
             why = f"set GLIBC_TUNABLES={why} before Python starts, as the bert_jax entry points do"
         parts.append(f"freed memory returned to the system ({why})")
     else:
-        parts.append("freed memory kept for reuse")
+        parts.append(f"freed memory kept for reuse ({REUSE_COST})")
     return "; ".join(parts)
 
 

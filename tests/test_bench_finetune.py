@@ -81,3 +81,39 @@ def test_workers_run_the_settling_steps_before_the_clock(minilm):
         unsettled = side.seconds(batches, settle=0)
         assert len(calls) == len(batches), type(side).__name__
         assert (settled, unsettled) == (2.0, 102.0), (type(side).__name__, settled, unsettled)
+
+
+def test_memory_check_refuses_workers_that_would_not_fit():
+    bench = _bench()
+    plans = [types.SimpleNamespace(malloc_reuse=r) for r in ("on", "off", "off")]
+    need = bench.WORKER_PEAK_GB[("base", "on")] + 2 * bench.WORKER_PEAK_GB[("base", "off")]
+    bench.check_memory("base", plans, need + 0.1)  # fits: no error
+    bench.check_memory("base", plans, None)  # unknown: no error
+    try:
+        bench.check_memory("base", plans, need - 0.1)
+    except SystemExit as e:
+        message = str(e)
+    else:
+        raise AssertionError("expected SystemExit")
+    assert "3 base workers need about" in message and "--no-default --variant" in message
+    assert "\n" not in message
+
+
+def test_a_worker_that_dies_is_reported_in_one_line():
+    import multiprocessing
+    import os
+    bench = _bench()
+    ctx = multiprocessing.get_context("spawn")
+    remote = bench.Remote.__new__(bench.Remote)
+    remote.conn, child = ctx.Pipe()
+    remote.proc = ctx.Process(target=os._exit, args=(3,), daemon=True)
+    remote.proc.start()
+    child.close()  # the worker never answers: its end is gone
+    try:
+        remote.seconds([], 0)
+    except SystemExit as e:
+        message = str(e)
+    else:
+        raise AssertionError("expected SystemExit")
+    assert message.startswith("bench_finetune: a worker process died during seconds: exit code 3.")
+    assert "\n" not in message
