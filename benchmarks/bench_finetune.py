@@ -476,10 +476,13 @@ def main(argv=None) -> int:
     if args.model == "base":
         base = BASE_VARIANTS if not args.no_default else []
         variants = base + [parse_variant(v) for v in args.variant]
-        reference = "buckets"
+        # Ratios against today's buckets, or against the first row when --no-default drops them.
+        reference = "buckets" if "buckets" in [name for name, _ in variants] else (variants or [("",)])[0][0]
     else:
         variants = ([] if args.no_default else [("default", {})]) + [parse_variant(v) for v in args.variant]
         reference = None
+    if not variants:
+        raise SystemExit("bench_finetune: --no-default leaves no rows: add --variant NAME:key=value")
     plans = [Plan(name, settings) for name, settings in variants]
     if args.in_process and any(p.huge_pages == "off" or p.malloc_reuse == "off" or p.devices for p in plans):
         raise SystemExit("--variant NAME:huge_pages=off, malloc_reuse=off or devices=N needs a process of its own: "
