@@ -177,13 +177,15 @@ class Dense(nnx.Linear):
         super().__init__(*args, **kw)
         self.f32_out = f32_out
 
-    def __call__(self, x):
+    def __call__(self, x, *, keep_f32: bool = False):
+        """``keep_f32``: with ``f32_out``, return the float32 result uncast, for element-wise work
+        (GELU, dropout, the residual add) to run in float32 before one cast; else ignored."""
         if not self.f32_out:
             return super().__call__(x)
         y = f32_einsum("...k,kn->...n", jnp.dtype(self.dtype), x, self.kernel[...])
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(self.dtype)
+        return y if keep_f32 else y.astype(self.dtype)
 
 
 def dense(cfg: BertConfig, d_in: int, d_out: int, axes: tuple, rngs: nnx.Rngs, dtype=None) -> nnx.Linear:
@@ -268,9 +270,9 @@ class SelfAttention(nnx.Module):
         self.value = dense(cfg, h, h, ("embed", "heads"), rngs)
         self.output = dense(cfg, h, h, ("heads", "embed"), rngs)
 
-    def __call__(self, x, prepared: attention.Prepared, deterministic, key, queries=None):
+    def __call__(self, x, prepared: attention.Prepared, deterministic, key, queries=None, keep_f32=False):
         """``queries`` [B, Q]: the output at those positions only, [B, Q, H] (keys and values
-        still come from every position)."""
+        still come from every position). ``keep_f32``: see ``Dense``."""
         cfg = self.cfg
         names = ("batch", "length", "heads", "kv")
 
@@ -287,7 +289,7 @@ class SelfAttention(nnx.Module):
                                deterministic=deterministic, key=key, dropout_impl=cfg.dropout_impl)
         ctx = constrain(ctx, names).reshape(*q.shape[:2], cfg.hidden_size)
         # remat_policy="attention_out" saves this [B, T, H] per layer and recomputes the rest.
-        return self.output(checkpoint_name(ctx, "attention_out"))
+        return self.output(checkpoint_name(ctx, "attention_out"), keep_f32=keep_f32)
 
 
 class Layer(nnx.Module):
@@ -309,26 +311,33 @@ class Layer(nnx.Module):
         keys = [None] * 3 if key is None else list(jax.random.split(key, 3))
         if cfg.pre_layer_norm:
             return self._pre_layer_norm(x, prepared, deterministic, keys, queries)
-        a = self.attention(x, prepared, deterministic, keys[0], queries)
+        # With float32-output matmuls (f32_out), the element-wise work between them (dropout, the
+        # residual add, GELU) runs on their float32 results and is cast to the compute dtype once,
+        # before the next matmul: XLA:CPU otherwise rounds to bfloat16 after every element-wise op.
+        a = self.attention(x, prepared, deterministic, keys[0], queries, keep_f32=True)
         a = _dropout(a, cfg.hidden_dropout_prob, deterministic, keys[1], cfg.dropout_impl)
         residual = x if queries is None else gather_positions(x, queries)
         x = self.attention_layer_norm(residual + a).astype(cfg.dtype)
         x = constrain(x, ("batch", "length", "embed"))
-        h = activation(cfg.hidden_act)(self.intermediate(x))
+        h = activation(cfg.hidden_act)(self.intermediate(x, keep_f32=True)).astype(cfg.dtype)
         h = constrain(h, ("batch", "length", "mlp"))
-        h = _dropout(self.output(h), cfg.hidden_dropout_prob, deterministic, keys[2], cfg.dropout_impl)
+        h = _dropout(self.output(h, keep_f32=True), cfg.hidden_dropout_prob, deterministic, keys[2],
+                     cfg.dropout_impl)
         x = self.output_layer_norm(x + h).astype(cfg.dtype)
         return constrain(x, ("batch", "length", "embed"))
 
     def _pre_layer_norm(self, x, prepared, deterministic, keys, queries):
         cfg = self.cfg
-        a = self.attention(self.attention_layer_norm(x).astype(cfg.dtype), prepared, deterministic, keys[0], queries)
+        a = self.attention(self.attention_layer_norm(x).astype(cfg.dtype), prepared, deterministic, keys[0], queries,
+                           keep_f32=True)
         a = _dropout(a, cfg.hidden_dropout_prob, deterministic, keys[1], cfg.dropout_impl)
         x = (x if queries is None else gather_positions(x, queries)) + a
         x = constrain(x, ("batch", "length", "embed"))
-        h = activation(cfg.hidden_act)(self.intermediate(self.output_layer_norm(x).astype(cfg.dtype)))
+        h = self.intermediate(self.output_layer_norm(x).astype(cfg.dtype), keep_f32=True)
+        h = activation(cfg.hidden_act)(h).astype(cfg.dtype)
         h = constrain(h, ("batch", "length", "mlp"))
-        h = _dropout(self.output(h), cfg.hidden_dropout_prob, deterministic, keys[2], cfg.dropout_impl)
+        h = _dropout(self.output(h, keep_f32=True), cfg.hidden_dropout_prob, deterministic, keys[2],
+                     cfg.dropout_impl)
         return constrain((x + h).astype(cfg.dtype), ("batch", "length", "embed"))
 
 
@@ -454,7 +463,7 @@ class MaskedLMHead(nnx.Module):
 
     def __call__(self, x, word_embeddings):
         cfg = self.cfg
-        h = activation(cfg.hidden_act)(self.transform(x))
+        h = activation(cfg.hidden_act)(self.transform(x, keep_f32=True))
         h = self.transform_layer_norm(h).astype(cfg.dtype)
         if f32_matmuls(cfg):
             logits = f32_einsum("bpe,ve->bpv", jnp.dtype(cfg.dtype), h, word_embeddings)
