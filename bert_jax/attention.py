@@ -214,3 +214,27 @@ def _splash(q, k, v, segments):
     rows = PartitionSpec(*qkv[:2])
     return jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, rows), out_specs=qkv,
                          check_vma=False)(q, k, v, segments)
+
+
+def cudnn_segments(packed_segment_ids: jax.Array, input_mask: jax.Array, max_segments: int):
+    """cuDNN's packed ("THD") layout for packed rows: -> (seqlen [B, M], offsets [B, M + 1]),
+    M = max_segments + 1, for the ``q_seqlen``/``q_offsets`` (and kv) arguments of
+    ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention``.
+
+    A row's instances (``packed_segment_ids`` 1..k, contiguous and in order, as
+    ``data.packing`` writes them) come first; the row's trailing padding is one more segment of
+    its own, so every token's output is defined (cuDNN leaves tokens outside every segment
+    unwritten, and an undefined value there would reach the weight gradients). Unused entries
+    are -1, live ones first. ``offsets`` are segment starts within the row.
+    """
+    b = packed_segment_ids.shape[0]
+    ids = jnp.where(input_mask.astype(bool), packed_segment_ids, max_segments + 1)
+    counts = jnp.sum(ids[:, :, None] == jnp.arange(1, max_segments + 2, dtype=ids.dtype), axis=1,
+                     dtype=jnp.int32)
+    starts = jnp.cumsum(counts, axis=1, dtype=jnp.int32) - counts
+    order = jnp.argsort(counts == 0, axis=1, stable=True)  # live segments first, in order
+    counts, starts = (jnp.take_along_axis(x, order, axis=1) for x in (counts, starts))
+    live = counts > 0
+    seqlen = jnp.where(live, counts, -1)
+    offsets = jnp.concatenate([jnp.where(live, starts, -1), jnp.full((b, 1), -1, jnp.int32)], axis=1)
+    return seqlen.astype(jnp.int32), offsets.astype(jnp.int32)
