@@ -365,6 +365,18 @@ def main(argv=None) -> int:
             "compile_s": r["compile_s"], "loss": r["loss"]})
         print(f"  seq {seq} {kind} {impl}: {r['rows_per_s']:.2f} rows/s, MFU {flops / peak:.1%}", flush=True)
 
+    def pretrain_dropout(seq, rows, predictions):
+        batch, _ = pretraining_batches[seq, "padded"]
+        cfg = large.replace(dtype=dtype, scan_layers=True)  # attention_probs_dropout_prob 0.1: explicit
+        r = pretrain_rate(cfg, batch, steps, options)
+        flops = hardware.pretraining_flops_per_sequence(cfg, seq, predictions) * r["rows_per_s"]
+        report["pretraining"].append({
+            "seq": seq, "rows": rows, "batch": "padded", "attention": "explicit, dropout 0.1",
+            "predictions": predictions, "path": attention.describe(cfg, seq_len=seq), "rows_per_s": r["rows_per_s"],
+            "sequences_per_s": r["rows_per_s"], "real_tokens_per_s": r["rows_per_s"] * batch["input_mask"].sum() / rows,
+            "packing_efficiency": float(batch["input_mask"].mean()), "mfu": flops / peak,
+            "compile_s": r["compile_s"], "loss": r["loss"]})
+
     def pretraining_block(seq, rows, predictions):
         for kind in ("padded", "packed"):
             for impl in (fused,) if args.tiny else (fused, "explicit"):  # tiny: half the compiles
@@ -398,6 +410,18 @@ def main(argv=None) -> int:
         report["attention"] += result or []
     for shape in shapes[1:]:
         pretraining_block(*shape)
+    if not args.tiny:  # what the defaults pay on a GPU: attention dropout forces the unfused path
+        seq, rows, predictions = shapes[0]
+        check.run(f"pretrain seq {seq} padded explicit attention dropout 0.1",
+                  lambda: pretrain_dropout(seq, rows, predictions))
+        cfg0 = cfg.replace(attention_probs_dropout_prob=0.0)
+        tuner0 = check.run("finetune setup, attention dropout 0", lambda: FineTuner(cfg0, options))
+        for task in FINETUNE_TASKS if tuner0 else ():
+            rate = check.run(f"finetune {task} attention dropout 0",
+                             functools.partial(tuner0.examples_per_second, ft_data[task]))
+            if rate is not None:
+                report["finetuning"].append({"task": task, "batch": ft_batch, "attention_dropout": 0.0,
+                                             "path": attention.describe(cfg0, seq_len=128), "examples_per_s": rate})
 
     print(f"\n{'pretraining':32} {'rows/s':>9} {'seq/s':>9} {'tokens/s':>10} {'fill':>5} {'MFU':>6} {'compile':>8}")
     for r in report["pretraining"]:
@@ -408,7 +432,8 @@ def main(argv=None) -> int:
     print(f"\n{'fine-tuning (examples/s)':32} {'bert_jax':>10} {'PyTorch':>10} {'ratio':>7}")
     for r in report["finetuning"]:
         t = torch_rates.get(r["task"])
-        print(f"{r['task']:32} {r['examples_per_s']:10.1f} {t or float('nan'):10.1f} "
+        label = r["task"] + (" (attention dropout 0)" if "attention_dropout" in r else "")
+        print(f"{label:32} {r['examples_per_s']:10.1f} {t or float('nan'):10.1f} "
               f"{r['examples_per_s'] / t if t else float('nan'):7.2f}")
     if report["attention"]:
         print(f"\n{'attention, packed, fwd+bwd':32} {'ms':>8} {'out err':>9} {'grad err':>9}")
