@@ -34,6 +34,7 @@ import functools
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 import traceback
@@ -276,8 +277,9 @@ class Check:
     """Runs measurements in order until `budget` seconds have passed; a failure is recorded
     (name and the error's last line) and the check goes on."""
 
-    def __init__(self, report: dict, budget: float, path: pathlib.Path):
+    def __init__(self, report: dict, budget: float, path: pathlib.Path, only: str | None = None):
         self.report, self.budget, self.path, self.start = report, budget, path, time.perf_counter()
+        self.only = re.compile(only) if only else None
         self.save()
 
     def save(self) -> None:  # after every measurement: a run stopped from outside keeps what it measured
@@ -285,6 +287,8 @@ class Check:
         self.path.write_text(json.dumps(self.report, indent=1))
 
     def run(self, name: str, fn):
+        if self.only and not self.only.search(name):
+            return None
         if time.perf_counter() - self.start > self.budget:
             self.report["skipped"].append(name)
             return None
@@ -313,6 +317,9 @@ def main(argv=None) -> int:
                         help="seconds after which the rest is skipped (default 420; none with --tiny)")
     parser.add_argument("--glue-lengths", default=str(GLUE_LENGTHS), help="glue_lengths.json (../shared/data)")
     parser.add_argument("--no-torch", action="store_true", help="skip transformers' PyTorch reference")
+    parser.add_argument("--only", default=None, help="a regular expression: run only the measurements it finds "
+                        "in their names (e.g. 'seq 128 padded cudnn|attention dropout 0')")
+    parser.add_argument("--rows", type=int, default=None, help="rows per pretraining batch at sequence 128")
     args = parser.parse_args(argv)
     GLUE_LENGTHS = pathlib.Path(args.glue_lengths)
     if not GLUE_LENGTHS.is_file():  # one line now, not a failure per measurement
@@ -330,7 +337,7 @@ def main(argv=None) -> int:
         attn_shape, attn_reps = (128, 4, 2, 32), 2
     else:
         large, finetune = BertConfig.preset("large"), BertConfig.preset("base")
-        shapes, peak_n = ((128, 128, 20), (512, 32, 76)), 8192
+        shapes, peak_n = ((128, args.rows or 128, 20), (512, 32, 76)), 8192
         ft_batch, ft_width_step, ft_batches, steps = 32, 32, 10, args.steps or 10
         budget, options = args.budget or 420.0, None
         attn_shape, attn_reps = (512, 32, 16, 64), 20
@@ -345,7 +352,7 @@ def main(argv=None) -> int:
         report[lib] = getattr(__import__(lib), "__version__", "?")
     print(f"device check on {report['device']} ({platform}), jax {jax.__version__}, flax {report['flax']}, "
           f"compute {dtype}; {peak_n}^3 {dtype} matmul peak {peak / 1e12:.3f} TFLOP/s", flush=True)
-    check = Check(report, budget, pathlib.Path(args.json))
+    check = Check(report, budget, pathlib.Path(args.json), args.only)
     rng = np.random.default_rng(0)
     pretraining_batches = {(seq, kind): pretraining_rows(rows, seq, predictions, large.vocab_size,
                                                          kind == "packed", rng)
