@@ -9,8 +9,10 @@ four paths, chosen per platform and batch kind (``BertConfig.attention_impl``):
 * ``cudnn`` (GPU, bfloat16/float16): cuDNN's fused flash attention through
   ``jax.nn.dot_product_attention(implementation="cudnn")``. Padded rows pass their lengths
   (``query_seq_lengths``/``key_value_seq_lengths``: cuDNN's padding mask, no mask tensor);
-  packed rows pass the segment mask, which JAX 0.10 hands to cuDNN as an additive bias (its
-  public API takes no segment ids).
+  packed rows pass the segment mask, which JAX hands to cuDNN as an additive bias (its public
+  API takes no segment ids). cuDNN's own packed layout (``cudnn_segments``: per-instance lengths
+  and offsets) is as accurate but measured 2.9x slower forward and backward on an H200 (32 rows
+  of 512, up to 38 instances a row; benchmarks/results/device_check), so it is not used.
 * ``splash`` (TPU): the Pallas splash-attention kernel with segment ids: the packed segment
   of each token, padding a segment of its own. Sequence lengths must be multiples of 128.
   Inside a mesh it runs per shard (``shard_map``) over the batch and head axes. On a CPU it
