@@ -24,4 +24,10 @@ def test_tiny_device_check_writes_its_json_and_table(shared_data, tmp_path, caps
     assert all(r["mfu"] > 0 and r["path"].startswith("attention: xla") for r in runs.values())
     assert [r["task"] for r in report["finetuning"]] == ["CoLA", "MRPC", "RTE"]
     assert all(r["examples_per_s"] > 0 for r in report["finetuning"])
+    assert [r["task"] for r in report["torch_finetuning"]] == ["CoLA", "MRPC", "RTE"]  # the same batches
+    assert all(r["examples_per_s"] > 0 for r in report["torch_finetuning"])
+    (attn,) = report["attention"]  # a CPU runs XLA's path only; it matches the float32 reference
+    assert attn["path"] == "xla" and attn["fwd_bwd_ms"] > 0
+    assert attn["out_max_error"] < 0.02 * attn["ref_out_max"] and attn["grad_max_error"] < 0.02 * attn["ref_grad_max"]
+    assert not report["errors"]
     assert "seq 128 packed xla" in capsys.readouterr().out
