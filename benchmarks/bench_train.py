@@ -78,7 +78,11 @@ def matmul_peak(dtype, f32_out: bool, n: int = 2048, repeats: int = 10) -> float
     return 2 * n ** 3 / best
 
 
-def bench_ours(cfg: M.BertConfig, batch: dict, steps: int, warmup: int, compiler_options=None) -> dict:
+def bench_ours(cfg: M.BertConfig, batch: dict, steps: int, warmup: int, compiler_options=None,
+               sync_each_step: bool = True) -> dict:
+    """Our train step on `batch`: `warmup` steps (the first compiles: `compile_s`), then `steps`
+    timed ones, fetching the loss after each (`sync_each_step`) or once at the end (an
+    accelerator, where a host sync per step would idle the device)."""
     opt, schedule = optim.make_optimizer({"learning_rate": 1e-4, "warmup_steps": 0, "total_steps": 1000})
     mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
     graphdef, state, shardings = T.create_train_state(cfg, opt, mesh, seed=0)
@@ -86,16 +90,21 @@ def bench_ours(cfg: M.BertConfig, batch: dict, steps: int, warmup: int, compiler
                              compiler_options=compiler_options)
     device_batch = sharding.make_global_batch(batch, mesh)
     key = jax.random.key(0)
-    for _ in range(warmup):
+    compile_s = 0.0
+    for i in range(warmup):
+        start = time.perf_counter()
         state, metrics = step(state, device_batch, key)
         float(metrics["loss"])
+        compile_s = compile_s or time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         state, metrics = step(state, device_batch, key)
-        float(metrics["loss"])
+        if sync_each_step:
+            float(metrics["loss"])
+    jax.block_until_ready((state, metrics))
     seconds = (time.perf_counter() - start) / steps
     return {"seconds_per_step": seconds, "sequences_per_s": len(batch["input_ids"]) / seconds,
-            "loss": float(metrics["loss"])}
+            "loss": float(metrics["loss"]), "compile_s": compile_s}
 
 
 def bench_torch(cfg: M.BertConfig, batch: dict, steps: int, warmup: int) -> dict:

@@ -44,14 +44,15 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_train import matmul_peak  # noqa: E402
+from bench_train import bench_ours, matmul_peak  # noqa: E402
 from bert_jax import attention, hardware, losses, optim, sharding  # noqa: E402
 from bert_jax import train_step as T  # noqa: E402
 from bert_jax.model import BertConfig, BertForSequenceClassification  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # ../shared does not travel to a lent machine: --glue-lengths (or BERT_JAX_GLUE_LENGTHS) names a copy
-GLUE_LENGTHS = pathlib.Path(os.environ.get("BERT_JAX_GLUE_LENGTHS", ROOT.parent / "shared" / "data" / "glue_lengths.json"))
+GLUE_LENGTHS = pathlib.Path(os.environ.get("BERT_JAX_GLUE_LENGTHS",
+                                           ROOT.parent / "shared" / "data" / "glue_lengths.json"))
 FINETUNE_TASKS = ("CoLA", "MRPC", "RTE")
 
 
@@ -142,33 +143,6 @@ class FineTuner:
         jax.block_until_ready(metrics)
         self.state = state
         return sum(len(b["input_ids"]) for b in batches) / (time.perf_counter() - start)
-
-
-def pretrain_rate(cfg: BertConfig, batch: dict, steps: int, compiler_options=None) -> dict:
-    """A pretraining train step on `batch`: one compile (timed), one warm-up, `steps` timed
-    steps with no host sync between them."""
-    opt, schedule = optim.make_optimizer({"learning_rate": 1e-4, "warmup_steps": 0, "total_steps": 1000})
-    mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
-    graphdef, state, shardings = T.create_train_state(cfg, opt, mesh, seed=0)
-    step = T.make_train_step(graphdef, opt, mesh, None, shardings, schedule=schedule,
-                             compiler_options=compiler_options)
-    device_batch, key = sharding.make_global_batch(batch, mesh), jax.random.key(0)
-    start = time.perf_counter()
-    state, metrics = step(state, device_batch, key)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - start
-    state, metrics = step(state, device_batch, key)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, device_batch, key)
-    jax.block_until_ready((state, metrics))
-    seconds = (time.perf_counter() - start) / steps
-    loss = float(metrics["loss"])
-    if not np.isfinite(loss):
-        raise FloatingPointError(f"loss {loss} after {steps + 2} steps")
-    return {"seconds_per_step": seconds, "rows_per_s": len(batch["input_ids"]) / seconds,
-            "compile_s": compile_s, "loss": loss}
 
 
 class TorchFineTuner:
@@ -358,31 +332,26 @@ def main(argv=None) -> int:
                                                          kind == "packed", rng)
                            for seq, rows, predictions in shapes for kind in ("padded", "packed")}
 
-    def pretrain(seq, rows, predictions, kind, impl):
+    def pretrain(seq, rows, predictions, kind, impl, attention_dropout=0.0):
+        """`impl` with attention dropout 0 (the fused kernel runs), or the default 0.1 (the
+        explicit path, whatever was asked)."""
         batch, instances = pretraining_batches[seq, kind]
-        cfg = large.replace(dtype=dtype, attention_impl=impl, attention_probs_dropout_prob=0.0, scan_layers=True)
-        r = pretrain_rate(cfg, batch, steps, options)
-        flops = hardware.pretraining_flops_per_sequence(cfg, seq, predictions) * r["rows_per_s"]
+        cfg = large.replace(dtype=dtype, attention_impl=impl, attention_probs_dropout_prob=attention_dropout,
+                            scan_layers=True)
+        r = bench_ours(cfg, batch, steps, warmup=2, compiler_options=options, sync_each_step=False)
+        if not np.isfinite(r["loss"]):
+            raise FloatingPointError(f"loss {r['loss']} after {steps + 2} steps")
+        rate = r["sequences_per_s"]  # rows
+        flops = hardware.pretraining_flops_per_sequence(cfg, seq, predictions) * rate
+        label = impl + (f", dropout {attention_dropout:g}" if attention_dropout else "")
         report["pretraining"].append({
-            "seq": seq, "rows": rows, "batch": kind, "attention": impl, "predictions": predictions,
+            "seq": seq, "rows": rows, "batch": kind, "attention": label, "predictions": predictions,
             "path": attention.describe(cfg, seq_len=seq, packed=kind == "packed"),
-            "rows_per_s": r["rows_per_s"], "sequences_per_s": r["rows_per_s"] * instances / rows,
-            "real_tokens_per_s": r["rows_per_s"] * batch["input_mask"].sum() / rows,
+            "rows_per_s": rate, "sequences_per_s": rate * instances / rows,
+            "real_tokens_per_s": rate * batch["input_mask"].sum() / rows,
             "packing_efficiency": float(batch["input_mask"].mean()), "mfu": flops / peak,
             "compile_s": r["compile_s"], "loss": r["loss"]})
-        print(f"  seq {seq} {kind} {impl}: {r['rows_per_s']:.2f} rows/s, MFU {flops / peak:.1%}", flush=True)
-
-    def pretrain_dropout(seq, rows, predictions):
-        batch, _ = pretraining_batches[seq, "padded"]
-        cfg = large.replace(dtype=dtype, scan_layers=True)  # attention_probs_dropout_prob 0.1: explicit
-        r = pretrain_rate(cfg, batch, steps, options)
-        flops = hardware.pretraining_flops_per_sequence(cfg, seq, predictions) * r["rows_per_s"]
-        report["pretraining"].append({
-            "seq": seq, "rows": rows, "batch": "padded", "attention": "explicit, dropout 0.1",
-            "predictions": predictions, "path": attention.describe(cfg, seq_len=seq), "rows_per_s": r["rows_per_s"],
-            "sequences_per_s": r["rows_per_s"], "real_tokens_per_s": r["rows_per_s"] * batch["input_mask"].sum() / rows,
-            "packing_efficiency": float(batch["input_mask"].mean()), "mfu": flops / peak,
-            "compile_s": r["compile_s"], "loss": r["loss"]})
+        print(f"  seq {seq} {kind} {label}: {rate:.2f} rows/s, MFU {flops / peak:.1%}", flush=True)
 
     def pretraining_block(seq, rows, predictions):
         for kind in ("padded", "packed"):
@@ -420,7 +389,7 @@ def main(argv=None) -> int:
     if not args.tiny:  # what the defaults pay on a GPU: attention dropout forces the unfused path
         seq, rows, predictions = shapes[0]
         check.run(f"pretrain seq {seq} padded explicit attention dropout 0.1",
-                  lambda: pretrain_dropout(seq, rows, predictions))
+                  lambda: pretrain(seq, rows, predictions, "padded", "explicit", large.attention_probs_dropout_prob))
         cfg0 = cfg.replace(attention_probs_dropout_prob=0.0)
         tuner0 = check.run("finetune setup, attention dropout 0", lambda: FineTuner(cfg0, options))
         for task in FINETUNE_TASKS if tuner0 else ():
